@@ -1,0 +1,196 @@
+"""KVArena: every sequence's keys and values in one preallocated buffer sized to the budget.
+
+Layout (DESIGN.md, "The arena"): ``k, v: (L, B, H_kv, C, D)``; per slot the original token
+position ``pos`` (int32, -1 when empty) and the policy's running ``score`` (float32); per query head
+and slot the value-output norm ``value_norms`` (float32, only when a policy reads output
+contributions); per ``(layer, seq, kv_head)`` a ``length``. The valid slots of a head are always
+``0 .. length - 1``: the positioning pointer for the next write is ``length`` itself, eviction
+compacts the kept slots to the front, and nothing is ever reallocated.
+
+Keys are stored after RoPE with their original position, so a kept token never needs re-rotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class ArenaFullError(RuntimeError):
+    """A write would exceed the arena's capacity: the policy should have evicted first."""
+
+
+@dataclass(frozen=True)
+class ArenaLayer:
+    """Views of one layer of the arena, as the decode kernel reads them."""
+
+    k: torch.Tensor  # (B, H_kv, C, D)
+    v: torch.Tensor  # (B, H_kv, C, D)
+    pos: torch.Tensor  # (B, H_kv, C) int32
+    score: torch.Tensor  # (B, H_kv, C) float32
+    lengths: torch.Tensor  # (B, H_kv) int32
+    value_norms: torch.Tensor | None  # (B, H_q, C) float32
+
+
+class KVArena:
+    """Preallocated K/V plus per-slot metadata; allocated once per generate call."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        q_heads: int | None = None,
+    ) -> None:
+        """`q_heads` given: also allocate per-query-head value-output norms."""
+        if capacity <= 0:
+            raise ValueError(f"arena capacity must be positive, got {capacity}")
+        shape = (num_layers, batch, kv_heads, capacity)
+        self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.score = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.lengths = torch.zeros(shape[:3], dtype=torch.int32, device=device)
+        self.value_norms = None
+        if q_heads is not None:
+            norms_shape = (num_layers, batch, q_heads, capacity)
+            self.value_norms = torch.zeros(norms_shape, dtype=torch.float32, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arena's tensors (K, V and all slot metadata)."""
+        tensors = (self.k, self.v, self.pos, self.score, self.lengths, self.value_norms)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def layer(self, index: int) -> ArenaLayer:
+        norms = None if self.value_norms is None else self.value_norms[index]
+        return ArenaLayer(
+            self.k[index],
+            self.v[index],
+            self.pos[index],
+            self.score[index],
+            self.lengths[index],
+            norms,
+        )
+
+    def fill(
+        self,
+        layer: int,
+        seq: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        kept: torch.Tensor | None = None,
+        value_norms: torch.Tensor | None = None,
+    ) -> None:
+        """Writes one sequence's prompt K/V of one layer into slots 0.. of each kv head.
+
+        k, v: (H_kv, n, D); positions: (n,); kept: (H_kv, m) indices into the n prompt tokens,
+        the same count for every head (None keeps all n, in order); value_norms: (H_q, n).
+        """
+        kv_heads, n, head_dim = k.shape
+        if kept is None:
+            kept = torch.arange(n, device=k.device).expand(kv_heads, n)
+        count = kept.shape[1]
+        if count > self.capacity:
+            raise ArenaFullError(f"{count} prompt tokens do not fit {self.capacity} slots")
+        gather = kept.unsqueeze(-1).expand(-1, -1, head_dim)
+        self.k[layer, seq, :, :count] = k.gather(1, gather)
+        self.v[layer, seq, :, :count] = v.gather(1, gather)
+        self.pos[layer, seq, :, :count] = positions[kept].to(torch.int32)
+        self.pos[layer, seq, :, count:] = -1
+        self.score[layer, seq] = 0
+        self.lengths[layer, seq] = count
+        if value_norms is not None and self.value_norms is not None:
+            group = value_norms.shape[0] // kv_heads
+            kept_q = kept.repeat_interleave(group, dim=0)  # (H_q, m)
+            self.value_norms[layer, seq, :, :count] = value_norms.gather(1, kept_q)
+
+    def append(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        value_norms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Writes one new token per sequence at each head's positioning pointer.
+
+        k, v: (B, H_kv, D); positions: (B,); value_norms: (B, H_q). Returns the slots written,
+        (B, H_kv).
+        """
+        slots = self.lengths[layer].long()  # (B, H_kv)
+        if int(slots.max()) >= self.capacity:
+            raise ArenaFullError(f"layer {layer} is full ({self.capacity} slots): evict first")
+        batch, kv_heads = slots.shape
+        seq_index = torch.arange(batch, device=k.device).unsqueeze(1).expand(-1, kv_heads)
+        head_index = torch.arange(kv_heads, device=k.device).unsqueeze(0).expand(batch, -1)
+        where = (layer, seq_index, head_index, slots)
+        self.k[where] = k
+        self.v[where] = v
+        self.pos[where] = positions.to(torch.int32).unsqueeze(1).expand(-1, kv_heads)
+        self.score[where] = 0
+        if value_norms is not None and self.value_norms is not None:
+            group = value_norms.shape[1] // kv_heads
+            q_slots = slots.repeat_interleave(group, dim=1).unsqueeze(-1)  # (B, H_q, 1)
+            self.value_norms[layer].scatter_(2, q_slots, value_norms.float().unsqueeze(-1))
+        self.lengths[layer] += 1
+        return slots
+
+    def compact(self, layer: int, kept_slots: torch.Tensor, kept_counts: torch.Tensor) -> None:
+        """Moves each head's kept slots to the front and sets its length; frees the rest.
+
+        kept_slots: (B, H_kv, m) slot indices, the first kept_counts[b, g] of each row valid and
+        distinct (padding entries are ignored); kept_counts: (B, H_kv).
+        """
+        m = kept_slots.shape[-1]
+        order = torch.arange(m, device=kept_slots.device)
+        valid = order < kept_counts.unsqueeze(-1)  # (B, H_kv, m)
+        source = torch.where(valid, kept_slots, kept_slots[..., :1]).long()
+        self._gather_into_front(layer, source, m)
+        self.pos[layer, :, :, :m].masked_fill_(~valid, -1)
+        self.pos[layer, :, :, m:] = -1
+        self.lengths[layer] = kept_counts.to(torch.int32)
+
+    def _gather_into_front(self, layer: int, source: torch.Tensor, m: int) -> None:
+        head_dim = self.k.shape[-1]
+        vector_index = source.unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        self.k[layer, :, :, :m] = self.k[layer].gather(2, vector_index)
+        self.v[layer, :, :, :m] = self.v[layer].gather(2, vector_index)
+        self.pos[layer, :, :, :m] = self.pos[layer].gather(2, source)
+        self.score[layer, :, :, :m] = self.score[layer].gather(2, source)
+        if self.value_norms is not None:
+            group = self.value_norms.shape[2] // source.shape[1]
+            norm_index = source.repeat_interleave(group, dim=1)  # (B, H_q, m)
+            self.value_norms[layer, :, :, :m] = self.value_norms[layer].gather(2, norm_index)
+
+    def scatter(self, layer: int, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Moves slot contents src -> dst per (seq, kv head) without changing lengths.
+
+        src_slots, dst_slots: (B, H_kv, w). Used by multi-step eviction: the decode window's
+        tokens are scattered into the slots freed by the victims, then lengths are set by the
+        caller. Sources and destinations must not overlap.
+        """
+        head_dim = self.k.shape[-1]
+        src_vec = src_slots.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        dst_vec = dst_slots.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        for buffer in (self.k, self.v):
+            buffer[layer].scatter_(2, dst_vec, buffer[layer].gather(2, src_vec))
+        for buffer in (self.pos, self.score):
+            buffer[layer].scatter_(2, dst_slots.long(), buffer[layer].gather(2, src_slots.long()))
+        if self.value_norms is not None:
+            group = self.value_norms.shape[2] // src_slots.shape[1]
+            src_q = src_slots.long().repeat_interleave(group, dim=1)
+            dst_q = dst_slots.long().repeat_interleave(group, dim=1)
+            norms = self.value_norms[layer]
+            norms.scatter_(2, dst_q, norms.gather(2, src_q))

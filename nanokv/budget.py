@@ -1,0 +1,48 @@
+"""The KV budget: a fraction of the prompt (0 < b <= 1) or a token count (b > 1)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Tokens kept per (layer, kv head) on average; validated once, resolved per prompt."""
+
+    value: float = 1.0
+
+    def __post_init__(self) -> None:
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"budget must be a number, got {value!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"budget must be a fraction in (0, 1] or a token count > 1, got {value}"
+            )
+        if value > 1 and value != int(value):
+            raise ValueError(f"a budget above 1 is a token count and must be whole, got {value}")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """From a command-line string such as '0.05' or '512'."""
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(
+                f"budget {text!r} is not a number: use a fraction like 0.05 or a count like 512"
+            ) from None
+        return cls(value)
+
+    @property
+    def is_fraction(self) -> bool:
+        return self.value <= 1
+
+    def tokens(self, prompt_length: int) -> int:
+        """Kept tokens for a prompt of `prompt_length` tokens (at least 1, at most the prompt)."""
+        if self.is_fraction:
+            return max(1, min(prompt_length, round(self.value * prompt_length)))
+        return min(prompt_length, int(self.value))
+
+    def keeps_everything(self, prompt_length: int) -> bool:
+        return self.tokens(prompt_length) >= prompt_length

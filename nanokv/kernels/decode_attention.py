@@ -1,0 +1,483 @@
+"""Decode attention over one layer of the KV arena, with optional per-slot emission.
+
+Contract (DESIGN.md, "The decode-attention contract"): one query token per sequence attends to the
+valid slots ``0 .. lengths[b, g] - 1`` of its kv head ``g``; GQA groups share a kv head. When
+``emit`` is set, the kernel also returns, per slot and summed over the query heads of the group,
+the attention mass ``sum_h a[h, j]`` and the output contribution ``sum_h a[h, j] * c[h, j]`` where
+``c[h, j] = ||v_j W_O^h||`` is stored in the arena when token ``j`` is written.
+
+Two implementations of the same contract live here:
+
+- ``decode_attention_reference``: dense torch, obviously right, what runs on CPU;
+- ``decode_attention_triton``: split-K ("flash-decoding") Triton kernels, what runs on CUDA.
+  Stage 1 reduces fixed-size splits of slots to a partial (max, sum-exp, output); stage 2 merges
+  the splits and stores the log-sum-exp; the emission pass recomputes q.k for each slot block and
+  turns it into probabilities with that stored log-sum-exp. Everything is in base 2 (logits are
+  pre-multiplied by log2(e), ``exp2`` everywhere, the LSE is a log2) so the three stages agree.
+
+The same Triton kernels read slots through a page table when one is given; Quest's sparse
+attention (``kernels/quest.py``) is that mode.
+
+Triton is imported guarded and the kernels are jitted on first launch, so this module imports where
+Triton is missing and ``TRITON_INTERPRET=1`` set by a test module still takes effect.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference still works
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+BLOCK_N = 32  # slots per inner block of the Triton kernels
+SPLIT_SIZE = 256  # slots per split-K partition: fixed, so the same input gives the same result
+
+
+@dataclass
+class Emitted:
+    """Per-slot side outputs of decode attention, summed over each GQA group."""
+
+    mass: torch.Tensor  # (B, H_kv, C) float32, sum_h a[h, j]; 0 for invalid slots
+    contribution: torch.Tensor | None  # (B, H_kv, C) float32, sum_h a[h, j] * c[h, j]
+
+
+def valid_slot_mask(
+    lengths: torch.Tensor,
+    capacity: int,
+    slot_pos: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Bool (B, H_kv, C): slot j is attended (j < length, and inside the sliding window if any).
+
+    The sliding window follows Mistral: query at position i sees key at position p iff
+    ``i - p < sliding_window``.
+    """
+    slots = torch.arange(capacity, device=lengths.device)
+    mask = slots.view(1, 1, -1) < lengths.unsqueeze(-1)
+    if sliding_window is not None:
+        if slot_pos is None or query_pos is None:
+            raise ValueError("a sliding window needs slot_pos and query_pos")
+        oldest = query_pos.view(-1, 1, 1) - sliding_window
+        mask &= slot_pos > oldest
+    return mask
+
+
+def masked_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    scale: float,
+    value_norms: torch.Tensor | None = None,
+    emit: bool = False,
+) -> tuple[torch.Tensor, Emitted | None]:
+    """Dense torch attention of one query per (batch, query head) over the slots where ``mask``.
+
+    q: (B, H_q, D); k, v: (B, H_kv, C, D); mask: (B, H_kv, C) bool; value_norms: (B, H_q, C).
+    Shared by the dense and the page-sparse references, which differ only in the mask.
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    qg = q.float().view(batch, kv_heads, group, head_dim)
+    logits = torch.einsum("bgqd,bgcd->bgqc", qg, k.float()) * scale  # (B, H_kv, G, C)
+    logits = logits.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.einsum("bgqc,bgcd->bgqd", probs, v.float()).reshape(batch, q_heads, head_dim)
+    if not emit:
+        return out.to(q.dtype), None
+    mass = probs.sum(dim=2)
+    contribution = None
+    if value_norms is not None:
+        norms = value_norms.float().view(batch, kv_heads, group, capacity)
+        contribution = (probs * norms).sum(dim=2)
+    return out.to(q.dtype), Emitted(mass=mass, contribution=contribution)
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+    slot_pos: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    value_norms: torch.Tensor | None = None,
+    emit: bool = False,
+) -> tuple[torch.Tensor, Emitted | None]:
+    """Dense torch decode attention of the contract above.
+
+    q: (B, H_q, D); k, v: (B, H_kv, C, D); lengths: (B, H_kv) int; slot_pos: (B, H_kv, C) int;
+    query_pos: (B,) int; value_norms: (B, H_q, C) float32. Returns out (B, H_q, D) in q's dtype.
+    Every (b, kv head) must have at least one attended slot.
+    """
+    mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
+    return masked_attention_reference(
+        q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels. Plain functions, jitted on first launch (see the module docstring). Each one is
+# self-contained (no calls between jitted functions) so that lazy jitting needs no global rebinding.
+# Slot addressing, shared by all three: a program walks "entries" idx = 0, 1, ...; dense, the
+# entry is the slot; paged (PAGE_SIZE > 0), entry idx reads slot
+# page_table[idx // PAGE_SIZE] * PAGE_SIZE + idx % PAGE_SIZE, and page -1 means "no page".
+# --------------------------------------------------------------------------------------------
+
+
+def _decode_partial_kernel(
+    Q,  # (B, H_q, D)
+    K,  # (B, H_kv, C, D)
+    V,  # (B, H_kv, C, D)
+    Lengths,  # (B, H_kv) int32
+    SlotPos,  # (B, H_kv, C) int32, read only with a window
+    QueryPos,  # (B,) int, read only with a window
+    PageTable,  # (B, H_kv, n_pages) int32, read only when PAGE_SIZE > 0
+    PartOut,  # (B, H_q, S, D) float32, normalised partial output of each split
+    PartLse,  # (B, H_q, S) float32, log2-sum-exp2 of each split (-inf when it saw nothing)
+    sm_scale_log2,  # scale * log2(e)
+    window,
+    capacity,
+    n_pages,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Stage 1: one program per (batch, kv head, split) reduces its split for the whole group."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    kv_heads = tl.num_programs(1)
+    n_splits = tl.num_programs(2)
+    bg = b * kv_heads + g
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = bg * GROUP + offs_g  # flat (b, h) index of the group's query heads
+
+    q = tl.load(
+        Q + heads[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # (BLOCK_G, BLOCK_D)
+    q = q.to(K.dtype.element_ty)
+    kv_base = bg.to(tl.int64) * capacity * HEAD_DIM
+    slot_base = bg.to(tl.int64) * capacity
+    length = tl.load(Lengths + bg)
+    if PAGE_SIZE == 0:
+        hi = tl.minimum(s * SPLIT + SPLIT, length)
+    else:
+        hi = tl.minimum(s * SPLIT + SPLIT, n_pages * PAGE_SIZE)
+    if HAS_WINDOW:
+        query_pos = tl.load(QueryPos + b)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(s * SPLIT, hi, BLOCK_N):
+        idx = start + offs_n
+        inside = idx < hi
+        if PAGE_SIZE == 0:
+            slots = idx
+            valid = inside
+        else:
+            page = tl.load(PageTable + bg * n_pages + idx // PAGE_SIZE, mask=inside, other=-1)
+            slots = page * PAGE_SIZE + idx % PAGE_SIZE
+            valid = inside & (page >= 0) & (slots < length)
+        if HAS_WINDOW:
+            pos = tl.load(SlotPos + slot_base + slots, mask=valid, other=0)
+            valid = valid & (query_pos - pos < window)
+        kv_mask = valid[:, None] & mask_d[None, :]
+        kv_offs = kv_base + slots[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        logits = tl.where(valid[None, :], logits, float("-inf"))  # (BLOCK_G, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked rows stay NaN-free
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(logits - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    part = heads * n_splits + s
+    tl.store(PartLse + part, lse, mask=mask_g)
+    tl.store(
+        PartOut + part[:, None] * HEAD_DIM + offs_d[None, :],
+        out,
+        mask=mask_g[:, None] & mask_d[None, :],
+    )
+
+
+def _decode_merge_kernel(
+    PartOut,  # (B, H_q, S, D) float32
+    PartLse,  # (B, H_q, S) float32
+    Out,  # (B, H_q, D) in q's dtype
+    Lse,  # (B, H_q) float32, log2-sum-exp2 of the full row
+    n_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Stage 2: one program per (batch, query head) merges the splits in a fixed order."""
+    row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, n_splits):
+        lse_s = tl.load(PartLse + row * n_splits + s)
+        out_s = tl.load(PartOut + (row * n_splits + s) * HEAD_DIM + offs_d, mask=mask_d, other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        weight = tl.exp2(lse_s - m_safe)
+        acc = acc * alpha + weight * out_s
+        l_i = l_i * alpha + weight
+        m_i = m_new
+    seen = l_i > 0.0
+    tl.store(Lse + row, tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")))
+    out = acc / tl.where(seen, l_i, 1.0)
+    tl.store(Out + row * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+
+
+def _decode_emit_kernel(
+    Q,  # (B, H_q, D)
+    K,  # (B, H_kv, C, D)
+    Lengths,  # (B, H_kv) int32
+    SlotPos,  # (B, H_kv, C) int32
+    QueryPos,  # (B,) int
+    PageTable,  # (B, H_kv, n_pages) int32
+    Lse,  # (B, H_q) float32 from stage 2
+    Norms,  # (B, H_q, C) float32, read only when HAS_NORMS
+    Mass,  # (B, H_kv, C) float32, zero-initialised
+    Contribution,  # (B, H_kv, C) float32, zero-initialised, written only when HAS_NORMS
+    sm_scale_log2,
+    window,
+    capacity,
+    n_pages,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_NORMS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Emission: one program per (batch, kv head, slot block) recomputes q.k, reads no V."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    start = tl.program_id(2) * BLOCK_N
+    kv_heads = tl.num_programs(1)
+    bg = b * kv_heads + g
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = bg * GROUP + offs_g
+
+    q = tl.load(
+        Q + heads[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    q = q.to(K.dtype.element_ty)
+    lse = tl.load(Lse + heads, mask=mask_g, other=0.0)  # (BLOCK_G,)
+    slot_base = bg.to(tl.int64) * capacity
+    length = tl.load(Lengths + bg)
+    idx = start + tl.arange(0, BLOCK_N)
+    if PAGE_SIZE == 0:
+        slots = idx
+        valid = idx < length
+    else:
+        inside = idx < n_pages * PAGE_SIZE
+        page = tl.load(PageTable + bg * n_pages + idx // PAGE_SIZE, mask=inside, other=-1)
+        slots = page * PAGE_SIZE + idx % PAGE_SIZE
+        valid = inside & (page >= 0) & (slots < length)
+    if HAS_WINDOW:
+        query_pos = tl.load(QueryPos + b)
+        pos = tl.load(SlotPos + slot_base + slots, mask=valid, other=0)
+        valid = valid & (query_pos - pos < window)
+
+    k = tl.load(
+        K + slot_base * HEAD_DIM + slots[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=valid[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+    keep = mask_g[:, None] & valid[None, :]
+    probs = tl.where(keep, tl.exp2(logits - lse[:, None]), 0.0)  # (BLOCK_G, BLOCK_N)
+    tl.store(Mass + slot_base + slots, tl.sum(probs, 0), mask=valid)
+    if HAS_NORMS:
+        norms = tl.load(
+            Norms + heads[:, None].to(tl.int64) * capacity + slots[None, :], mask=keep, other=0.0
+        )
+        tl.store(Contribution + slot_base + slots, tl.sum(probs * norms, 0), mask=valid)
+
+
+@functools.cache
+def _jit(fn):
+    """triton.jit on first use: reads TRITON_INTERPRET at launch time, not at import time."""
+    return triton.jit(fn)
+
+
+def triton_available() -> bool:
+    """True when Triton is importable (CUDA, or the CPU interpreter under TRITON_INTERPRET=1)."""
+    return triton is not None
+
+
+def _check_layout(q, k, v, lengths, slot_pos, value_norms, page_table) -> None:
+    batch, q_heads, head_dim = q.shape
+    assert k.dim() == 4 and k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)}"
+    assert k.shape[0] == batch and k.shape[3] == head_dim, "q and k disagree on batch or head_dim"
+    assert q_heads % k.shape[1] == 0, f"{q_heads} query heads over {k.shape[1]} kv heads"
+    assert k.is_contiguous() and v.is_contiguous(), "the arena's layer views must be contiguous"
+    assert k.dtype == v.dtype, "k and v must share a dtype"
+    assert lengths.shape == k.shape[:2], f"lengths {tuple(lengths.shape)}"
+    if slot_pos is not None:
+        assert slot_pos.shape == k.shape[:3], f"slot_pos {tuple(slot_pos.shape)}"
+    if value_norms is not None:
+        assert value_norms.shape == (batch, q_heads, k.shape[2]), "value_norms is (B, H_q, C)"
+    if page_table is not None:
+        assert page_table.dim() == 3 and page_table.shape[:2] == k.shape[:2], "page_table shape"
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+    slot_pos: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    value_norms: torch.Tensor | None = None,
+    emit: bool = False,
+    page_table: torch.Tensor | None = None,
+    page_size: int = 16,
+    block_n: int = BLOCK_N,
+    split_size: int = SPLIT_SIZE,
+) -> tuple[torch.Tensor, Emitted | None]:
+    """Launch the split-K kernels (same contract as the reference).
+
+    With ``page_table`` (B, H_kv, K) int32, only the listed pages of ``page_size`` slots are read
+    (entries of -1 are skipped; pages must not repeat); the emitted mass is 0 on unread slots.
+    ``block_n`` and ``split_size`` are exposed for the tests (small shapes, several splits).
+    """
+    _check_layout(q, k, v, lengths, slot_pos, value_norms, page_table)
+    assert split_size % block_n == 0 and block_n >= 16, "split_size must be a multiple of block_n"
+    if sliding_window is not None and (slot_pos is None or query_pos is None):
+        raise ValueError("a sliding window needs slot_pos and query_pos")
+    batch, q_heads, head_dim = q.shape
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    device = q.device
+    q = q.contiguous()
+    lengths = lengths.to(torch.int32).contiguous()
+    dummy = torch.zeros(1, dtype=torch.int32, device=device)  # for pointers a mode never reads
+    slot_pos = dummy if sliding_window is None else slot_pos.to(torch.int32).contiguous()
+    query_pos = dummy if sliding_window is None else query_pos.contiguous()
+    paged = page_table is not None
+    page_table = page_table.to(torch.int32).contiguous() if paged else dummy
+    n_pages = page_table.shape[2] if paged else 0
+    n_entries = n_pages * page_size if paged else capacity
+    n_splits = max(1, triton.cdiv(n_entries, split_size))
+    common = dict(
+        sm_scale_log2=scale * LOG2E,
+        window=sliding_window or 0,
+        capacity=capacity,
+        n_pages=n_pages,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE_SIZE=page_size if paged else 0,
+        HAS_WINDOW=sliding_window is not None,
+        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+    )
+
+    part_out = torch.empty(batch, q_heads, n_splits, head_dim, dtype=torch.float32, device=device)
+    part_lse = torch.empty(batch, q_heads, n_splits, dtype=torch.float32, device=device)
+    _jit(_decode_partial_kernel)[(batch, kv_heads, n_splits)](
+        q, k, v, lengths, slot_pos, query_pos, page_table, part_out, part_lse,
+        SPLIT=split_size, **common,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, q_heads, dtype=torch.float32, device=device)
+    _jit(_decode_merge_kernel)[(batch, q_heads)](
+        part_out, part_lse, out, lse, n_splits,
+        HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"],
+    )  # fmt: skip
+    if not emit:
+        return out, None
+
+    has_norms = value_norms is not None
+    mass = torch.zeros(batch, kv_heads, capacity, dtype=torch.float32, device=device)
+    contribution = torch.zeros_like(mass) if has_norms else None
+    norms = value_norms.float().contiguous() if has_norms else dummy
+    _jit(_decode_emit_kernel)[(batch, kv_heads, triton.cdiv(n_entries, block_n))](
+        q, k, lengths, slot_pos, query_pos, page_table, lse, norms, mass,
+        contribution if has_norms else mass,
+        HAS_NORMS=has_norms, **common,
+    )  # fmt: skip
+    return out, Emitted(mass=mass, contribution=contribution)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+    slot_pos: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    value_norms: torch.Tensor | None = None,
+    emit: bool = False,
+) -> tuple[torch.Tensor, Emitted | None]:
+    """Public dispatcher: the Triton kernel on CUDA, the torch reference elsewhere."""
+    run = (
+        decode_attention_triton if q.is_cuda and triton_available() else decode_attention_reference
+    )
+    return run(
+        q,
+        k,
+        v,
+        lengths,
+        scale=scale,
+        slot_pos=slot_pos,
+        query_pos=query_pos,
+        sliding_window=sliding_window,
+        value_norms=value_norms,
+        emit=emit,
+    )

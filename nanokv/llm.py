@@ -1,0 +1,132 @@
+"""The public API in the vLLM shape: `LLM(path, **options).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanokv.budget import Budget
+from nanokv.engine import Engine, InputError, TextCallback
+from nanokv.loader import load_config, load_model, resolve_model_dir
+from nanokv.policies import make_policy
+from nanokv.sampling import SamplingParams
+from nanokv.stopping import StopChecker
+from nanokv.tokenizer import Tokenizer
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
+
+
+@dataclass
+class GenerationOutput:
+    """One prompt's result, in submission order."""
+
+    prompt: str | list[dict[str, str]]
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class LLM:
+    """A loaded model, its tokenizer and an engine with an eviction policy.
+
+    `model` is an HF-layout directory (Llama, Mistral or OPT); None uses the embedded default
+    model (SmolLM2-135M-Instruct), converting it into `weights/` on first use.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        policy: str = "full",
+        budget: float | Budget = 1.0,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        prefill_chunk: int = 512,
+    ) -> None:
+        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.model_dir = _model_dir(model)
+        self.config = load_config(self.model_dir)
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.model = load_model(self.model_dir, self.config, self.dtype, self.device)
+        self.policy = make_policy(policy)
+        self.engine = Engine(self.model, self.config, self.policy, prefill_chunk=prefill_chunk)
+        self.eos_token_ids = self._eos_token_ids()
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        params: SamplingParams | None = None,
+        *,
+        on_text: TextCallback | None = None,
+        **options,
+    ) -> list[GenerationOutput]:
+        """Completes raw prompts (no chat template). `options` are SamplingParams fields."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        return self._run(prompts, ids, params or SamplingParams(**options), on_text)
+
+    def chat(
+        self,
+        conversations: str | list[str] | list[list[dict[str, str]]],
+        params: SamplingParams | None = None,
+        *,
+        on_text: TextCallback | None = None,
+        **options,
+    ) -> list[GenerationOutput]:
+        """Answers user messages (or whole conversations) through the model's chat template."""
+        if isinstance(conversations, str):
+            conversations = [conversations]
+        chats = [
+            [{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations
+        ]
+        ids = [self.tokenizer.encode_chat(chat) for chat in chats]
+        return self._run(chats, ids, params or SamplingParams(**options), on_text)
+
+    def _run(self, prompts, ids, params: SamplingParams, on_text) -> list[GenerationOutput]:
+        for index, prompt_ids in enumerate(ids):
+            if not prompt_ids:
+                raise InputError(f"prompt {index} is empty: give at least one token of text")
+        stopper = StopChecker(
+            self.tokenizer.decode, self.eos_token_ids, params.stop, params.ignore_eos
+        )
+        sequences = self.engine.generate(ids, params, stopper, on_text)
+        return [
+            GenerationOutput(p, s.prompt_token_ids, s.text, s.token_ids, s.finish_reason)
+            for p, s in zip(prompts, sequences, strict=True)
+        ]
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_ids) | self.tokenizer.eos_token_ids
+        path = self.model_dir / "generation_config.json"
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return ids
+
+
+def _model_dir(model: str | Path | None) -> Path:
+    if model is not None:
+        return resolve_model_dir(model)
+    from nanokv.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    return DTYPES[dtype]

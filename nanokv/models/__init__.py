@@ -1,0 +1,28 @@
+"""Model families. Every model exposes the same split interface, so the engine owns attention:
+
+- `embed(input_ids (T,), positions (T,)) -> h (T, hidden)`
+- `blocks[i].qkv(h, positions) -> q (T, H_q, D), k (T, H_kv, D), v (T, H_kv, D)` (keys after RoPE)
+- `blocks[i].finish(h, attn_out (T, H_q * D)) -> h`, and `blocks[i].o_proj` (for value norms)
+- `logits(h) -> (T, vocab) float32`
+
+Rows are tokens: a prefill chunk of one sequence, or one token of each sequence in decode.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from nanokv.config import ModelConfig
+from nanokv.models.llama import LlamaForCausalLM
+from nanokv.models.opt import OPTForCausalLM
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "opt": OPTForCausalLM,
+}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """An uninitialised model of the config's family (build it under a `meta` device context)."""
+    return MODEL_CLASSES[cfg.model_type](cfg)

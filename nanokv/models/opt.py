@@ -1,0 +1,114 @@
+"""OPT: learned positions (offset 2), LayerNorm before or after each sub-layer, ReLU MLP, biases,
+optional word_embed_proj_dim projections. Pure modules: the engine runs the attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanokv.config import ModelConfig
+
+POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq's padding legacy)
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+class OPTAttentionWeights(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        size, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(size, size, bias=bias)
+        self.k_proj = nn.Linear(size, size, bias=bias)
+        self.v_proj = nn.Linear(size, size, bias=bias)
+        self.out_proj = nn.Linear(size, size, bias=bias)
+
+
+class OPTBlock(nn.Module):
+    """One decoder layer split around its attention: `qkv` before, `finish` after."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        affine = cfg.layer_norm_affine
+        self.self_attn = OPTAttentionWeights(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    @property
+    def o_proj(self) -> nn.Linear:
+        return self.self_attn.out_proj
+
+    def qkv(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """h: (T, hidden) -> q, k, v each (T, H, D); OPT has no rotary embedding."""
+        cfg, attn = self.cfg, self.self_attn
+        x = self.self_attn_layer_norm(h) if cfg.do_layer_norm_before else h
+        shape = (-1, cfg.num_heads, cfg.head_dim)
+        return attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+
+    def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        pre_norm = self.cfg.do_layer_norm_before
+        h = h + self.self_attn.out_proj(attn_out)
+        if not pre_norm:
+            h = self.self_attn_layer_norm(h)
+        x = self.final_layer_norm(h) if pre_norm else h
+        h = h + self.fc2(self.act(self.fc1(x)))
+        return h if pre_norm else self.final_layer_norm(h)
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        proj_dim = cfg.word_embed_proj_dim or cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, proj_dim)
+        self.embed_positions = nn.Embedding(
+            cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size
+        )
+        if proj_dim != cfg.hidden_size:
+            self.project_in = nn.Linear(proj_dim, cfg.hidden_size, bias=False)
+            self.project_out = nn.Linear(cfg.hidden_size, proj_dim, bias=False)
+        if cfg.final_layer_norm:
+            affine = cfg.layer_norm_affine
+            self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
+        self.layers = nn.ModuleList(OPTBlock(cfg) for _ in range(cfg.num_layers))
+
+
+class OPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.decoder = OPTDecoder(cfg)
+
+
+class OPTForCausalLM(nn.Module):
+    """Parameter names mirror Hugging Face's, so a checkpoint loads without renaming."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = OPTModel(cfg)
+        if not cfg.tie_word_embeddings:
+            proj_dim = cfg.word_embed_proj_dim or cfg.hidden_size
+            self.lm_head = nn.Linear(proj_dim, cfg.vocab_size, bias=False)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.decoder.layers
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        decoder = self.model.decoder
+        h = decoder.embed_tokens(input_ids)
+        if hasattr(decoder, "project_in"):
+            h = decoder.project_in(h)
+        return h + decoder.embed_positions(positions + POSITION_OFFSET)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        decoder = self.model.decoder
+        if hasattr(decoder, "final_layer_norm"):
+            h = decoder.final_layer_norm(h)
+        if hasattr(decoder, "project_out"):
+            h = decoder.project_out(h)
+        tied = self.cfg.tie_word_embeddings
+        head = decoder.embed_tokens.weight if tied else self.lm_head.weight
+        return F.linear(h, head).float()

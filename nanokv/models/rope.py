@@ -1,0 +1,59 @@
+"""Rotary position embeddings: the inverse frequencies of each rope type and their application."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nanokv.config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """(head_dim // 2,) float32 inverse frequencies, scaled as `rope.kind` prescribes."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        return _llama3_frequencies(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Llama 3.1's band-wise scaling: long wavelengths divided by `factor`, short ones kept,
+    the band between interpolated smoothly (Meta's reference `apply_scaling`)."""
+    low_freq_wavelen = rope.original_max_position / rope.low_freq_factor
+    high_freq_wavelen = rope.original_max_position / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class Rotary(torch.nn.Module):
+    """Applies RoPE to (T, heads, head_dim) tensors given each row's absolute position."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+        super().__init__()
+        self.rope, self.head_dim = rope, head_dim
+        self.register_buffer("inv_freq", inverse_frequencies(rope, head_dim), persistent=False)
+
+    def materialize(self, device: torch.device) -> None:
+        """Recomputes the buffer on `device` (a model built on `meta` has none)."""
+        self.inv_freq = inverse_frequencies(self.rope, self.head_dim).to(device)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (T, 1, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
