@@ -1,0 +1,103 @@
+"""`nanokv generate | convert`: the command line. Bad input gets one line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nanokv.budget import Budget
+from nanokv.policies import POLICIES
+from nanokv.sampling import SamplingParams
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot be used."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Every nanokv error type derives from ValueError or RuntimeError; OSError covers files.
+        print(f"nanokv: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanokv", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_generate(commands.add_parser("generate", help="generate text from prompts"))
+    convert = commands.add_parser("convert", help="convert the embedded default model")
+    convert.add_argument("--out", type=Path, help="output directory (default: weights/...)")
+    convert.add_argument("--force", action="store_true", help="convert even if it exists")
+    convert.set_defaults(run=_run_convert)
+    return parser
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompts", nargs="+", help="one or more prompts (a batch); '-' reads stdin")
+    p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--policy", default="full", help=f"eviction policy: {', '.join(POLICIES)}")
+    p.add_argument("--budget", default="1.0", help="KV budget: fraction in (0,1] or token count")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
+    if any(not p.strip() for p in prompts):
+        raise UsageError("a prompt is empty: give the text to complete")
+    budget = Budget.parse(args.budget)
+    if args.policy not in POLICIES:
+        raise UsageError(f"unknown policy {args.policy!r}; choose one of {', '.join(POLICIES)}")
+    if args.policy == "full" and budget.value != 1.0:
+        raise UsageError(
+            f"--budget {args.budget} needs an eviction policy: 'full' keeps all tokens"
+        )
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stop=args.stop,
+    )  # fmt: skip
+    from nanokv.llm import LLM
+
+    llm = LLM(args.model, policy=args.policy, budget=budget, dtype=args.dtype, device=args.device)
+    use_chat = not args.raw and llm.tokenizer.chat_template is not None
+    run = llm.chat if use_chat else llm.generate
+    if len(prompts) == 1:
+        run(prompts, params, on_text=lambda _, text: print(text, end="", flush=True))
+        print()
+        return 0
+    for index, output in enumerate(run(prompts, params)):
+        print(f"--- [{index}] ---\n{output.text}")
+    return 0
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from nanokv.default_model import convert_default_model
+
+    out = convert_default_model(args.out, force=args.force)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_hf_model, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint with a tokenizer and a chat template."""
+    return save_checkpoint(make_hf_model("llama"), tmp_path_factory.mktemp("tiny-llama"))

@@ -1,0 +1,126 @@
+"""nanokv's logits equal transformers' on tiny random Llama / Mistral / OPT checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import CONFIGS, make_hf_model, save_checkpoint
+
+from nanokv.arena import KVArena
+from nanokv.engine import Engine
+from nanokv.loader import load_config, load_model
+from nanokv.policies import make_policy
+
+PROMPTS = [[5, 17, 88, 130, 9, 44, 250, 31, 7, 66, 12, 99, 143, 8, 201, 77, 3, 45, 60], [11, 42, 7]]
+DECODE_STEPS = 16
+ATOL = 2e-4
+
+
+def _engine(path, prefill_chunk=5) -> Engine:
+    cfg = load_config(path)
+    model = load_model(path, cfg, torch.float32, torch.device("cpu"))
+    return Engine(model, cfg, make_policy("full"), prefill_chunk=prefill_chunk)
+
+
+def _hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    kind = request.param
+    hf_model = make_hf_model(kind)
+    sharded = kind in ("llama", "opt")
+    path = tmp_path_factory.mktemp(kind)
+    save_checkpoint(hf_model, path, shard_size="40KB" if sharded else None)
+    return kind, hf_model, path
+
+
+def test_sharded_checkpoints_really_are_sharded(checkpoint):
+    kind, _, path = checkpoint
+    assert (path / "model.safetensors.index.json").exists() == (kind in ("llama", "opt"))
+
+
+def test_prompt_logits_match_transformers(checkpoint):
+    _, hf_model, path = checkpoint
+    engine = _engine(path)
+    cfg = engine.cfg
+    for prompt in PROMPTS:
+        arena = KVArena(cfg.num_layers, 1, cfg.num_kv_heads, 32, cfg.head_dim, dtype=torch.float32)
+        ours = engine.prefill(arena, 0, prompt, all_logits=True)
+        torch.testing.assert_close(ours, _hf_logits(hf_model, prompt), atol=ATOL, rtol=1e-4)
+
+
+def test_batched_greedy_decode_matches_transformers(checkpoint):
+    """A batch of two prompts of different lengths, 16 greedy steps: every step's logits equal
+    transformers' forward over the prompt plus the tokens generated so far."""
+    _, hf_model, path = checkpoint
+    engine = _engine(path)
+    state, logits = engine.start(PROMPTS, DECODE_STEPS)
+    steps = [logits]
+    generated = [[] for _ in PROMPTS]
+    for _ in range(DECODE_STEPS - 1):
+        tokens = logits.argmax(-1)
+        for seq, token in zip(generated, tokens.tolist(), strict=True):
+            seq.append(token)
+        logits = engine.step(state, tokens)
+        steps.append(logits)
+    for index, prompt in enumerate(PROMPTS):
+        full = prompt + generated[index]
+        reference = _hf_logits(hf_model, full)[len(prompt) - 1 :]
+        ours = torch.stack([step[index] for step in steps])
+        torch.testing.assert_close(ours, reference, atol=ATOL, rtol=1e-4)
+
+
+def test_mistral_sliding_window_is_honoured(tmp_path):
+    """The prompt is longer than the window: without the window the logits would differ."""
+    from tiny_models import mistral_config
+
+    windowed = make_hf_model("mistral")
+    unwindowed_config = mistral_config(sliding_window=None)
+    unwindowed_config._attn_implementation = "eager"
+    from transformers import AutoModelForCausalLM
+
+    unwindowed = AutoModelForCausalLM.from_config(unwindowed_config).eval()
+    unwindowed.load_state_dict(windowed.state_dict())
+    prompt = PROMPTS[0]
+    assert len(prompt) > windowed.config.sliding_window
+    engine = _engine(save_checkpoint(windowed, tmp_path))
+    cfg = engine.cfg
+    arena = KVArena(cfg.num_layers, 1, cfg.num_kv_heads, 32, cfg.head_dim, dtype=torch.float32)
+    ours = engine.prefill(arena, 0, prompt, all_logits=True)
+    torch.testing.assert_close(ours, _hf_logits(windowed, prompt), atol=ATOL, rtol=1e-4)
+    assert (ours - _hf_logits(unwindowed, prompt)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 512])
+def test_prefill_chunk_size_does_not_change_logits(tiny_llama_dir, chunk):
+    reference = _engine(tiny_llama_dir, prefill_chunk=512)
+    engine = _engine(tiny_llama_dir, prefill_chunk=chunk)
+    cfg = engine.cfg
+    arenas = [
+        KVArena(cfg.num_layers, 1, cfg.num_kv_heads, 32, cfg.head_dim, dtype=torch.float32)
+        for _ in range(2)
+    ]
+    ours = engine.prefill(arenas[0], 0, PROMPTS[0], all_logits=True)
+    theirs = reference.prefill(arenas[1], 0, PROMPTS[0], all_logits=True)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(arenas[0].k, arenas[1].k, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_float32(tiny_llama_dir, dtype):
+    cfg = load_config(tiny_llama_dir)
+    full = _engine(tiny_llama_dir)
+    half_model = load_model(tiny_llama_dir, cfg, dtype, torch.device("cpu"))
+    half = Engine(half_model, cfg, make_policy("full"), prefill_chunk=5)
+    state32, logits32 = full.start(PROMPTS, 4)
+    state16, logits16 = half.start(PROMPTS, 4)
+    assert state16.arena.k.dtype == dtype
+    tokens = logits32.argmax(-1)
+    step32, step16 = full.step(state32, tokens), half.step(state16, tokens)
+    assert logits16.dtype == torch.float32
+    scale = logits32.abs().max()
+    assert (logits16 - logits32).abs().max() < 0.1 * scale
+    assert (step16 - step32).abs().max() < 0.1 * scale
