@@ -25,6 +25,7 @@ Triton is missing and ``TRITON_INTERPRET=1`` set by a test module still takes ef
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -161,6 +162,7 @@ def _decode_partial_kernel(
     PAGE_SIZE: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Stage 1: one program per (batch, kv head, split) reduces its split for the whole group."""
     b = tl.program_id(0)
@@ -182,6 +184,8 @@ def _decode_partial_kernel(
         other=0.0,
     )  # (BLOCK_G, BLOCK_D)
     q = q.to(K.dtype.element_ty)
+    if UPCAST:
+        q = q.to(tl.float32)
     kv_base = bg.to(tl.int64) * capacity * HEAD_DIM
     slot_base = bg.to(tl.int64) * capacity
     length = tl.load(Lengths + bg)
@@ -211,6 +215,8 @@ def _decode_partial_kernel(
         kv_mask = valid[:, None] & mask_d[None, :]
         kv_offs = kv_base + slots[:, None] * HEAD_DIM + offs_d[None, :]
         k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        if UPCAST:
+            k = k.to(tl.float32)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
         logits = tl.where(valid[None, :], logits, float("-inf"))  # (BLOCK_G, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(logits, 1))
@@ -219,7 +225,11 @@ def _decode_partial_kernel(
         p = tl.exp2(logits - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        p = p.to(V.dtype.element_ty)  # the P.V product in the cache's dtype, fp32 accumulation
+        if UPCAST:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
@@ -290,6 +300,7 @@ def _decode_emit_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_NORMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Emission: one program per (batch, kv head, slot block) recomputes q.k, reads no V."""
     b = tl.program_id(0)
@@ -309,6 +320,8 @@ def _decode_emit_kernel(
         other=0.0,
     )
     q = q.to(K.dtype.element_ty)
+    if UPCAST:
+        q = q.to(tl.float32)
     lse = tl.load(Lse + heads, mask=mask_g, other=0.0)  # (BLOCK_G,)
     slot_base = bg.to(tl.int64) * capacity
     length = tl.load(Lengths + bg)
@@ -331,6 +344,8 @@ def _decode_emit_kernel(
         mask=valid[:, None] & mask_d[None, :],
         other=0.0,
     )
+    if UPCAST:
+        k = k.to(tl.float32)
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
     keep = mask_g[:, None] & valid[None, :]
     probs = tl.where(keep, tl.exp2(logits - lse[:, None]), 0.0)  # (BLOCK_G, BLOCK_N)
@@ -346,6 +361,12 @@ def _decode_emit_kernel(
 def _jit(fn):
     """triton.jit on first use: reads TRITON_INTERPRET at launch time, not at import time."""
     return triton.jit(fn)
+
+
+def interpreter_upcast(dtype: torch.dtype) -> bool:
+    """Under TRITON_INTERPRET=1, tl.dot on bf16 / fp16 operands returns garbage (triton 3.9), so
+    the kernels cast the (already rounded) operands to fp32 there; the GPU path never does."""
+    return dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_available() -> bool:
@@ -423,20 +444,35 @@ def decode_attention_triton(
         PAGE_SIZE=page_size if paged else 0,
         HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+        UPCAST=interpreter_upcast(k.dtype),
     )
 
     part_out = torch.empty(batch, q_heads, n_splits, head_dim, dtype=torch.float32, device=device)
     part_lse = torch.empty(batch, q_heads, n_splits, dtype=torch.float32, device=device)
     _jit(_decode_partial_kernel)[(batch, kv_heads, n_splits)](
-        q, k, v, lengths, slot_pos, query_pos, page_table, part_out, part_lse,
-        SPLIT=split_size, **common,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        lengths,
+        slot_pos,
+        query_pos,
+        page_table,
+        part_out,
+        part_lse,
+        SPLIT=split_size,
+        **common,
+    )
     out = torch.empty_like(q)
     lse = torch.empty(batch, q_heads, dtype=torch.float32, device=device)
     _jit(_decode_merge_kernel)[(batch, q_heads)](
-        part_out, part_lse, out, lse, n_splits,
-        HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"],
-    )  # fmt: skip
+        part_out,
+        part_lse,
+        out,
+        lse,
+        n_splits,
+        HEAD_DIM=head_dim,
+        BLOCK_D=common["BLOCK_D"],
+    )
     if not emit:
         return out, None
 
@@ -445,10 +481,19 @@ def decode_attention_triton(
     contribution = torch.zeros_like(mass) if has_norms else None
     norms = value_norms.float().contiguous() if has_norms else dummy
     _jit(_decode_emit_kernel)[(batch, kv_heads, triton.cdiv(n_entries, block_n))](
-        q, k, lengths, slot_pos, query_pos, page_table, lse, norms, mass,
+        q,
+        k,
+        lengths,
+        slot_pos,
+        query_pos,
+        page_table,
+        lse,
+        norms,
+        mass,
         contribution if has_norms else mass,
-        HAS_NORMS=has_norms, **common,
-    )  # fmt: skip
+        HAS_NORMS=has_norms,
+        **common,
+    )
     return out, Emitted(mass=mass, contribution=contribution)
 
 

@@ -1,0 +1,177 @@
+"""Decode attention: brute force == torch reference == Triton kernel (TRITON_INTERPRET=1 on CPU).
+
+The brute force is deliberately naive: python loops, explicit logits in float64, softmax by hand.
+Shapes are tiny (the interpreter is slow); block 16 and split 32 make several splits per head.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are jitted, at first launch
+
+from nanokv.kernels.decode_attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_triton,
+    triton_available,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
+CAPACITY = 70  # not a multiple of the block (16) nor of the split (32)
+KV_HEADS = 2
+
+
+def make_case(group, head_dim, dtype, window, capacity=CAPACITY, seed=0):
+    """Two sequences, two kv heads, ragged lengths 70 / 1 / 37 / 50, scattered slot positions."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, q_heads = 2, KV_HEADS * group
+    q = torch.randn(batch, q_heads, head_dim, generator=gen)
+    k = torch.randn(batch, KV_HEADS, capacity, head_dim, generator=gen)
+    v = torch.randn(batch, KV_HEADS, capacity, head_dim, generator=gen)
+    lengths = torch.tensor([[capacity, 1], [37, 50]], dtype=torch.int32)
+    # Kept tokens are scattered over the slots: positions are a permutation of a sparse range.
+    slot_pos = torch.stack(
+        [torch.randperm(2 * capacity, generator=gen)[:capacity] for _ in range(batch * KV_HEADS)]
+    ).view(batch, KV_HEADS, capacity)
+    # The last valid slot of every head holds the newest token, so a window never empties a head.
+    slot_pos.scatter_(2, (lengths.long() - 1).unsqueeze(-1), 2 * capacity + 1)
+    query_pos = torch.full((batch,), 2 * capacity + 2)
+    norms = torch.rand(batch, q_heads, capacity, generator=gen) * 3
+    case = dict(
+        q=q.to(dtype),
+        k=k.to(dtype),
+        v=v.to(dtype),
+        lengths=lengths,
+        scale=1 / math.sqrt(head_dim),
+        slot_pos=slot_pos.to(torch.int32),
+        query_pos=query_pos,
+        sliding_window=window,
+        value_norms=norms,
+    )
+    return {name: t.to(DEVICE) if torch.is_tensor(t) else t for name, t in case.items()}
+
+
+def brute_force_decode(
+    q,
+    k,
+    v,
+    lengths,
+    *,
+    scale,
+    slot_pos=None,
+    query_pos=None,
+    sliding_window=None,
+    value_norms=None,
+    allowed=None,
+):
+    """Explicit logits and softmax per (sequence, query head); ``allowed(b, g, j)`` filters."""
+    q, k, v = q.cpu().double(), k.cpu().double(), v.cpu().double()
+    batch, q_heads, head_dim = q.shape
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    out = torch.zeros(batch, q_heads, head_dim, dtype=torch.float64)
+    mass = torch.zeros(batch, kv_heads, capacity, dtype=torch.float64)
+    contribution = torch.zeros_like(mass)
+    for b in range(batch):
+        for h in range(q_heads):
+            g = h // group
+            slots = [
+                j
+                for j in range(int(lengths[b, g]))
+                if (sliding_window is None or query_pos[b] - slot_pos[b, g, j] < sliding_window)
+                and (allowed is None or allowed(b, g, j))
+            ]
+            logits = [scale * float(q[b, h] @ k[b, g, j]) for j in slots]
+            top = max(logits)
+            weights = [math.exp(x - top) for x in logits]
+            total = sum(weights)
+            for j, w in zip(slots, weights, strict=True):
+                a = w / total
+                out[b, h] += a * v[b, g, j]
+                mass[b, g, j] += a
+                if value_norms is not None:
+                    contribution[b, g, j] += a * float(value_norms[b, h, j])
+    return out, mass, contribution
+
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+MASS_TOL = dict(atol=1e-5, rtol=1e-4)  # fp32 logits and statistics even for bf16 inputs
+GRID = [
+    pytest.param(group, head_dim, dtype, window, id=f"G{group}-D{head_dim}-{dtype_name}-w{window}")
+    for group in (1, 3, 4)
+    for head_dim in (64, 128)
+    for dtype, dtype_name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+    for window in (None, 40)
+]
+
+
+def assert_matches(out, emitted, expected_out, expected_mass, expected_contribution, dtype):
+    """Output within the dtype's tolerance; emitted mass and contribution tight (fp32 math)."""
+    assert out.dtype == dtype
+    close = torch.testing.assert_close
+    close(out.cpu().float(), expected_out.float(), **TOL[dtype])
+    close(emitted.mass.cpu(), expected_mass.float(), **MASS_TOL)
+    close(emitted.contribution.cpu(), expected_contribution.float(), **MASS_TOL)
+
+
+@pytest.mark.parametrize("group, head_dim, dtype, window", GRID)
+def test_reference_equals_brute_force(group, head_dim, dtype, window):
+    case = make_case(group, head_dim, dtype, window)
+    expected = brute_force_decode(**case)
+    out, emitted = decode_attention_reference(**case, emit=True)
+    assert_matches(out, emitted, *expected, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("group, head_dim, dtype, window", GRID)
+def test_triton_equals_reference(group, head_dim, dtype, window):
+    case = make_case(group, head_dim, dtype, window)
+    out, emitted = decode_attention_triton(**case, emit=True, block_n=16, split_size=32)
+    ref_out, ref = decode_attention_reference(**case, emit=True)
+    assert_matches(out, emitted, ref_out, ref.mass, ref.contribution, dtype)
+    # Mass of every (sequence, kv head) sums to the group size: each query head's row sums to 1.
+    torch.testing.assert_close(emitted.mass.sum(-1).cpu(), torch.full((2, KV_HEADS), group * 1.0))
+
+
+@needs_triton
+def test_triton_default_blocks_and_options():
+    """Production block / split sizes (one split here), no emission, emission without norms."""
+    case = make_case(3, 64, torch.float32, None)
+    ref_out, ref = decode_attention_reference(**case, emit=True)
+    out, none = decode_attention_triton(**case)
+    assert none is None
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    case["value_norms"] = None
+    out, emitted = decode_attention_triton(**case, emit=True)
+    assert emitted.contribution is None
+    torch.testing.assert_close(emitted.mass, ref.mass, **MASS_TOL)
+
+
+@needs_triton
+def test_triton_is_deterministic():
+    case = make_case(4, 64, torch.bfloat16, 40)
+    first = decode_attention_triton(**case, emit=True, block_n=16, split_size=32)
+    second = decode_attention_triton(**case, emit=True, block_n=16, split_size=32)
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1].mass, second[1].mass)
+    assert torch.equal(first[1].contribution, second[1].contribution)
+
+
+def test_dispatcher_uses_reference_off_cuda():
+    case = make_case(3, 64, torch.float32, 40)
+    case = {name: t.cpu() if torch.is_tensor(t) else t for name, t in case.items()}
+    out, emitted = decode_attention(**case, emit=True)
+    ref_out, ref = decode_attention_reference(**case, emit=True)
+    assert torch.equal(out, ref_out) and torch.equal(emitted.mass, ref.mass)
+
+
+def test_window_without_positions_is_an_error():
+    case = make_case(1, 64, torch.float32, 8)
+    case["slot_pos"] = None
+    with pytest.raises(ValueError, match="sliding window"):
+        decode_attention_reference(**case)
