@@ -178,8 +178,8 @@ class KVArena:
         """Moves slot contents src -> dst per (seq, kv head) without changing lengths.
 
         src_slots, dst_slots: (B, H_kv, w). Used by multi-step eviction: the decode window's
-        tokens are scattered into the slots freed by the victims, then lengths are set by the
-        caller. Sources and destinations must not overlap.
+        tokens are scattered into the slots freed by the victims, then `set_lengths` drops the
+        window area. Sources and destinations must not overlap.
         """
         head_dim = self.k.shape[-1]
         src_vec = src_slots.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
@@ -194,3 +194,10 @@ class KVArena:
             dst_q = dst_slots.long().repeat_interleave(group, dim=1)
             norms = self.value_norms[layer]
             norms.scatter_(2, dst_q, norms.gather(2, src_q))
+
+    def set_lengths(self, layer: int, lengths: torch.Tensor) -> None:
+        """Shortens each head to `lengths` (B, H_kv), marking the slots past it empty."""
+        slots = torch.arange(self.capacity, device=lengths.device)
+        beyond = slots.view(1, 1, -1) >= lengths.unsqueeze(-1)
+        self.pos[layer].masked_fill_(beyond, -1)
+        self.lengths[layer] = lengths.to(torch.int32)

@@ -311,3 +311,65 @@ def test_convert_default_model_force_replaces(monkeypatch, tmp_path):
     with pytest.raises(FileExistsError):
         default_model.convert_default_model(tmp_path / "notes", force=True, progress=None)
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- nanokv on the default model
+
+
+@pytest.fixture(scope="module")
+def nanokv_llm(converted):
+    import nanokv
+
+    return nanokv.LLM(converted, dtype="float32", device="cpu")
+
+
+def test_nanokv_logits_match_transformers_gguf(nanokv_llm, reference_model):
+    """nanokv's own forward (models + arena + engine) on the converted weights equals
+    transformers running the GGUF, for every prompt position and a decode step."""
+    from nanokv.arena import KVArena
+
+    ids = nanokv_llm.tokenizer.encode(PROMPT)
+    cfg = nanokv_llm.config
+    arena = KVArena(cfg.num_layers, 1, cfg.num_kv_heads, 64, cfg.head_dim, dtype=torch.float32)
+    ours = nanokv_llm.engine.prefill(arena, 0, ids, all_logits=True)
+    with torch.no_grad():
+        want = reference_model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+
+
+def test_nanokv_tokenizer_and_chat_template_match_transformers(nanokv_llm, reference_tokenizer):
+    for text in TEXTS:
+        assert nanokv_llm.tokenizer.encode(text) == reference_tokenizer.encode(text)
+        ids = reference_tokenizer.encode(text)
+        assert nanokv_llm.tokenizer.decode(ids) == reference_tokenizer.decode(
+            ids, skip_special_tokens=True
+        )
+    for messages in CHATS:
+        want = reference_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if not isinstance(want, list):  # transformers 5 returns a BatchEncoding
+            want = want["input_ids"]
+        assert nanokv_llm.tokenizer.encode_chat(messages) == want
+
+
+def test_greedy_generation_of_20_tokens_is_identical(nanokv_llm, reference_model):
+    messages = [{"role": "user", "content": "Explain what a KV cache is."}]
+    ids = nanokv_llm.tokenizer.encode_chat(messages)
+    out = nanokv_llm.chat([messages], max_new_tokens=20)[0]
+    with torch.no_grad():
+        want = reference_model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
+    assert len(out.token_ids) == 20
+    assert out.token_ids == want[0, len(ids) :].tolist()
+    assert out.finish_reason == "length"
+
+
+def test_cli_convert_and_generate(converted, tmp_path, capsys, monkeypatch):
+    """`nanokv convert` writes a loadable directory; `nanokv generate` without --model uses it."""
+    from nanokv.cli import main
+
+    monkeypatch.setenv("NANOKV_WEIGHTS", str(tmp_path))
+    assert main(["convert"]) == 0
+    out_dir = Path(capsys.readouterr().out.strip())
+    assert out_dir == tmp_path / DEFAULT_MODEL_NAME and (out_dir / "model.safetensors").is_file()
+    code = main(["generate", "--max-new-tokens", "12", "What is the capital of France?"])
+    out, _ = capsys.readouterr()
+    assert code == 0 and "Paris" in out
