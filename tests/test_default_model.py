@@ -313,7 +313,7 @@ def test_convert_default_model_force_replaces(monkeypatch, tmp_path):
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 
-# --------------------------------------------------------------------------- nanokv on the default model
+# ------------------------------------------------------------------- nanokv on the default model
 
 
 @pytest.fixture(scope="module")
