@@ -92,11 +92,13 @@ class KVArena:
         positions: torch.Tensor,
         kept: torch.Tensor | None = None,
         value_norms: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> None:
         """Writes one sequence's prompt K/V of one layer into slots 0.. of each kv head.
 
         k, v: (H_kv, n, D); positions: (n,); kept: (H_kv, m) indices into the n prompt tokens,
-        the same count for every head (None keeps all n, in order); value_norms: (H_q, n).
+        the same count for every head (None keeps all n, in order); value_norms: (H_q, n);
+        scores: (H_kv, n) the policy's prompt scores, kept as the slots' running statistic.
         """
         kv_heads, n, head_dim = k.shape
         if kept is None:
@@ -110,6 +112,8 @@ class KVArena:
         self.pos[layer, seq, :, :count] = positions[kept].to(torch.int32)
         self.pos[layer, seq, :, count:] = -1
         self.score[layer, seq] = 0
+        if scores is not None:
+            self.score[layer, seq, :, :count] = scores.float().gather(1, kept)
         self.lengths[layer, seq] = count
         if value_norms is not None and self.value_norms is not None:
             group = value_norms.shape[0] // kv_heads

@@ -44,5 +44,9 @@ class Budget:
             return max(1, min(prompt_length, round(self.value * prompt_length)))
         return min(prompt_length, int(self.value))
 
-    def keeps_everything(self, prompt_length: int) -> bool:
-        return self.tokens(prompt_length) >= prompt_length
+    def cache_tokens(self, prompt_length: int, max_new_tokens: int) -> int:
+        """Tokens a (layer, kv head) may hold after each eviction. A fraction of 1.0 means no
+        compression at all: the prompt and every new token are kept."""
+        if self.value == 1.0:
+            return prompt_length + max_new_tokens
+        return self.tokens(prompt_length) if self.is_fraction else int(self.value)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from nanokv.budget import Budget
-from nanokv.policies import POLICIES
+from nanokv.policies import POLICIES, PolicyOptions
 from nanokv.sampling import SamplingParams
 
 EXIT_BAD_INPUT = 2
@@ -50,6 +50,11 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--policy", default="full", help=f"eviction policy: {', '.join(POLICIES)}")
     p.add_argument("--budget", default="1.0", help="KV budget: fraction in (0,1] or token count")
+    p.add_argument("--sinks", type=int, default=4, help="attention sinks always kept")
+    p.add_argument("--window", type=int, default=32, help="observation window (kept)")
+    p.add_argument("--pool", type=int, default=7, help="max-pool kernel along tokens (odd)")
+    p.add_argument("--chunk", type=int, default=1, help="keep whole chunks of C tokens")
+    p.add_argument("--decode-window", type=int, default=16, help="W: slots freed per eviction")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -79,7 +84,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     from nanokv.llm import LLM
 
-    llm = LLM(args.model, policy=args.policy, budget=budget, dtype=args.dtype, device=args.device)
+    options = PolicyOptions(
+        sinks=args.sinks, observation_window=args.window, pool=args.pool, chunk=args.chunk,
+        decode_window=args.decode_window,
+    )  # fmt: skip
+    llm = LLM(
+        args.model, policy=args.policy, budget=budget, dtype=args.dtype, device=args.device,
+        **vars(options),
+    )  # fmt: skip
     use_chat = not args.raw and llm.tokenizer.chat_template is not None
     run = llm.chat if use_chat else llm.generate
     if len(prompts) == 1:

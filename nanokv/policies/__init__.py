@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from nanokv.policies.base import Policy, PromptLayer
+from nanokv.policies.base import Policy, PolicyOptions, PromptLayer
 from nanokv.policies.full import FullCache
+from nanokv.policies.h2o import H2O
+from nanokv.policies.snapkv import SnapKV
+from nanokv.policies.streaming import StreamingLLM
+from nanokv.policies.tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {"full": FullCache}
+POLICIES: dict[str, type[Policy]] = {
+    "full": FullCache,
+    "streaming": StreamingLLM,
+    "h2o": H2O,
+    "snapkv": SnapKV,
+    "tova": TOVA,
+}
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, options: PolicyOptions | None = None) -> Policy:
     """The policy registered under `name`, or a ValueError listing the known names."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name]()
+    return POLICIES[name](options)
 
 
-__all__ = ["POLICIES", "Policy", "PromptLayer", "make_policy"]
+__all__ = ["POLICIES", "Policy", "PolicyOptions", "PromptLayer", "make_policy"]

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
-from nanokv.policies.base import Policy, PromptLayer
+from nanokv.policies.base import Policy
 
 
 class FullCache(Policy):
     name = "full"
-
-    def arena_capacity(self, prompt_length: int, max_new_tokens: int) -> int:
-        return prompt_length + max_new_tokens
-
-    def prefill_keep(self, prompt: PromptLayer) -> torch.Tensor | None:
-        return None
+    evicts = False

@@ -1,0 +1,32 @@
+"""H2O (Zhang et al. 2023, FMInference/H2O `H2OKVCache_LayerWise`): accumulated attention, the
+"heavy hitters". Prompt score = column sums of the causal attention over all prompt queries
+(computed in query chunks, never an n x n matrix), summed over each GQA group; every decode step
+adds the new query's attention. Sinks and the recent window are kept."""
+
+from __future__ import annotations
+
+import torch
+
+from nanokv.arena import ArenaLayer
+from nanokv.kernels.decode_attention import Emitted
+from nanokv.kernels.prefill_scores import column_statistics
+from nanokv.policies.base import Policy, PromptLayer
+from nanokv.policies.selection import chunk_scores, pool_scores
+
+
+class H2O(Policy):
+    name = "h2o"
+    needs_all_queries = True
+    needs_decode_mass = True
+
+    def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
+        stats = column_statistics(
+            prompt.queries, prompt.k, scale=prompt.scale, positions=prompt.positions,
+            sliding_window=prompt.sliding_window,
+        )  # fmt: skip
+        kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
+        scores = stats.sums.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)
+        return chunk_scores(pool_scores(scores, self.options.pool), self.options.chunk)
+
+    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
+        view.score.add_(emitted.mass)

@@ -1,0 +1,39 @@
+"""SnapKV (Li et al. 2024): attention of the last `w` prompt queries (the observation window) to
+every prompt key, averaged over the window and over each GQA group (kvpress `SnapKVPress`),
+max-pooled along tokens (kernel 7: SnapKV's LongBench configs `..._w32_k7_maxpool.json`), top-k
+per kv head; the window itself is kept. Decode-time evictions rank slots by the attention mass
+the kernel emits, accumulated since the slot was written, added to the prompt score."""
+
+from __future__ import annotations
+
+import torch
+
+from nanokv.arena import ArenaLayer
+from nanokv.kernels.decode_attention import Emitted
+from nanokv.kernels.prefill_scores import window_attention
+from nanokv.policies.base import Policy, PromptLayer
+from nanokv.policies.selection import chunk_scores, pool_scores
+
+
+class SnapKV(Policy):
+    name = "snapkv"
+    needs_decode_mass = True
+
+    def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
+        window = prompt.window_queries.shape[1]
+        attn = window_attention(
+            prompt.window_queries,
+            prompt.k,
+            scale=prompt.scale,
+            query_positions=prompt.positions[-window:],
+            key_positions=prompt.positions,
+            sliding_window=prompt.sliding_window,
+        )  # fmt: skip  (H_q, w, n)
+        kv_heads = prompt.k.shape[0]
+        per_query_head = attn.mean(dim=1)  # (H_q, n)
+        scores = per_query_head.view(kv_heads, -1, per_query_head.shape[-1]).mean(dim=1)
+        scores = pool_scores(scores, self.options.pool)
+        return chunk_scores(scores, self.options.chunk)
+
+    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
+        view.score.add_(emitted.mass)

@@ -1,0 +1,35 @@
+"""TOVA (Oren et al. 2024, schwartz-lab-NLP/TOVA `tova_cache.py`): the current query's attention
+decides; each eviction drops the lowest. Prompt score = attention of the last prompt query,
+averaged over each GQA group; at decode the score of every slot is replaced by the new query's
+attention (not accumulated)."""
+
+from __future__ import annotations
+
+import torch
+
+from nanokv.arena import ArenaLayer
+from nanokv.kernels.decode_attention import Emitted
+from nanokv.kernels.prefill_scores import window_attention
+from nanokv.policies.base import Policy, PromptLayer
+from nanokv.policies.selection import chunk_scores, pool_scores
+
+
+class TOVA(Policy):
+    name = "tova"
+    needs_decode_mass = True
+
+    def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
+        last = prompt.window_queries[:, -1:]  # (H_q, 1, D)
+        attn = window_attention(
+            last,
+            prompt.k,
+            scale=prompt.scale,
+            query_positions=prompt.positions[-1:],
+            key_positions=prompt.positions,
+            sliding_window=prompt.sliding_window,
+        )[:, 0]  # fmt: skip  (H_q, n)
+        scores = attn.view(prompt.k.shape[0], -1, attn.shape[-1]).mean(dim=1)
+        return chunk_scores(pool_scores(scores, self.options.pool), self.options.chunk)
+
+    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
+        view.score.copy_(emitted.mass)
