@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanokv.budget import Budget
 from nanokv.engine import Engine
@@ -89,9 +88,7 @@ def _brute_keep(scores: torch.Tensor, count: int, sinks: int, window: int) -> li
         for j in range(n - 1, n - 1 - window, -1):
             if len(chosen) < count and j not in chosen:
                 chosen.append(j)
-        rest = sorted(
-            (j for j in range(n) if j not in chosen), key=lambda j: (-float(head[j]), j)
-        )
+        rest = sorted((j for j in range(n) if j not in chosen), key=lambda j: (-float(head[j]), j))
         chosen += rest[: count - len(chosen)]
         kept.append(sorted(chosen))
     return kept
