@@ -25,11 +25,11 @@ def test_gram_norms_equal_explicit_projection(group, head_dim, dtype):
     kv_heads, hidden = 2, 96
     q_heads = kv_heads * group
     weight = (torch.randn(hidden, q_heads * head_dim, generator=gen) / head_dim**0.5).to(dtype)
-    v = torch.randn(3, kv_heads, 5, head_dim, generator=gen).to(dtype)  # (B, H_kv, T, D)
+    v = torch.randn(2, 3, kv_heads, 5, head_dim, generator=gen).to(dtype)  # (.., H_kv, T, D)
     gram = output_gram(weight, q_heads, head_dim)
     assert gram.shape == (q_heads, head_dim, head_dim) and gram.dtype == torch.float32
     norms = value_output_norms(v, gram)
-    assert norms.shape == (3, q_heads, 5) and norms.dtype == torch.float32
+    assert norms.shape == (2, 3, q_heads, 5) and norms.dtype == torch.float32
     torch.testing.assert_close(
         norms.double(), explicit_norms(v, weight, q_heads), rtol=1e-4, atol=1e-4
     )

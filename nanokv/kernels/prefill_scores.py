@@ -166,8 +166,9 @@ def _row_lse_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    lo = tl.load(KeyLo + block)
     hi = tl.minimum(block * BLOCK_M + BLOCK_M, n)  # causal: keys up to the block's last query
-    for start in range(tl.load(KeyLo + block), hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         k = tl.load(
@@ -235,7 +236,8 @@ def _column_stats_kernel(
     sums = tl.zeros([BLOCK_N], tl.float32)
     weighted = tl.zeros([BLOCK_N], tl.float32)
     lo = (block * BLOCK_N // BLOCK_M) * BLOCK_M  # causal: queries from the block's first key on
-    for start in range(lo, tl.load(QueryHi + block), BLOCK_M):
+    hi = tl.load(QueryHi + block)
+    for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n
         q = tl.load(

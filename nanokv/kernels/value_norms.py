@@ -39,9 +39,11 @@ def value_output_norms(v: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     if q_heads % kv_heads or gram.shape[1:] != (head_dim, head_dim):
         raise ValueError(f"gram {tuple(gram.shape)} does not fit values {tuple(v.shape)}")
     group = q_heads // kv_heads
-    vf = v.float()
-    gram = gram.view(kv_heads, group, head_dim, head_dim)  # (H_kv, G, D, D)
-    projected = torch.einsum("...gtd,gqde->...gqte", vf, gram)  # (..., H_kv, G, T, D)
-    squared = (projected * vf.unsqueeze(-3)).sum(-1)  # (..., H_kv, G, T)
-    norms = squared.clamp_min(0).sqrt()
-    return norms.reshape(*v.shape[:-3], q_heads, v.shape[-2])
+    lead, tokens = v.shape[:-3], v.shape[-2]
+    # Batch dims and tokens become the rows of one matmul per kv head: the Gram matrices are read
+    # once, never broadcast over the batch.
+    vf = v.float().movedim(-3, 0).reshape(kv_heads, 1, -1, head_dim)  # (H_kv, 1, M, D)
+    projected = vf @ gram.view(kv_heads, group, head_dim, head_dim)  # (H_kv, G, M, D)
+    squared = (projected * vf).sum(-1)  # (H_kv, G, M)
+    norms = squared.clamp_min(0).sqrt().reshape(q_heads, *lead, tokens)
+    return norms.movedim(0, -2)  # (..., H_q, T)
