@@ -91,34 +91,36 @@ class KVArena:
         v: torch.Tensor,
         positions: torch.Tensor,
         kept: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
         value_norms: torch.Tensor | None = None,
         scores: torch.Tensor | None = None,
     ) -> None:
         """Writes one sequence's prompt K/V of one layer into slots 0.. of each kv head.
 
-        k, v: (H_kv, n, D); positions: (n,); kept: (H_kv, m) indices into the n prompt tokens,
-        the same count for every head (None keeps all n, in order); value_norms: (H_q, n);
-        scores: (H_kv, n) the policy's prompt scores, kept as the slots' running statistic.
+        k, v: (H_kv, n, D); positions: (n,); kept: (H_kv, m) indices into the n prompt tokens
+        (None keeps all n, in order), of which the first counts[g] are valid for head g (None:
+        all m); value_norms: (H_q, n); scores: (H_kv, n) the policy's prompt scores, kept as the
+        slots' running statistic.
         """
         kv_heads, n, head_dim = k.shape
         if kept is None:
             kept = torch.arange(n, device=k.device).expand(kv_heads, n)
-        count = kept.shape[1]
-        if count > self.capacity:
-            raise ArenaFullError(f"{count} prompt tokens do not fit {self.capacity} slots")
+        width = kept.shape[1]
+        if width > self.capacity:
+            raise ArenaFullError(f"{width} prompt tokens do not fit {self.capacity} slots")
         gather = kept.unsqueeze(-1).expand(-1, -1, head_dim)
-        self.k[layer, seq, :, :count] = k.gather(1, gather)
-        self.v[layer, seq, :, :count] = v.gather(1, gather)
-        self.pos[layer, seq, :, :count] = positions[kept].to(torch.int32)
-        self.pos[layer, seq, :, count:] = -1
+        self.k[layer, seq, :, :width] = k.gather(1, gather)
+        self.v[layer, seq, :, :width] = v.gather(1, gather)
+        self.pos[layer, seq, :, :width] = positions[kept].to(torch.int32)
         self.score[layer, seq] = 0
         if scores is not None:
-            self.score[layer, seq, :, :count] = scores.float().gather(1, kept)
-        self.lengths[layer, seq] = count
+            self.score[layer, seq, :, :width] = scores.float().gather(1, kept)
         if value_norms is not None and self.value_norms is not None:
             group = value_norms.shape[0] // kv_heads
             kept_q = kept.repeat_interleave(group, dim=0)  # (H_q, m)
-            self.value_norms[layer, seq, :, :count] = value_norms.gather(1, kept_q)
+            self.value_norms[layer, seq, :, :width] = value_norms.float().gather(1, kept_q)
+        counts = torch.full((kv_heads,), width) if counts is None else counts
+        self.set_lengths(layer, counts.view(1, -1).to(self.lengths.device), seq=seq)
 
     def append(
         self,
@@ -157,33 +159,36 @@ class KVArena:
         kept_slots: (B, H_kv, m) slot indices, the first kept_counts[b, g] of each row valid and
         distinct (padding entries are ignored); kept_counts: (B, H_kv).
         """
-        m = kept_slots.shape[-1]
-        order = torch.arange(m, device=kept_slots.device)
-        valid = order < kept_counts.unsqueeze(-1)  # (B, H_kv, m)
-        source = torch.where(valid, kept_slots, kept_slots[..., :1]).long()
-        self._gather_into_front(layer, source, m)
-        self.pos[layer, :, :, :m].masked_fill_(~valid, -1)
-        self.pos[layer, :, :, m:] = -1
-        self.lengths[layer] = kept_counts.to(torch.int32)
+        for seq in range(kept_slots.shape[0]):
+            self.compact_sequence(layer, seq, kept_slots[seq], kept_counts[seq])
 
-    def _gather_into_front(self, layer: int, source: torch.Tensor, m: int) -> None:
+    def compact_sequence(
+        self, layer: int, seq: int, kept_slots: torch.Tensor, kept_counts: torch.Tensor
+    ) -> None:
+        """`compact` for one sequence: kept_slots (H_kv, m), kept_counts (H_kv,)."""
+        m = kept_slots.shape[-1]
+        valid = torch.arange(m, device=kept_slots.device) < kept_counts.unsqueeze(-1)
+        source = torch.where(valid, kept_slots, kept_slots[..., :1]).long()  # (H_kv, m)
         head_dim = self.k.shape[-1]
-        vector_index = source.unsqueeze(-1).expand(-1, -1, -1, head_dim)
-        self.k[layer, :, :, :m] = self.k[layer].gather(2, vector_index)
-        self.v[layer, :, :, :m] = self.v[layer].gather(2, vector_index)
-        self.pos[layer, :, :, :m] = self.pos[layer].gather(2, source)
-        self.score[layer, :, :, :m] = self.score[layer].gather(2, source)
+        vector_index = source.unsqueeze(-1).expand(-1, -1, head_dim)
+        for buffer in (self.k, self.v):
+            buffer[layer, seq, :, :m] = buffer[layer, seq].gather(1, vector_index)
+        for buffer in (self.pos, self.score):
+            buffer[layer, seq, :, :m] = buffer[layer, seq].gather(1, source)
         if self.value_norms is not None:
-            group = self.value_norms.shape[2] // source.shape[1]
-            norm_index = source.repeat_interleave(group, dim=1)  # (B, H_q, m)
-            self.value_norms[layer, :, :, :m] = self.value_norms[layer].gather(2, norm_index)
+            group = self.value_norms.shape[2] // source.shape[0]
+            norm_index = source.repeat_interleave(group, dim=0)  # (H_q, m)
+            norms = self.value_norms[layer, seq]
+            norms[:, :m] = norms.gather(1, norm_index)
+        self.set_lengths(layer, kept_counts.view(1, -1), seq=seq)
 
     def scatter(self, layer: int, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Moves slot contents src -> dst per (seq, kv head) without changing lengths.
 
         src_slots, dst_slots: (B, H_kv, w). Used by multi-step eviction: the decode window's
         tokens are scattered into the slots freed by the victims, then `set_lengths` drops the
-        window area. Sources and destinations must not overlap.
+        window area. A source equal to its destination is a no-op; otherwise they must not
+        overlap.
         """
         head_dim = self.k.shape[-1]
         src_vec = src_slots.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
@@ -199,9 +204,11 @@ class KVArena:
             norms = self.value_norms[layer]
             norms.scatter_(2, dst_q, norms.gather(2, src_q))
 
-    def set_lengths(self, layer: int, lengths: torch.Tensor) -> None:
-        """Shortens each head to `lengths` (B, H_kv), marking the slots past it empty."""
+    def set_lengths(self, layer: int, lengths: torch.Tensor, seq: int | None = None) -> None:
+        """Sets each head's length, (B, H_kv) (or (1, H_kv) for one `seq`), marking the slots
+        past it empty."""
+        rows = slice(None) if seq is None else slice(seq, seq + 1)
         slots = torch.arange(self.capacity, device=lengths.device)
         beyond = slots.view(1, 1, -1) >= lengths.unsqueeze(-1)
-        self.pos[layer].masked_fill_(beyond, -1)
-        self.lengths[layer] = lengths.to(torch.int32)
+        self.pos[layer, rows].masked_fill_(beyond, -1)
+        self.lengths[layer, rows] = lengths.to(torch.int32)

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from nanokv.budget import Budget
-from nanokv.policies import POLICIES, PolicyOptions
+from nanokv.policies import POLICIES
+from nanokv.policies.allocation import ALLOCATIONS
 from nanokv.sampling import SamplingParams
 
 EXIT_BAD_INPUT = 2
@@ -50,11 +51,15 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--policy", default="full", help=f"eviction policy: {', '.join(POLICIES)}")
     p.add_argument("--budget", default="1.0", help="KV budget: fraction in (0,1] or token count")
-    p.add_argument("--sinks", type=int, default=4, help="attention sinks always kept")
-    p.add_argument("--window", type=int, default=32, help="observation window (kept)")
-    p.add_argument("--pool", type=int, default=7, help="max-pool kernel along tokens (odd)")
-    p.add_argument("--chunk", type=int, default=1, help="keep whole chunks of C tokens")
-    p.add_argument("--decode-window", type=int, default=16, help="W: slots freed per eviction")
+    p.add_argument("--allocation", choices=ALLOCATIONS, help="budget split across heads/layers")
+    p.add_argument("--min-head-share", type=float, help="layer/global: per-head floor (0-1)")
+    p.add_argument("--max-head-share", type=float, help="layer/global: per-head cap (>= 1)")
+    p.add_argument("--sinks", type=int, help="attention sinks always kept (default 4)")
+    p.add_argument("--window", type=int, help="observation window, kept (default 32)")
+    p.add_argument("--pool", type=int, help="max-pool kernel along tokens (odd)")
+    p.add_argument("--chunk", type=int, help="keep whole chunks of C tokens (default 1)")
+    p.add_argument("--decode-window", type=int, help="W: slots freed per eviction (default 16)")
+    p.add_argument("--verbose", action="store_true", help="report what was kept, to stderr")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -84,13 +89,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     from nanokv.llm import LLM
 
-    options = PolicyOptions(
+    options = dict(
         sinks=args.sinks, observation_window=args.window, pool=args.pool, chunk=args.chunk,
-        decode_window=args.decode_window,
+        decode_window=args.decode_window, allocation=args.allocation,
+        min_head_share=args.min_head_share, max_head_share=args.max_head_share,
     )  # fmt: skip
     llm = LLM(
         args.model, policy=args.policy, budget=budget, dtype=args.dtype, device=args.device,
-        **vars(options),
+        **{name: value for name, value in options.items() if value is not None},
     )  # fmt: skip
     use_chat = not args.raw and llm.tokenizer.chat_template is not None
     run = llm.chat if use_chat else llm.generate

@@ -9,6 +9,7 @@ the arena through the decode-attention kernel.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,9 +19,10 @@ from nanokv.arena import KVArena
 from nanokv.attention import prefill_attention
 from nanokv.budget import Budget
 from nanokv.config import ModelConfig
+from nanokv.eviction import EvictionStage, SequencePlan
 from nanokv.kernels.decode_attention import decode_attention
+from nanokv.kernels.value_norms import output_gram, value_output_norms
 from nanokv.policies import Policy, PromptLayer
-from nanokv.policies.selection import select_prompt_tokens, select_victims
 from nanokv.sampling import Sampler, SamplingParams
 from nanokv.stopping import StopChecker
 
@@ -47,9 +49,13 @@ class DecodeState:
 
     arena: KVArena
     positions: torch.Tensor  # (B,) int64, position of each sequence's next token
-    cache_tokens: torch.Tensor  # (B,) int64, tokens a head keeps after each eviction
-    limits: torch.Tensor  # (B,) int64, slots a head may fill before W of them are freed
-    window: int  # W, slots freed by one multi-step eviction
+    cache_tokens: torch.Tensor  # (L, B, H_kv) tokens a head keeps after each eviction
+    window: int  # W, slots freed by one multi-step eviction (0: never evicts)
+    prefill_seconds: float = 0.0
+
+    def kept_tokens(self) -> torch.Tensor:
+        """(L, B, H_kv) tokens each head holds now."""
+        return self.arena.lengths.clone()
 
 
 class Engine:
@@ -66,10 +72,12 @@ class Engine:
     ) -> None:
         self.model, self.cfg, self.policy = model, cfg, policy
         self.budget = budget or Budget(1.0)
+        self.eviction = EvictionStage(policy, self.budget, cfg.num_layers)
         self.prefill_chunk = prefill_chunk
         self.scale = cfg.head_dim**-0.5
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        self._grams: list[torch.Tensor] | None = None
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Raises InputError for an empty prompt or one that leaves no room in the context."""
@@ -91,32 +99,37 @@ class Engine:
         """Allocates the arena and prefills every prompt. Returns the state and (B, vocab) logits
         of each prompt's last token."""
         self.check_prompts(prompts, max_new_tokens)
-        cfg = self.cfg
-        cache, limits, window = self._arena_plan([len(p) for p in prompts], max_new_tokens)
-        arena = KVArena(
-            cfg.num_layers, len(prompts), cfg.num_kv_heads, int(limits.max()), cfg.head_dim,
-            dtype=self.dtype, device=self.device,
-        )  # fmt: skip
-        never_evicts = cache >= torch.tensor([len(p) + max_new_tokens for p in prompts])
+        began = time.perf_counter()
+        plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
+        window = 0 if all(p.keep_all for p in plans) else self._window(plans)
+        capacity = max(min(p.head_cap + window, p.prompt_length + max_new_tokens) for p in plans)
+        arena = self._allocate(len(prompts), capacity)
         logits = torch.cat(
+            [self.prefill(arena, seq, ids, plans[seq]) for seq, ids in enumerate(prompts)]
+        )
+        cache = torch.stack(
             [
-                self.prefill(arena, seq, ids, None if never_evicts[seq] else int(cache[seq]))
-                for seq, ids in enumerate(prompts)
-            ]
-        )
+                self.eviction.cache_tokens(plan, arena.lengths[:, seq])
+                for seq, plan in enumerate(plans)
+            ],
+            dim=1,
+        )  # (L, B, H_kv)
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        return DecodeState(arena, positions, cache, limits, window), logits
+        state = DecodeState(arena, positions, cache, window)
+        state.prefill_seconds = time.perf_counter() - began
+        return state, logits
 
-    def _arena_plan(self, lengths: list[int], max_new_tokens: int) -> tuple[torch.Tensor, ...]:
-        """Per sequence: tokens kept after each eviction, slots before an eviction; and W."""
-        total = torch.tensor([n + max_new_tokens for n in lengths], device=self.device)
-        if not self.policy.evicts:
-            return total, total, 0
-        cache = torch.tensor(
-            [self.budget.cache_tokens(n, max_new_tokens) for n in lengths], device=self.device
-        )
-        window = max(1, min(self.policy.options.decode_window, int(cache.min())))
-        return cache, torch.minimum(cache + window, total), window
+    def _window(self, plans: list[SequencePlan]) -> int:
+        smallest = min(min(p.layer_counts) for p in plans if not p.keep_all)
+        return max(1, min(self.policy.options.decode_window, smallest))
+
+    def _allocate(self, batch: int, capacity: int) -> KVArena:
+        cfg = self.cfg
+        q_heads = cfg.num_heads if self.policy.needs_value_norms else None
+        return KVArena(
+            cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
+            dtype=self.dtype, device=self.device, q_heads=q_heads,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def prefill(
@@ -124,35 +137,29 @@ class Engine:
         arena: KVArena,
         seq: int,
         prompt: list[int],
-        cache_tokens: int | None = None,
+        plan: SequencePlan | None = None,
         all_logits: bool = False,
     ) -> torch.Tensor:
-        """Runs one prompt layer by layer, leaving the kept K/V in the arena's row `seq`
-        (at most `cache_tokens` per head; None keeps all). Returns (1, vocab) logits of the last
-        token, or (n, vocab) with `all_logits`."""
+        """Runs one prompt layer by layer, leaving the kept K/V in the arena's row `seq` (None
+        plan: keep everything). Returns (1, vocab) logits of the last token, or (n, vocab)
+        with `all_logits`."""
         ids = torch.tensor(prompt, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)
         h = self.model.embed(ids, positions)  # (n, hidden)
         for layer, block in enumerate(self.model.blocks):
             prompt_layer = self._prefill_layer(layer, block, h, positions)
             # --- eviction stage (prefill): the policy scores, the selection keeps the best ---
-            kept, scores = self._prefill_selection(prompt_layer, cache_tokens)
-            arena.fill(layer, seq, prompt_layer.k, prompt_layer.v, positions, kept, scores=scores)
+            chosen = None if plan is None else self.eviction.select_prefill(prompt_layer, plan)
+            arena.fill(
+                layer, seq, prompt_layer.k, prompt_layer.v, positions,
+                kept=None if chosen is None else chosen.kept,
+                counts=None if chosen is None else chosen.counts,
+                value_norms=prompt_layer.value_norms,
+                scores=None if chosen is None else chosen.scores,
+            )  # fmt: skip
+        if plan is not None:
+            self.eviction.finish_prefill(arena, seq, plan)
         return self.model.logits(h if all_logits else h[-1:])
-
-    def _prefill_selection(
-        self, prompt: PromptLayer, cache_tokens: int | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(kept (H_kv, m), scores (H_kv, n)); both None when the policy never evicts here."""
-        n = prompt.positions.shape[0]
-        if not self.policy.evicts or cache_tokens is None:
-            return None, None
-        scores = self.policy.prefill_scores(prompt)
-        options = self.policy.options
-        kept = select_prompt_tokens(
-            scores, min(cache_tokens, n), sinks=options.sinks, window=options.observation_window
-        )
-        return kept, scores
 
     def _prefill_layer(
         self, layer: int, block: torch.nn.Module, h: torch.Tensor, positions: torch.Tensor
@@ -186,50 +193,45 @@ class Engine:
             scale=self.scale,
             sliding_window=cfg.sliding_window,
             queries=None if all_queries is None else all_queries.transpose(0, 1),
+            value_norms=self._value_norms(layer, v_all.transpose(0, 1)),
+            o_proj_weight=block.o_proj.weight if self.policy.needs_value_norms else None,
         )
+
+    def _value_norms(self, layer: int, v: torch.Tensor) -> torch.Tensor | None:
+        """||v_j W_O^h|| (..., H_q, T) for values v (..., H_kv, T, D), when the policy reads them.
+        The Gram matrices G_h = W_O^h W_O^h^T are computed once per engine."""
+        if not self.policy.needs_value_norms:
+            return None
+        if self._grams is None:
+            cfg = self.cfg
+            self._grams = [
+                output_gram(block.o_proj.weight, cfg.num_heads, cfg.head_dim)
+                for block in self.model.blocks
+            ]
+        return value_output_norms(v, self._grams[layer])
 
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feeds one token per sequence (B,) and returns the next-token logits (B, vocab)."""
         positions = state.positions
         h = self.model.embed(tokens, positions)  # (B, hidden)
-        emit = self.policy.needs_decode_mass
+        emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
         for layer, block in enumerate(self.model.blocks):
             q, k, v = block.qkv(h, positions)  # (B, H_q, D), (B, H_kv, D), (B, H_kv, D)
             # --- eviction stage (decode): a full window frees W slots before the write ---
-            self._evict_if_full(state, layer)
-            state.arena.append(layer, k, v, positions)
+            self.eviction.evict_if_full(state.arena, layer, state.cache_tokens[layer], state.window)
+            norms = self._value_norms(layer, v.unsqueeze(-2))  # (B, H_q, 1) or None
+            state.arena.append(layer, k, v, positions, None if norms is None else norms[..., 0])
             view = state.arena.layer(layer)
             out, emitted = decode_attention(
                 q, view.k, view.v, view.lengths, scale=self.scale, slot_pos=view.pos,
-                query_pos=positions, sliding_window=self.cfg.sliding_window, emit=emit,
+                query_pos=positions, sliding_window=self.cfg.sliding_window,
+                value_norms=view.value_norms, emit=emit,
             )  # fmt: skip
             self.policy.observe_decode(layer, view, emitted)
             h = block.finish(h, out.reshape(h.shape[0], -1))
         state.positions += 1
         return self.model.logits(h)
-
-    def _evict_if_full(self, state: DecodeState, layer: int) -> None:
-        """Multi-step eviction (AUV's memory management): when a sequence's heads reach their
-        limit, the policy's W lowest-scoring candidate slots are freed and the W window tokens
-        are scattered into them, so the arena never grows or fragments."""
-        lengths = state.arena.lengths[layer].long()  # (B, H_kv)
-        full = (lengths >= state.limits.unsqueeze(1)).any(dim=1)  # (B,)
-        if state.window == 0 or not bool(full.any()):
-            return
-        view = state.arena.layer(layer)
-        slots = torch.arange(state.arena.capacity, device=self.device).view(1, 1, -1)
-        cache = state.cache_tokens.view(-1, 1, 1)
-        candidates = slots < cache  # (B, 1, C): the area outside the decode window
-        scores = self.policy.eviction_scores(layer, view)
-        victims = select_victims(
-            scores, view.pos, candidates.expand_as(scores), state.window, self.policy.options.sinks
-        )  # (B, H_kv, W)
-        window_slots = (cache + torch.arange(state.window, device=self.device)).expand_as(victims)
-        sources = torch.where(full.view(-1, 1, 1), window_slots, victims)  # not full: no-op
-        state.arena.scatter(layer, sources, victims)
-        new_lengths = torch.where(full.unsqueeze(1), state.cache_tokens.unsqueeze(1), lengths)
-        state.arena.set_lengths(layer, new_lengths)
 
     def generate(
         self,

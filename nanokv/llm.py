@@ -11,7 +11,7 @@ import torch
 from nanokv.budget import Budget
 from nanokv.engine import Engine, InputError, TextCallback
 from nanokv.loader import load_config, load_model, resolve_model_dir
-from nanokv.policies import PolicyOptions, make_policy
+from nanokv.policies import make_policy
 from nanokv.sampling import SamplingParams
 from nanokv.stopping import StopChecker
 from nanokv.tokenizer import Tokenizer
@@ -53,7 +53,8 @@ class LLM:
         **policy_options,
     ) -> None:
         """`policy_options` are PolicyOptions fields (sinks, observation_window, pool, chunk,
-        decode_window)."""
+        decode_window, allocation, min_head_share, max_head_share); unset ones take the
+        policy's defaults."""
         self.budget = budget if isinstance(budget, Budget) else Budget(budget)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -61,7 +62,7 @@ class LLM:
         self.config = load_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
         self.model = load_model(self.model_dir, self.config, self.dtype, self.device)
-        self.policy = make_policy(policy, PolicyOptions(**policy_options))
+        self.policy = make_policy(policy, **policy_options)
         self.engine = Engine(
             self.model, self.config, self.policy, budget=self.budget, prefill_chunk=prefill_chunk
         )

@@ -9,7 +9,7 @@ import torch
 from nanokv.budget import Budget
 from nanokv.engine import Engine
 from nanokv.loader import load_config, load_model
-from nanokv.policies import POLICIES, PolicyOptions, PromptLayer, make_policy
+from nanokv.policies import POLICIES, PromptLayer, make_policy
 
 EVICTING = [name for name in POLICIES if name != "full"]
 
@@ -18,7 +18,7 @@ def _engine(path, policy: str, budget: float, **options) -> Engine:
     cfg = load_config(path)
     model = load_model(path, cfg, torch.float32, torch.device("cpu"))
     return Engine(
-        model, cfg, make_policy(policy, PolicyOptions(**options)), budget=Budget(budget),
+        model, cfg, make_policy(policy, **options), budget=Budget(budget),
         prefill_chunk=7,
     )  # fmt: skip
 
@@ -102,7 +102,7 @@ def _max_pool(row: torch.Tensor, kernel: int) -> torch.Tensor:
 def _policy_keep(name: str, prompt: PromptLayer, count: int, **options) -> list[list[int]]:
     from nanokv.policies.selection import select_prompt_tokens
 
-    policy = make_policy(name, PolicyOptions(**options))
+    policy = make_policy(name, **options)
     scores = policy.prefill_scores(prompt)
     kept = select_prompt_tokens(
         scores, count, sinks=policy.options.sinks, window=prompt.window_queries.shape[1]

@@ -18,11 +18,11 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, options: PolicyOptions | None = None) -> Policy:
-    """The policy registered under `name`, or a ValueError listing the known names."""
+def make_policy(name: str, **options: object) -> Policy:
+    """The policy registered under `name` with PolicyOptions overrides (None values ignored)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name](options)
+    return POLICIES[name](**{k: v for k, v in options.items() if v is not None})
 
 
 __all__ = ["POLICIES", "Policy", "PolicyOptions", "PromptLayer", "make_policy"]

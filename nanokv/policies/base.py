@@ -16,6 +16,7 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
+from nanokv.policies.allocation import ALLOCATIONS
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class PolicyOptions:
     pool: int = 7  # max-pool kernel along tokens (SnapKV); 1 disables pooling
     chunk: int = 1  # rank chunks of this many consecutive tokens and keep whole chunks
     decode_window: int = 16  # W: new tokens written before a multi-step eviction frees W slots
+    allocation: str = "uniform"  # uniform | pyramid | layer | global (see allocation.py)
+    min_head_share: float = 0.0  # layer/global: every head keeps >= this share of the budget
+    max_head_share: float = 4.0  # layer/global: no head keeps more than this share (arena size)
 
     def __post_init__(self) -> None:
         for name in ("sinks", "observation_window", "decode_window"):
@@ -36,6 +40,14 @@ class PolicyOptions:
             raise ValueError(f"pool must be an odd kernel size >= 1, got {self.pool}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}"
+            )
+        if not 0.0 <= self.min_head_share <= 1.0:
+            raise ValueError(f"min_head_share must be in [0, 1], got {self.min_head_share}")
+        if self.max_head_share < 1.0:
+            raise ValueError(f"max_head_share must be >= 1, got {self.max_head_share}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,8 @@ class PromptLayer:
     scale: float
     sliding_window: int | None = None
     queries: torch.Tensor | None = None  # (H_q, n, D), only for policies that need every query
+    value_norms: torch.Tensor | None = None  # (H_q, n) ||v_j W_O^h||, for output-aware policies
+    o_proj_weight: torch.Tensor | None = None  # (hidden, H_q * D), for output-aware policies
 
 
 class Policy:
@@ -59,9 +73,12 @@ class Policy:
     evicts = True
     needs_all_queries = False  # prompt column statistics (H2O, AUV)
     needs_decode_mass = False  # the decode kernel's emitted attention mass
+    needs_value_norms = False  # ||v_j W_O^h|| per slot, and emitted output contributions
+    defaults: dict[str, object] = {}  # PolicyOptions overrides that suit this policy
 
-    def __init__(self, options: PolicyOptions | None = None) -> None:
-        self.options = options or PolicyOptions()
+    def __init__(self, **options: object) -> None:
+        """`options` are PolicyOptions fields; unset ones take this policy's defaults."""
+        self.options = PolicyOptions(**{**self.defaults, **options})
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
         """(H_kv, n) float32: higher keeps. Sinks and the observation window are protected by
@@ -70,6 +87,10 @@ class Policy:
 
     def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
         """Updates the running statistic in `view.score` after a decode step (default: none)."""
+
+    def before_eviction(self, layer: int, view: ArenaLayer, victims: torch.Tensor) -> None:
+        """Sees the (B, H_kv, W) victim slots (-1 rows: that sequence is not evicting) before
+        they are overwritten (AUV folds them into its reconstructed slot). Default: nothing."""
 
     def eviction_scores(self, layer: int, view: ArenaLayer) -> torch.Tensor:
         """(B, H_kv, C) float32 ranking of the arena's slots when W must be freed."""

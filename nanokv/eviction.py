@@ -1,0 +1,148 @@
+"""The eviction stage of the decode loop: budgets per sequence, policy scores -> kept slots after
+each prefill layer, the model-wide selection of `global` allocation, and multi-step eviction
+during decode. The engine calls it; only the arena moves data."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanokv.arena import KVArena
+from nanokv.budget import Budget
+from nanokv.policies import Policy, PromptLayer
+from nanokv.policies.allocation import kept_slots, pyramid_budgets, select_across_rows
+from nanokv.policies.selection import select_prompt_tokens, select_victims
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """How many prompt tokens the kv heads of one sequence keep."""
+
+    prompt_length: int
+    keep_all: bool  # the budget covers prompt + new tokens: nothing is ever evicted
+    layer_counts: tuple[int, ...]  # per layer, tokens a head keeps (its mean for layer/global)
+    head_cap: int  # most tokens one head may hold outside the decode window
+
+
+@dataclass(frozen=True)
+class PrefillSelection:
+    kept: torch.Tensor  # (H_kv, m) prompt indices, ascending, padded past each head's count
+    counts: torch.Tensor  # (H_kv,)
+    scores: torch.Tensor  # (H_kv, n) the policy's prompt scores
+
+
+class EvictionStage:
+    """Joins a policy, a budget and an allocation rule; times everything it does."""
+
+    def __init__(self, policy: Policy, budget: Budget, num_layers: int) -> None:
+        self.policy, self.budget, self.num_layers = policy, budget, num_layers
+        self.options = policy.options
+        self.seconds = 0.0
+
+    def plan(self, prompt_length: int, max_new_tokens: int) -> SequencePlan:
+        n, total = prompt_length, prompt_length + max_new_tokens
+        cache = self.budget.cache_tokens(n, max_new_tokens)
+        if not self.policy.evicts or cache >= total:
+            return SequencePlan(n, True, (total,) * self.num_layers, total)
+        allocation = self.options.allocation
+        counts = (cache,) * self.num_layers
+        cap = cache
+        if allocation == "pyramid":
+            protected = self.options.sinks + self.options.observation_window
+            counts = tuple(pyramid_budgets(cache, self.num_layers, min(protected, cache)))
+            cap = max(counts)
+        elif allocation in ("layer", "global"):
+            cap = max(cache, math.ceil(self.options.max_head_share * cache))
+        return SequencePlan(n, False, counts, min(cap, max(cache, n)))
+
+    def select_prefill(self, prompt: PromptLayer, plan: SequencePlan) -> PrefillSelection | None:
+        """Kept prompt tokens of one layer (global: provisional, the best `head_cap` per head)."""
+        n = prompt.positions.shape[0]
+        count = plan.layer_counts[prompt.layer]
+        if plan.keep_all or n <= count:
+            return None
+        start = time.perf_counter()
+        scores = self.policy.prefill_scores(prompt).float()  # (H_kv, n)
+        if self.options.allocation == "layer":
+            keep = select_across_rows(
+                scores, self._protected(prompt.positions, n).expand_as(scores),
+                torch.ones_like(scores, dtype=torch.bool), total=count * scores.shape[0],
+                floor=self._floor(count), cap=plan.head_cap,
+            )  # fmt: skip
+            kept, counts = kept_slots(keep)
+        else:
+            width = plan.head_cap if self.options.allocation == "global" else count
+            kept = self._top(scores, width)
+            counts = torch.full((scores.shape[0],), kept.shape[1], device=scores.device)
+        self.seconds += time.perf_counter() - start
+        return PrefillSelection(kept, counts, scores)
+
+    def _top(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+        window = self.options.observation_window
+        return select_prompt_tokens(scores, count, sinks=self.options.sinks, window=window)
+
+    def _protected(self, positions: torch.Tensor, n: int) -> torch.Tensor:
+        window = self.options.observation_window
+        return (positions < self.options.sinks) | (positions >= n - window)
+
+    def _floor(self, count: int) -> int:
+        return int(self.options.min_head_share * count)
+
+    def finish_prefill(self, arena: KVArena, seq: int, plan: SequencePlan) -> None:
+        """`global` allocation: one top-k over every layer's and head's provisional tokens,
+        then each head is compacted to its share. Other allocations are already final."""
+        if self.options.allocation != "global" or plan.keep_all:
+            return
+        n, mean = plan.prompt_length, plan.layer_counts[0]
+        if n <= mean:
+            return
+        start = time.perf_counter()
+        lengths = arena.lengths[:, seq].long()  # (L, H_kv)
+        pos, scores = arena.pos[:, seq], arena.score[:, seq]  # (L, H_kv, C)
+        slots = torch.arange(arena.capacity, device=pos.device)
+        valid = slots < lengths.unsqueeze(-1)
+        keep = select_across_rows(
+            scores.flatten(0, 1), self._protected(pos, n).flatten(0, 1), valid.flatten(0, 1),
+            total=mean * lengths.numel(), floor=self._floor(mean), cap=plan.head_cap,
+        ).view_as(valid)  # fmt: skip
+        for layer in range(arena.k.shape[0]):
+            kept, counts = kept_slots(keep[layer])
+            arena.compact_sequence(layer, seq, kept, counts)
+        self.seconds += time.perf_counter() - start
+
+    def cache_tokens(self, plan: SequencePlan, lengths: torch.Tensor) -> torch.Tensor:
+        """(L, H_kv) tokens each head holds after every decode-time eviction, given the
+        (L, H_kv) lengths prefill left: what the selection kept, or the planned count when the
+        prompt was shorter than it."""
+        planned = torch.tensor(plan.layer_counts, device=lengths.device).unsqueeze(1)
+        if plan.keep_all:
+            return planned.expand_as(lengths).clone()
+        if self.options.allocation in ("layer", "global") and plan.prompt_length > planned[0]:
+            return lengths.clone()
+        return torch.maximum(lengths, planned)
+
+    def evict_if_full(self, arena: KVArena, layer: int, cache: torch.Tensor, window: int) -> None:
+        """Multi-step eviction (AUV's memory management): when a sequence's heads have written W
+        tokens past their cache size, the policy's W lowest-scoring slots outside the window are
+        freed and the window's tokens are scattered into them: no growth, no fragmentation.
+
+        cache: (B, H_kv) tokens each head keeps after an eviction."""
+        lengths = arena.lengths[layer].long()  # (B, H_kv)
+        full = (lengths >= cache + window).any(dim=1)  # (B,)
+        if window == 0 or not bool(full.any()):
+            return
+        start = time.perf_counter()
+        view = arena.layer(layer)
+        slots = torch.arange(arena.capacity, device=cache.device).view(1, 1, -1)
+        candidates = slots < cache.unsqueeze(-1)  # (B, H_kv, C): outside the decode window
+        scores = self.policy.eviction_scores(layer, view)
+        victims = select_victims(scores, view.pos, candidates, window, self.options.sinks)
+        window_slots = cache.unsqueeze(-1) + torch.arange(window, device=cache.device)
+        is_full = full.view(-1, 1, 1)
+        self.policy.before_eviction(layer, view, torch.where(is_full, victims, -1))
+        arena.scatter(layer, torch.where(is_full, window_slots, victims), victims)
+        arena.set_lengths(layer, torch.where(full.unsqueeze(1), cache, lengths))
+        self.seconds += time.perf_counter() - start
