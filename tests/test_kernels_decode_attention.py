@@ -99,7 +99,11 @@ def brute_force_decode(
     return out, mass, contribution
 
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
 MASS_TOL = dict(atol=1e-5, rtol=1e-4)  # fp32 logits and statistics even for bf16 inputs
 GRID = [
     pytest.param(group, head_dim, dtype, window, id=f"G{group}-D{head_dim}-{dtype_name}-w{window}")
@@ -150,6 +154,14 @@ def test_triton_default_blocks_and_options():
     out, emitted = decode_attention_triton(**case, emit=True)
     assert emitted.contribution is None
     torch.testing.assert_close(emitted.mass, ref.mass, **MASS_TOL)
+
+
+@needs_triton
+def test_triton_fp16():
+    case = make_case(4, 128, torch.float16, 40)
+    out, emitted = decode_attention_triton(**case, emit=True, block_n=16, split_size=32)
+    ref_out, ref = decode_attention_reference(**case, emit=True)
+    assert_matches(out, emitted, ref_out, ref.mass, ref.contribution, torch.float16)
 
 
 @needs_triton

@@ -364,9 +364,9 @@ def _jit(fn):
 
 
 def interpreter_upcast(dtype: torch.dtype) -> bool:
-    """Under TRITON_INTERPRET=1, tl.dot on bf16 / fp16 operands returns garbage (triton 3.9), so
-    the kernels cast the (already rounded) operands to fp32 there; the GPU path never does."""
-    return dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Under TRITON_INTERPRET=1, tl.dot on bf16 operands returns garbage (triton 3.9; fp16 is
+    fine), so the kernels cast the (already rounded) operands to fp32 there; the GPU never does."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_available() -> bool:
