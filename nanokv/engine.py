@@ -101,6 +101,7 @@ class Engine:
         self.check_prompts(prompts, max_new_tokens)
         began = time.perf_counter()
         plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
+        self.policy.reset(len(prompts))
         window = 0 if all(p.keep_all for p in plans) else self._window(plans)
         capacity = max(min(p.head_cap + window, p.prompt_length + max_new_tokens) for p in plans)
         arena = self._allocate(len(prompts), capacity)
@@ -147,7 +148,7 @@ class Engine:
         positions = torch.arange(len(prompt), device=self.device)
         h = self.model.embed(ids, positions)  # (n, hidden)
         for layer, block in enumerate(self.model.blocks):
-            prompt_layer = self._prefill_layer(layer, block, h, positions)
+            prompt_layer = self._prefill_layer(layer, seq, block, h, positions)
             # --- eviction stage (prefill): the policy scores, the selection keeps the best ---
             chosen = None if plan is None else self.eviction.select_prefill(prompt_layer, plan)
             arena.fill(
@@ -162,7 +163,7 @@ class Engine:
         return self.model.logits(h if all_logits else h[-1:])
 
     def _prefill_layer(
-        self, layer: int, block: torch.nn.Module, h: torch.Tensor, positions: torch.Tensor
+        self, layer: int, seq: int, block: torch.nn.Module, h: torch.Tensor, positions: torch.Tensor
     ) -> PromptLayer:
         """Runs `block` over the prompt in query chunks, updating h (n, hidden) in place."""
         n, cfg = h.shape[0], self.cfg
@@ -186,6 +187,7 @@ class Engine:
                 all_queries[start:end] = q
         return PromptLayer(
             layer=layer,
+            seq=seq,
             k=k_all.transpose(0, 1),
             v=v_all.transpose(0, 1),
             positions=positions,

@@ -14,7 +14,7 @@ from nanokv.arena import KVArena
 from nanokv.budget import Budget
 from nanokv.policies import Policy, PromptLayer
 from nanokv.policies.allocation import kept_slots, pyramid_budgets, select_across_rows
-from nanokv.policies.selection import select_prompt_tokens, select_victims
+from nanokv.policies.selection import protection_rank, select_prompt_tokens, select_victims
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class EvictionStage:
             keep = select_across_rows(
                 scores, self._protected(prompt.positions, n).expand_as(scores),
                 torch.ones_like(scores, dtype=torch.bool), total=count * scores.shape[0],
-                floor=self._floor(count), cap=plan.head_cap,
+                floor=self._floor(count), cap=plan.head_cap, protect_limit=count,
             )  # fmt: skip
             kept, counts = kept_slots(keep)
         else:
@@ -86,7 +86,7 @@ class EvictionStage:
 
     def _protected(self, positions: torch.Tensor, n: int) -> torch.Tensor:
         window = self.options.observation_window
-        return (positions < self.options.sinks) | (positions >= n - window)
+        return protection_rank(positions, n, self.options.sinks, window)
 
     def _floor(self, count: int) -> int:
         return int(self.options.min_head_share * count)
@@ -107,6 +107,7 @@ class EvictionStage:
         keep = select_across_rows(
             scores.flatten(0, 1), self._protected(pos, n).flatten(0, 1), valid.flatten(0, 1),
             total=mean * lengths.numel(), floor=self._floor(mean), cap=plan.head_cap,
+            protect_limit=mean,
         ).view_as(valid)  # fmt: skip
         for layer in range(arena.k.shape[0]):
             kept, counts = kept_slots(keep[layer])

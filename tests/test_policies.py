@@ -54,15 +54,30 @@ def test_a_count_budget_above_prompt_plus_new_tokens_is_the_full_cache(tiny_llam
 # ----------------------------------------------------------------- brute-force kept sets
 
 
+HIDDEN = 20
+
+
 def _random_prompt(n=40, q_heads=6, kv_heads=2, dim=8, window=6, seed=0) -> PromptLayer:
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(q_heads, n, dim, generator=g)
     k = torch.randn(kv_heads, n, dim, generator=g)
     v = torch.randn(kv_heads, n, dim, generator=g)
+    o_proj = torch.randn(HIDDEN, q_heads * dim, generator=g)
     return PromptLayer(
-        layer=0, k=k, v=v, positions=torch.arange(n), window_queries=q[:, n - window :],
-        scale=dim**-0.5, queries=q,
+        layer=0, seq=0, k=k, v=v, positions=torch.arange(n), window_queries=q[:, n - window :],
+        scale=dim**-0.5, queries=q, value_norms=_explicit_value_norms(v, o_proj, q_heads),
+        o_proj_weight=o_proj,
     )  # fmt: skip
+
+
+def _explicit_value_norms(v, o_proj, q_heads):
+    """||v_j W_O^h|| by explicit products: (H_q, n)."""
+    kv_heads, n, dim = v.shape
+    norms = torch.zeros(q_heads, n)
+    for h in range(q_heads):
+        w_o = o_proj[:, h * dim : (h + 1) * dim].T  # (D, hidden)
+        norms[h] = (v[h // (q_heads // kv_heads)] @ w_o).norm(dim=-1)
+    return norms
 
 
 def _dense_attention(q, k, scale):
@@ -134,6 +149,27 @@ def test_tova_keeps_the_brute_force_set():
     scores = attn.view(2, 3, -1).mean(dim=1)
     want = _brute_keep(scores, 10, sinks=4, window=6)
     assert _policy_keep("tova", prompt, 10, pool=1, observation_window=6) == want
+
+
+@pytest.mark.parametrize("normalise", ["fro", "sum", "none"])
+def test_laprox_scores_are_the_column_row_bound(normalise):
+    """score[g, j] = sum_{h in g} ||a[h, :, j]|| * ||v_j W_O^h|| / normaliser, pooled."""
+    prompt = _random_prompt(window=6)
+    attn = _dense_attention(prompt.window_queries, prompt.k, prompt.scale)  # (H_q, w, n)
+    bound = attn.norm(dim=1) * prompt.value_norms  # (H_q, n)
+    raw = bound.view(2, 3, -1).sum(dim=1)
+    output = torch.zeros(6, HIDDEN)  # O = sum_{h, j} a[h, :, j] (v_j W_O^h), term by term
+    for h in range(6):
+        w_o = prompt.o_proj_weight[:, h * 8 : (h + 1) * 8].T
+        for j in range(prompt.k.shape[1]):
+            output += attn[h, :, j : j + 1] * (prompt.v[h // 3, j] @ w_o)
+    divisor = {"fro": output.norm(), "sum": raw.sum(), "none": torch.tensor(1.0)}[normalise]
+    policy = make_policy("laprox", pool=5, normalise=normalise, observation_window=6)
+    got = policy.prefill_scores(prompt)
+    want = torch.stack([_max_pool(row, 5) for row in raw / divisor])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    kept = _policy_keep("laprox", prompt, 12, pool=5, normalise=normalise, observation_window=6)
+    assert kept == _brute_keep(want, 12, sinks=4, window=6)
 
 
 def test_streaming_keeps_sinks_and_recent():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from nanokv.policies.base import Policy, PolicyOptions, PromptLayer
 from nanokv.policies.full import FullCache
 from nanokv.policies.h2o import H2O
+from nanokv.policies.laprox import LaProx
 from nanokv.policies.snapkv import SnapKV
 from nanokv.policies.streaming import StreamingLLM
 from nanokv.policies.tova import TOVA
@@ -15,6 +16,7 @@ POLICIES: dict[str, type[Policy]] = {
     "h2o": H2O,
     "snapkv": SnapKV,
     "tova": TOVA,
+    "laprox": LaProx,
 }
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from nanokv.policies.selection import keep_order
+
 ALLOCATIONS = ("uniform", "pyramid", "layer", "global")
 PYRAMID_BETA = 20
 
@@ -37,29 +39,32 @@ def pyramid_budgets(mean: int, num_layers: int, protected: int = 0) -> list[int]
 
 def select_across_rows(
     scores: torch.Tensor,
-    protected: torch.Tensor,
+    protected_rank: torch.Tensor,
     valid: torch.Tensor,
     total: int,
+    *,
     floor: int = 0,
     cap: int | None = None,
+    protect_limit: int | None = None,
 ) -> torch.Tensor:
     """Bool (R, n): which entries to keep when R rows (heads) share one budget of `total`.
 
-    scores, protected, valid: (R, n). Protected entries are kept first, then each row's best
-    `floor` entries, then the best remaining entries of all rows together; a row never keeps
-    more than `cap`. Ties break by row, then position, so the result is deterministic.
+    scores, protected_rank, valid: (R, n); protected_rank >= 0 marks protected entries and their
+    order (selection.protection_rank). Each row first keeps up to `protect_limit` protected
+    entries, topped up with its best others to at least `floor`; then the best remaining entries
+    of all rows compete together; a row never keeps more than `cap`. Ties break by row, then
+    position.
     """
     rows, n = scores.shape
     cap = n if cap is None else cap
-    neg_inf = torch.finfo(torch.float32).min
-    ranked = scores.float().masked_fill(~valid, neg_inf)
-    # Per-row order: protected first (by position), then by descending score, then position.
-    row_key = torch.where(protected & valid, torch.finfo(torch.float32).max, ranked)
-    row_order = torch.argsort(-row_key, dim=-1, stable=True)  # (R, n)
+    protect_limit = n if protect_limit is None else protect_limit
+    ranked = scores.float().masked_fill(~valid, torch.finfo(torch.float32).min)
+    rank = torch.where(valid, protected_rank, -1)
+    row_order = keep_order(ranked, rank)  # (R, n)
     row_rank = torch.empty_like(row_order)
     row_rank.scatter_(-1, row_order, torch.arange(n).expand(rows, n).contiguous())
-    n_protected = (protected & valid).sum(dim=-1, keepdim=True)
-    guaranteed = valid & (row_rank < torch.clamp(n_protected + floor, max=cap))
+    n_protected = (rank >= 0).sum(dim=-1, keepdim=True).clamp(max=protect_limit)
+    guaranteed = valid & (row_rank < torch.clamp(n_protected, min=floor, max=cap))
     allowed = valid & (row_rank < cap) & ~guaranteed
     remaining = max(total - int(guaranteed.sum()), 0)
     flat = ranked.masked_fill(~allowed, float("-inf")).flatten()

@@ -31,6 +31,7 @@ class PolicyOptions:
     allocation: str = "uniform"  # uniform | pyramid | layer | global (see allocation.py)
     min_head_share: float = 0.0  # layer/global: every head keeps >= this share of the budget
     max_head_share: float = 4.0  # layer/global: no head keeps more than this share (arena size)
+    normalise: str = "fro"  # LaProx: per-layer score normaliser, fro (||O||_F) | sum | none
 
     def __post_init__(self) -> None:
         for name in ("sinks", "observation_window", "decode_window"):
@@ -46,6 +47,8 @@ class PolicyOptions:
             )
         if not 0.0 <= self.min_head_share <= 1.0:
             raise ValueError(f"min_head_share must be in [0, 1], got {self.min_head_share}")
+        if self.normalise not in ("fro", "sum", "none"):
+            raise ValueError(f"normalise must be fro, sum or none, got {self.normalise!r}")
         if self.max_head_share < 1.0:
             raise ValueError(f"max_head_share must be >= 1, got {self.max_head_share}")
 
@@ -55,6 +58,7 @@ class PromptLayer:
     """One layer's prompt of one sequence, as the policy sees it after that layer ran."""
 
     layer: int
+    seq: int  # row of the batch
     k: torch.Tensor  # (H_kv, n, D), after RoPE
     v: torch.Tensor  # (H_kv, n, D)
     positions: torch.Tensor  # (n,)
@@ -79,6 +83,10 @@ class Policy:
     def __init__(self, **options: object) -> None:
         """`options` are PolicyOptions fields; unset ones take this policy's defaults."""
         self.options = PolicyOptions(**{**self.defaults, **options})
+        self.reset(batch=1)
+
+    def reset(self, batch: int) -> None:
+        """Forgets any per-call state; the engine calls it before each prefill."""
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
         """(H_kv, n) float32: higher keeps. Sinks and the observation window are protected by

@@ -28,6 +28,25 @@ def chunk_scores(scores: torch.Tensor, chunk: int) -> torch.Tensor:
     return means.repeat_interleave(chunk, dim=-1)[:, :n]
 
 
+def protection_rank(positions: torch.Tensor, n: int, sinks: int, window: int) -> torch.Tensor:
+    """Int64 like positions: the order in which protected tokens are kept (sinks by position,
+    then the last `window` prompt tokens, most recent first), -1 for unprotected tokens."""
+    positions = positions.long()
+    rank = torch.full_like(positions, -1)
+    in_window = (positions >= n - window) & (positions >= 0)
+    rank = torch.where(in_window, sinks + (n - 1 - positions), rank)
+    return torch.where((positions < sinks) & (positions >= 0), positions, rank)
+
+
+def keep_order(scores: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """(R, n) indices of each row in keep order: protected tokens by rank, then descending
+    score, ties by position."""
+    by_score = torch.argsort(-scores.float(), dim=-1, stable=True)
+    primary = torch.where(rank >= 0, rank, scores.shape[-1] + 1).expand_as(scores)
+    by_rank = torch.argsort(primary.gather(-1, by_score), dim=-1, stable=True)
+    return by_score.gather(-1, by_rank)
+
+
 def select_prompt_tokens(
     scores: torch.Tensor, count: int, *, sinks: int, window: int
 ) -> torch.Tensor:
@@ -36,18 +55,9 @@ def select_prompt_tokens(
     Kept: the first `sinks` tokens, then the last `window` tokens (most recent first), then the
     highest-scoring rest, until `count` are chosen.
     """
-    heads, n = scores.shape
-    count = min(count, n)
-    order = torch.arange(n, device=scores.device)
-    sink_rank = torch.where(order < sinks, order, n)  # sinks first, in order
-    window_rank = torch.where(order >= n - window, n - 1 - order, n)  # then the most recent
-    protected = torch.minimum(sink_rank, window_rank + sinks)  # (n,) rank, n when unprotected
-    # Sort key: protected tokens by their rank, then everything else by descending score.
-    by_score = torch.argsort(-scores.float(), dim=-1, stable=True)  # ties: earlier first
-    score_rank = torch.empty_like(by_score)
-    score_rank.scatter_(-1, by_score, order.expand(heads, n).contiguous())
-    key = torch.where(protected < n, protected - 2 * n, score_rank)  # protected sort first
-    chosen = torch.argsort(key, dim=-1, stable=True)[:, :count]
+    n = scores.shape[-1]
+    rank = protection_rank(torch.arange(n, device=scores.device), n, sinks, window)
+    chosen = keep_order(scores, rank)[:, : min(count, n)]
     return chosen.sort(dim=-1).values
 
 

@@ -1,0 +1,82 @@
+"""LaProx (Kim & Mai 2026, arXiv 2605.07234): output-aware, layer-wise eviction.
+
+The attention output on the observation window is a sum of column-row outer products,
+``O = sum_{h, j} a[h, :, j] (v_j W_O^h)``; dropping term (h, j) costs at most
+``||a[h, :, j]||_2 * ||v_j W_O^h||_2`` (the column-row sampling weights of Drineas, Kannan &
+Mahoney). A kv head's score is the sum over its query heads; dividing a layer's scores by its
+``||O||_F`` makes them comparable across layers, so one model-wide top-k can pick the tokens.
+
+The paper's exact normalisation and window are not public: the normaliser (``fro``, ``sum``,
+``none``), the allocation and the pooling are options, and the defaults (global top-k, ``||O||_F``,
+a 31-wide max-pool) are the ones the reference study in DESIGN.md measured best on the default
+model. Decode steps add the kernel's emitted output contribution ``sum_h a[h, j] c[h, j]``,
+divided by the same layer normaliser.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanokv.arena import ArenaLayer
+from nanokv.kernels.decode_attention import Emitted
+from nanokv.kernels.prefill_scores import window_attention
+from nanokv.policies.base import Policy, PromptLayer
+from nanokv.policies.selection import chunk_scores, pool_scores
+
+
+class LaProx(Policy):
+    name = "laprox"
+    needs_value_norms = True
+    defaults = {"allocation": "global", "pool": 31}
+
+    def reset(self, batch: int) -> None:
+        self._normalisers: dict[int, torch.Tensor] = {}  # layer -> (B,)
+        self._batch = batch
+
+    def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
+        window = prompt.window_queries.shape[1]
+        attn = window_attention(
+            prompt.window_queries,
+            prompt.k,
+            scale=prompt.scale,
+            query_positions=prompt.positions[-window:],
+            key_positions=prompt.positions,
+            sliding_window=prompt.sliding_window,
+        )  # fmt: skip  (H_q, w, n)
+        kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
+        per_query_head = attn.norm(dim=1) * prompt.value_norms  # (H_q, n)
+        scores = per_query_head.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)
+        normaliser = self._normaliser(prompt, attn, scores)
+        self._remember(prompt.layer, prompt.seq, normaliser)
+        scores = pool_scores(scores / normaliser, self.options.pool)
+        return chunk_scores(scores, self.options.chunk)
+
+    def _normaliser(self, prompt: PromptLayer, attn: torch.Tensor, scores: torch.Tensor) -> float:
+        if self.options.normalise == "none":
+            return 1.0
+        if self.options.normalise == "sum":
+            return max(float(scores.sum()), 1e-30)
+        return max(float(window_output(attn, prompt).norm()), 1e-30)
+
+    def _remember(self, layer: int, seq: int, normaliser: float) -> None:
+        if layer not in self._normalisers:
+            self._normalisers[layer] = torch.ones(self._batch)
+        self._normalisers[layer][seq] = normaliser
+
+    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
+        normaliser = self._normalisers.get(layer)
+        contribution = emitted.contribution
+        if normaliser is not None:
+            contribution = contribution / normaliser.to(contribution.device).view(-1, 1, 1)
+        view.score.add_(contribution)
+
+
+def window_output(attn: torch.Tensor, prompt: PromptLayer) -> torch.Tensor:
+    """O = sum_{h, j} a[h, :, j] (v_j W_O^h): the attention layer's output on the window
+    (w, hidden), without the o_proj bias (a constant the eviction cannot change)."""
+    q_heads, w, n = attn.shape
+    kv_heads, _, head_dim = prompt.v.shape
+    values = prompt.v.float().repeat_interleave(q_heads // kv_heads, dim=0)  # (H_q, n, D)
+    per_head = torch.bmm(attn, values)  # (H_q, w, D)
+    concatenated = per_head.transpose(0, 1).reshape(w, q_heads * head_dim)
+    return concatenated @ prompt.o_proj_weight.float().T
