@@ -1,7 +1,9 @@
 """KVArena: every sequence's keys and values in one preallocated buffer sized to the budget.
 
 Layout (DESIGN.md, "The arena"): ``k, v: (L, B, H_kv, C, D)``; per slot the original token
-position ``pos`` (int32, -1 when empty) and the policy's running ``score`` (float32); per query head
+position ``pos`` (int32, -1 when empty, -2 for a reconstructed slot) and the policy's per-slot
+state (float32): its running ``score`` plus any named extras it asks for (AUV's usage counts); per
+query head
 and slot the value-output norm ``value_norms`` (float32, only when a policy reads output
 contributions); per ``(layer, seq, kv_head)`` a ``length``. The valid slots of a head are always
 ``0 .. length - 1``: the positioning pointer for the next write is ``length`` itself, eviction
@@ -31,6 +33,7 @@ class ArenaLayer:
     score: torch.Tensor  # (B, H_kv, C) float32
     lengths: torch.Tensor  # (B, H_kv) int32
     value_norms: torch.Tensor | None  # (B, H_q, C) float32
+    state: dict[str, torch.Tensor]  # name -> (B, H_kv, C) float32, policy-owned extras
 
 
 class KVArena:
@@ -47,15 +50,21 @@ class KVArena:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         q_heads: int | None = None,
+        slot_state: tuple[str, ...] = (),
     ) -> None:
-        """`q_heads` given: also allocate per-query-head value-output norms."""
+        """`q_heads` given: also allocate per-query-head value-output norms; `slot_state`: names
+        of extra per-slot float32 statistics that move with their token."""
         if capacity <= 0:
             raise ValueError(f"arena capacity must be positive, got {capacity}")
         shape = (num_layers, batch, kv_heads, capacity)
         self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full(shape, -1, dtype=torch.int32, device=device)
-        self.score = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.slot_state = {
+            name: torch.zeros(shape, dtype=torch.float32, device=device)
+            for name in ("score", *slot_state)
+        }
+        self.score = self.slot_state["score"]
         self.lengths = torch.zeros(shape[:3], dtype=torch.int32, device=device)
         self.value_norms = None
         if q_heads is not None:
@@ -69,7 +78,8 @@ class KVArena:
     @property
     def nbytes(self) -> int:
         """Bytes held by the arena's tensors (K, V and all slot metadata)."""
-        tensors = (self.k, self.v, self.pos, self.score, self.lengths, self.value_norms)
+        tensors = (self.k, self.v, self.pos, self.lengths, self.value_norms)
+        tensors += tuple(self.slot_state.values())
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def layer(self, index: int) -> ArenaLayer:
@@ -81,6 +91,7 @@ class KVArena:
             self.score[index],
             self.lengths[index],
             norms,
+            {name: buffer[index] for name, buffer in self.slot_state.items() if name != "score"},
         )
 
     def fill(
@@ -94,13 +105,14 @@ class KVArena:
         counts: torch.Tensor | None = None,
         value_norms: torch.Tensor | None = None,
         scores: torch.Tensor | None = None,
+        state: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Writes one sequence's prompt K/V of one layer into slots 0.. of each kv head.
 
         k, v: (H_kv, n, D); positions: (n,); kept: (H_kv, m) indices into the n prompt tokens
         (None keeps all n, in order), of which the first counts[g] are valid for head g (None:
         all m); value_norms: (H_q, n); scores: (H_kv, n) the policy's prompt scores, kept as the
-        slots' running statistic.
+        slots' running statistic; state: name -> (H_kv, n) initial extra statistics.
         """
         kv_heads, n, head_dim = k.shape
         if kept is None:
@@ -112,9 +124,13 @@ class KVArena:
         self.k[layer, seq, :, :width] = k.gather(1, gather)
         self.v[layer, seq, :, :width] = v.gather(1, gather)
         self.pos[layer, seq, :, :width] = positions[kept].to(torch.int32)
-        self.score[layer, seq] = 0
+        for buffer in self.slot_state.values():
+            buffer[layer, seq] = 0
+        initial = dict(state or {})
         if scores is not None:
-            self.score[layer, seq, :, :width] = scores.float().gather(1, kept)
+            initial["score"] = scores
+        for name, values in initial.items():
+            self.slot_state[name][layer, seq, :, :width] = values.float().gather(1, kept)
         if value_norms is not None and self.value_norms is not None:
             group = value_norms.shape[0] // kv_heads
             kept_q = kept.repeat_interleave(group, dim=0)  # (H_q, m)
@@ -145,7 +161,8 @@ class KVArena:
         self.k[where] = k
         self.v[where] = v
         self.pos[where] = positions.to(torch.int32).unsqueeze(1).expand(-1, kv_heads)
-        self.score[where] = 0
+        for buffer in self.slot_state.values():
+            buffer[where] = 0
         if value_norms is not None and self.value_norms is not None:
             group = value_norms.shape[1] // kv_heads
             q_slots = slots.repeat_interleave(group, dim=1).unsqueeze(-1)  # (B, H_q, 1)
@@ -173,7 +190,7 @@ class KVArena:
         vector_index = source.unsqueeze(-1).expand(-1, -1, head_dim)
         for buffer in (self.k, self.v):
             buffer[layer, seq, :, :m] = buffer[layer, seq].gather(1, vector_index)
-        for buffer in (self.pos, self.score):
+        for buffer in (self.pos, *self.slot_state.values()):
             buffer[layer, seq, :, :m] = buffer[layer, seq].gather(1, source)
         if self.value_norms is not None:
             group = self.value_norms.shape[2] // source.shape[0]
@@ -195,7 +212,7 @@ class KVArena:
         dst_vec = dst_slots.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
         for buffer in (self.k, self.v):
             buffer[layer].scatter_(2, dst_vec, buffer[layer].gather(2, src_vec))
-        for buffer in (self.pos, self.score):
+        for buffer in (self.pos, *self.slot_state.values()):
             buffer[layer].scatter_(2, dst_slots.long(), buffer[layer].gather(2, src_slots.long()))
         if self.value_norms is not None:
             group = self.value_norms.shape[2] // src_slots.shape[1]
@@ -212,3 +229,13 @@ class KVArena:
         beyond = slots.view(1, 1, -1) >= lengths.unsqueeze(-1)
         self.pos[layer, rows].masked_fill_(beyond, -1)
         self.lengths[layer, rows] = lengths.to(torch.int32)
+
+    def write_slot(
+        self, layer: int, seq: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int
+    ) -> None:
+        """Writes one vector per kv head at `slot` (H_kv,) without changing lengths (AUV's
+        reconstructed K/V). k, v: (H_kv, D)."""
+        heads = torch.arange(k.shape[0], device=k.device)
+        self.k[layer, seq, heads, slot] = k.to(self.k.dtype)
+        self.v[layer, seq, heads, slot] = v.to(self.v.dtype)
+        self.pos[layer, seq, heads, slot] = pos

@@ -130,6 +130,7 @@ class Engine:
         return KVArena(
             cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
             dtype=self.dtype, device=self.device, q_heads=q_heads,
+            slot_state=self.policy.slot_state,
         )  # fmt: skip
 
     @torch.inference_mode()
@@ -157,7 +158,10 @@ class Engine:
                 counts=None if chosen is None else chosen.counts,
                 value_norms=prompt_layer.value_norms,
                 scores=None if chosen is None else chosen.scores,
+                state=None if chosen is None else chosen.state,
             )  # fmt: skip
+            if chosen is not None:
+                self.eviction.after_fill(arena, prompt_layer, plan, chosen)
         if plan is not None:
             self.eviction.finish_prefill(arena, seq, plan)
         return self.model.logits(h if all_logits else h[-1:])

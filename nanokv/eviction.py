@@ -15,6 +15,7 @@ from nanokv.budget import Budget
 from nanokv.policies import Policy, PromptLayer
 from nanokv.policies.allocation import kept_slots, pyramid_budgets, select_across_rows
 from nanokv.policies.selection import protection_rank, select_prompt_tokens, select_victims
+from nanokv.reconstruct import fold_victims, reconstruct_prefill
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class PrefillSelection:
     kept: torch.Tensor  # (H_kv, m) prompt indices, ascending, padded past each head's count
     counts: torch.Tensor  # (H_kv,)
     scores: torch.Tensor  # (H_kv, n) the policy's prompt scores
+    state: dict[str, torch.Tensor]  # name -> (H_kv, n) the policy's extra per-slot statistics
 
 
 class EvictionStage:
@@ -41,6 +43,11 @@ class EvictionStage:
         self.policy, self.budget, self.num_layers = policy, budget, num_layers
         self.options = policy.options
         self.seconds = 0.0
+        if self._reconstructs and self.options.allocation == "global":
+            raise ValueError(
+                f"{policy.name}'s reconstructed slot needs a per-layer allocation; use "
+                "--allocation uniform, pyramid or layer (or turn reconstruction off)"
+            )
 
     def plan(self, prompt_length: int, max_new_tokens: int) -> SequencePlan:
         n, total = prompt_length, prompt_length + max_new_tokens
@@ -59,26 +66,54 @@ class EvictionStage:
         return SequencePlan(n, False, counts, min(cap, max(cache, n)))
 
     def select_prefill(self, prompt: PromptLayer, plan: SequencePlan) -> PrefillSelection | None:
-        """Kept prompt tokens of one layer (global: provisional, the best `head_cap` per head)."""
-        n = prompt.positions.shape[0]
-        count = plan.layer_counts[prompt.layer]
-        if plan.keep_all or n <= count:
+        """Kept prompt tokens of one layer (global: provisional, the best `head_cap` per head);
+        None when nothing will ever be evicted."""
+        if plan.keep_all:
             return None
         start = time.perf_counter()
+        n = prompt.positions.shape[0]
+        count = plan.layer_counts[prompt.layer] - self._reserved(n, plan.layer_counts[prompt.layer])
         scores = self.policy.prefill_scores(prompt).float()  # (H_kv, n)
-        if self.options.allocation == "layer":
+        if n <= count:
+            kept = torch.arange(n, device=scores.device).expand_as(scores)
+        elif self.options.allocation == "layer":
             keep = select_across_rows(
                 scores, self._protected(prompt.positions, n).expand_as(scores),
                 torch.ones_like(scores, dtype=torch.bool), total=count * scores.shape[0],
                 floor=self._floor(count), cap=plan.head_cap, protect_limit=count,
             )  # fmt: skip
             kept, counts = kept_slots(keep)
+            self.seconds += time.perf_counter() - start
+            return PrefillSelection(kept, counts, scores, self.policy.prefill_state(prompt))
         else:
             width = plan.head_cap if self.options.allocation == "global" else count
             kept = self._top(scores, width)
-            counts = torch.full((scores.shape[0],), kept.shape[1], device=scores.device)
+        counts = torch.full((scores.shape[0],), kept.shape[1], device=scores.device)
         self.seconds += time.perf_counter() - start
-        return PrefillSelection(kept, counts, scores)
+        return PrefillSelection(kept, counts, scores, self.policy.prefill_state(prompt))
+
+    def _reserved(self, n: int, count: int) -> int:
+        """1 when the policy keeps a reconstructed slot and this layer evicts prompt tokens."""
+        return int(self._reconstructs and n > count)
+
+    @property
+    def _reconstructs(self) -> bool:
+        return self.policy.reconstructs and self.options.reconstruct
+
+    def after_fill(
+        self, arena: KVArena, prompt: PromptLayer, plan: SequencePlan, chosen: PrefillSelection
+    ) -> None:
+        """Writes the reconstructed slot of what this layer's selection dropped."""
+        n = prompt.positions.shape[0]
+        if not self._reserved(n, plan.layer_counts[prompt.layer]):
+            return
+        start = time.perf_counter()
+        dropped = torch.ones_like(chosen.scores, dtype=torch.bool)
+        valid = torch.arange(chosen.kept.shape[1]) < chosen.counts.unsqueeze(-1)
+        dropped.scatter_(-1, chosen.kept, ~valid & dropped.gather(-1, chosen.kept))
+        weights = chosen.scores.clamp_min(0) * dropped
+        reconstruct_prefill(arena, prompt.layer, prompt.seq, prompt.k, prompt.v, weights)
+        self.seconds += time.perf_counter() - start
 
     def _top(self, scores: torch.Tensor, count: int) -> torch.Tensor:
         window = self.options.observation_window
@@ -144,6 +179,8 @@ class EvictionStage:
         window_slots = cache.unsqueeze(-1) + torch.arange(window, device=cache.device)
         is_full = full.view(-1, 1, 1)
         self.policy.before_eviction(layer, view, torch.where(is_full, victims, -1))
+        if self._reconstructs:
+            fold_victims(arena, layer, victims, full)
         arena.scatter(layer, torch.where(is_full, window_slots, victims), victims)
         arena.set_lengths(layer, torch.where(full.unsqueeze(1), cache, lengths))
         self.seconds += time.perf_counter() - start

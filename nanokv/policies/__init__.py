@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nanokv.policies.auv import AUV
 from nanokv.policies.base import Policy, PolicyOptions, PromptLayer
 from nanokv.policies.full import FullCache
 from nanokv.policies.h2o import H2O
@@ -16,6 +17,7 @@ POLICIES: dict[str, type[Policy]] = {
     "h2o": H2O,
     "snapkv": SnapKV,
     "tova": TOVA,
+    "auv": AUV,
     "laprox": LaProx,
 }
 

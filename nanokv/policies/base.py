@@ -32,6 +32,9 @@ class PolicyOptions:
     min_head_share: float = 0.0  # layer/global: every head keeps >= this share of the budget
     max_head_share: float = 4.0  # layer/global: no head keeps more than this share (arena size)
     normalise: str = "fro"  # LaProx: per-layer score normaliser, fro (||O||_F) | sum | none
+    usage_top_k: int = 8  # AUV: most attended slots of a step whose usage count grows
+    usage_decay: float = 0.5  # AUV: alpha of eq. 6
+    reconstruct: bool = True  # AUV: keep evicted tokens' weighted mean in one extra slot
 
     def __post_init__(self) -> None:
         for name in ("sinks", "observation_window", "decode_window"):
@@ -49,6 +52,8 @@ class PolicyOptions:
             raise ValueError(f"min_head_share must be in [0, 1], got {self.min_head_share}")
         if self.normalise not in ("fro", "sum", "none"):
             raise ValueError(f"normalise must be fro, sum or none, got {self.normalise!r}")
+        if self.usage_top_k < 1 or not 0.0 <= self.usage_decay <= 1.0:
+            raise ValueError("usage_top_k must be >= 1 and usage_decay in [0, 1]")
         if self.max_head_share < 1.0:
             raise ValueError(f"max_head_share must be >= 1, got {self.max_head_share}")
 
@@ -78,6 +83,8 @@ class Policy:
     needs_all_queries = False  # prompt column statistics (H2O, AUV)
     needs_decode_mass = False  # the decode kernel's emitted attention mass
     needs_value_norms = False  # ||v_j W_O^h|| per slot, and emitted output contributions
+    reconstructs = False  # keeps a reconstructed K/V slot per head (AUV)
+    slot_state: tuple[str, ...] = ()  # extra per-slot statistics the arena keeps for it
     defaults: dict[str, object] = {}  # PolicyOptions overrides that suit this policy
 
     def __init__(self, **options: object) -> None:
@@ -92,6 +99,10 @@ class Policy:
         """(H_kv, n) float32: higher keeps. Sinks and the observation window are protected by
         the selection code, not here."""
         raise NotImplementedError
+
+    def prefill_state(self, prompt: PromptLayer) -> dict[str, torch.Tensor]:
+        """Initial values (H_kv, n) of the extra per-slot statistics (default: zeros)."""
+        return {}
 
     def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
         """Updates the running statistic in `view.score` after a decode step (default: none)."""
