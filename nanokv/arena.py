@@ -152,7 +152,7 @@ class KVArena:
         (B, H_kv).
         """
         slots = self.lengths[layer].long()  # (B, H_kv)
-        if int(slots.max()) >= self.capacity:
+        if not slots.is_cuda and int(slots.max()) >= self.capacity:  # CUDA indexing checks itself
             raise ArenaFullError(f"layer {layer} is full ({self.capacity} slots): evict first")
         batch, kv_heads = slots.shape
         seq_index = torch.arange(batch, device=k.device).unsqueeze(1).expand(-1, kv_heads)

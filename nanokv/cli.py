@@ -49,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="+", help="one or more prompts (a batch); '-' reads stdin")
     p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--policy", default="full", help=f"eviction policy: {', '.join(POLICIES)}")
+    p.add_argument(
+        "--policy", default="full",
+        help=f"eviction policy: {', '.join(POLICIES)}, quest, or <policy>+quest",
+    )  # fmt: skip
     p.add_argument("--budget", default="1.0", help="KV budget: fraction in (0,1] or token count")
     p.add_argument("--allocation", choices=ALLOCATIONS, help="budget split across heads/layers")
     p.add_argument("--min-head-share", type=float, help="layer/global: per-head floor (0-1)")
@@ -59,6 +62,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", type=int, help="max-pool kernel along tokens (odd)")
     p.add_argument("--chunk", type=int, help="keep whole chunks of C tokens (default 1)")
     p.add_argument("--decode-window", type=int, help="W: slots freed per eviction (default 16)")
+    p.add_argument("--quest-budget", type=float, help="Quest read budget (fraction or tokens)")
+    p.add_argument("--quest-oracle", action="store_true", help="rank pages by true attention")
     p.add_argument("--verbose", action="store_true", help="report what was kept, to stderr")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -96,6 +101,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     llm = LLM(
         args.model, policy=args.policy, budget=budget, dtype=args.dtype, device=args.device,
+        quest_budget=args.quest_budget, quest_oracle=args.quest_oracle,
         **{name: value for name, value in options.items() if value is not None},
     )  # fmt: skip
     use_chat = not args.raw and llm.tokenizer.chat_template is not None
@@ -103,9 +109,11 @@ def _run_generate(args: argparse.Namespace) -> int:
     if len(prompts) == 1:
         run(prompts, params, on_text=lambda _, text: print(text, end="", flush=True))
         print()
-        return 0
-    for index, output in enumerate(run(prompts, params)):
-        print(f"--- [{index}] ---\n{output.text}")
+    else:
+        for index, output in enumerate(run(prompts, params)):
+            print(f"--- [{index}] ---\n{output.text}")
+    if args.verbose:
+        print(llm.last_report.summary(), file=sys.stderr)
     return 0
 
 

@@ -23,7 +23,9 @@ from nanokv.eviction import EvictionStage, SequencePlan
 from nanokv.kernels.decode_attention import decode_attention
 from nanokv.kernels.value_norms import output_gram, value_output_norms
 from nanokv.policies import Policy, PromptLayer
+from nanokv.report import CacheReport
 from nanokv.sampling import Sampler, SamplingParams
+from nanokv.sparsity import QuestOptions, QuestSparsity
 from nanokv.stopping import StopChecker
 
 TextCallback = Callable[[int, str], None]
@@ -51,11 +53,10 @@ class DecodeState:
     positions: torch.Tensor  # (B,) int64, position of each sequence's next token
     cache_tokens: torch.Tensor  # (L, B, H_kv) tokens a head keeps after each eviction
     window: int  # W, slots freed by one multi-step eviction (0: never evicts)
+    filled: torch.Tensor  # (L, B) int64 on the host: tokens each sequence wrote past its cache
+    quest: QuestSparsity | None = None
     prefill_seconds: float = 0.0
-
-    def kept_tokens(self) -> torch.Tensor:
-        """(L, B, H_kv) tokens each head holds now."""
-        return self.arena.lengths.clone()
+    kept_after_prefill: torch.Tensor | None = None  # (L, B, H_kv)
 
 
 class Engine:
@@ -68,16 +69,19 @@ class Engine:
         policy: Policy,
         *,
         budget: Budget | None = None,
+        quest: QuestOptions | None = None,
         prefill_chunk: int = 512,
     ) -> None:
         self.model, self.cfg, self.policy = model, cfg, policy
         self.budget = budget or Budget(1.0)
+        self.quest = quest
         self.eviction = EvictionStage(policy, self.budget, cfg.num_layers)
         self.prefill_chunk = prefill_chunk
         self.scale = cfg.head_dim**-0.5
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self._grams: list[torch.Tensor] | None = None
+        self.last_report: CacheReport | None = None
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Raises InputError for an empty prompt or one that leaves no room in the context."""
@@ -100,6 +104,7 @@ class Engine:
         of each prompt's last token."""
         self.check_prompts(prompts, max_new_tokens)
         began = time.perf_counter()
+        self.eviction.seconds = 0.0
         plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
         self.policy.reset(len(prompts))
         window = 0 if all(p.keep_all for p in plans) else self._window(plans)
@@ -116,8 +121,15 @@ class Engine:
             dim=1,
         )  # (L, B, H_kv)
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        state = DecodeState(arena, positions, cache, window)
+        filled = (arena.lengths[:, :, 0] - cache[:, :, 0]).cpu()  # same for every head
+        state = DecodeState(arena, positions, cache, window, filled)
+        if self.quest is not None:
+            longest = max(map(len, prompts))
+            state.quest = QuestSparsity(self.quest, self.cfg.num_layers, longest)
+            for layer in range(self.cfg.num_layers):
+                state.quest.refresh(arena, layer)
         state.prefill_seconds = time.perf_counter() - began
+        state.kept_after_prefill = arena.lengths.clone()
         return state, logits
 
     def _window(self, plans: list[SequencePlan]) -> int:
@@ -222,22 +234,41 @@ class Engine:
         positions = state.positions
         h = self.model.embed(tokens, positions)  # (B, hidden)
         emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
+        arena, quest = state.arena, state.quest
         for layer, block in enumerate(self.model.blocks):
             q, k, v = block.qkv(h, positions)  # (B, H_q, D), (B, H_kv, D), (B, H_kv, D)
             # --- eviction stage (decode): a full window frees W slots before the write ---
-            self.eviction.evict_if_full(state.arena, layer, state.cache_tokens[layer], state.window)
+            self._evict_if_full(state, layer)
             norms = self._value_norms(layer, v.unsqueeze(-2))  # (B, H_q, 1) or None
-            state.arena.append(layer, k, v, positions, None if norms is None else norms[..., 0])
-            view = state.arena.layer(layer)
-            out, emitted = decode_attention(
-                q, view.k, view.v, view.lengths, scale=self.scale, slot_pos=view.pos,
-                query_pos=positions, sliding_window=self.cfg.sliding_window,
-                value_norms=view.value_norms, emit=emit,
+            slots = arena.append(layer, k, v, positions, None if norms is None else norms[..., 0])
+            view = arena.layer(layer)
+            attention = dict(
+                scale=self.scale, slot_pos=view.pos, query_pos=positions,
+                sliding_window=self.cfg.sliding_window, value_norms=view.value_norms, emit=emit,
             )  # fmt: skip
+            if quest is not None and quest.is_sparse(layer):
+                quest.written(arena, layer, slots)
+                out, emitted = quest.attend(layer, q, arena, **attention)
+            else:
+                out, emitted = decode_attention(q, view.k, view.v, view.lengths, **attention)
             self.policy.observe_decode(layer, view, emitted)
             h = block.finish(h, out.reshape(h.shape[0], -1))
         state.positions += 1
         return self.model.logits(h)
+
+    def _evict_if_full(self, state: DecodeState, layer: int) -> None:
+        """Runs a multi-step eviction for the sequences whose decode window is full. The check
+        uses host-side counters, so the decode loop never waits on the device for it."""
+        full = state.filled[layer] >= state.window  # (B,) on the host
+        if state.window == 0 or not bool(full.any()):
+            state.filled[layer] += 1
+            return
+        self.eviction.evict(
+            state.arena, layer, state.cache_tokens[layer], state.window, full.to(self.device)
+        )
+        state.filled[layer] = torch.where(full, 0, state.filled[layer]) + 1
+        if state.quest is not None:
+            state.quest.refresh(state.arena, layer)
 
     def generate(
         self,
@@ -262,7 +293,24 @@ class Engine:
             if all(seq.finish_reason is not None for seq in sequences):
                 break
             logits = self.step(state, tokens)
+        self.last_report = self.report(state, prompts, params.max_new_tokens)
         return sequences
+
+    def report(self, state: DecodeState, prompts: list[list[int]], max_new: int) -> CacheReport:
+        """What the call kept and what it cost."""
+        cfg, element = self.cfg, state.arena.k.element_size()
+        per_head = sum(len(p) + max_new for p in prompts) * cfg.num_kv_heads * cfg.head_dim
+        quest = state.quest
+        return CacheReport(
+            policy=self.policy.name + ("+quest" if quest is not None else ""),
+            prompt_tokens=[len(p) for p in prompts],
+            kept_after_prefill=state.kept_after_prefill,
+            arena_bytes=state.arena.nbytes,
+            full_cache_bytes=2 * cfg.num_layers * per_head * element,
+            prefill_seconds=state.prefill_seconds,
+            eviction_seconds=self.eviction.seconds,
+            quest_read_fraction=quest.pages_read / max(quest.pages_held, 1) if quest else None,
+        )
 
 
 def _keep_window_queries(

@@ -160,17 +160,15 @@ class EvictionStage:
             return lengths.clone()
         return torch.maximum(lengths, planned)
 
-    def evict_if_full(self, arena: KVArena, layer: int, cache: torch.Tensor, window: int) -> None:
-        """Multi-step eviction (AUV's memory management): when a sequence's heads have written W
-        tokens past their cache size, the policy's W lowest-scoring slots outside the window are
-        freed and the window's tokens are scattered into them: no growth, no fragmentation.
-
-        cache: (B, H_kv) tokens each head keeps after an eviction."""
-        lengths = arena.lengths[layer].long()  # (B, H_kv)
-        full = (lengths >= cache + window).any(dim=1)  # (B,)
-        if window == 0 or not bool(full.any()):
-            return
+    def evict(
+        self, arena: KVArena, layer: int, cache: torch.Tensor, window: int, full: torch.Tensor
+    ) -> None:
+        """Multi-step eviction (AUV's memory management): the sequences marked `full` (B,) have
+        written W tokens past their cache size; the policy's W lowest-scoring slots outside the
+        window are freed and the window's tokens are scattered into them: no growth, no
+        fragmentation. cache: (B, H_kv) tokens each head keeps after an eviction."""
         start = time.perf_counter()
+        lengths = arena.lengths[layer].long()  # (B, H_kv)
         view = arena.layer(layer)
         slots = torch.arange(arena.capacity, device=cache.device).view(1, 1, -1)
         candidates = slots < cache.unsqueeze(-1)  # (B, H_kv, C): outside the decode window

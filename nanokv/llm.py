@@ -11,8 +11,10 @@ import torch
 from nanokv.budget import Budget
 from nanokv.engine import Engine, InputError, TextCallback
 from nanokv.loader import load_config, load_model, resolve_model_dir
-from nanokv.policies import make_policy
+from nanokv.policies import make_policy, parse_policy
+from nanokv.report import CacheReport
 from nanokv.sampling import SamplingParams
+from nanokv.sparsity import QuestOptions
 from nanokv.stopping import StopChecker
 from nanokv.tokenizer import Tokenizer
 
@@ -50,23 +52,66 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         prefill_chunk: int = 512,
+        quest_budget: float | None = None,
+        quest_oracle: bool = False,
+        quest_dense_layers: int = 2,
         **policy_options,
     ) -> None:
-        """`policy_options` are PolicyOptions fields (sinks, observation_window, pool, chunk,
-        decode_window, allocation, min_head_share, max_head_share); unset ones take the
-        policy's defaults."""
-        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
+        """`policy` is a name ('snapkv'), 'quest', or '<name>+quest'. `policy_options` are
+        PolicyOptions fields (sinks, observation_window, pool, chunk, decode_window, allocation,
+        min_head_share, max_head_share, normalise, usage_top_k, usage_decay, reconstruct);
+        unset ones take the policy's defaults."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
+        self.prefill_chunk = prefill_chunk
         self.model_dir = _model_dir(model)
         self.config = load_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
-        self.model = load_model(self.model_dir, self.config, self.dtype, self.device)
-        self.policy = make_policy(policy, **policy_options)
-        self.engine = Engine(
-            self.model, self.config, self.policy, budget=self.budget, prefill_chunk=prefill_chunk
+        self.configure(
+            policy, budget, quest_budget, quest_oracle, quest_dense_layers, **policy_options
         )
+        self.model = load_model(self.model_dir, self.config, self.dtype, self.device)
+        self._build_engine()
         self.eos_token_ids = self._eos_token_ids()
+
+    def configure(
+        self,
+        policy: str = "full",
+        budget: float | Budget = 1.0,
+        quest_budget: float | None = None,
+        quest_oracle: bool = False,
+        quest_dense_layers: int = 2,
+        **policy_options,
+    ) -> None:
+        """Switches policy and budget without reloading the model (what an evaluation grid
+        needs). A Quest read budget defaults to the budget for plain 'quest' and to half the
+        eviction budget for '<name>+quest'."""
+        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
+        name, uses_quest = parse_policy(policy)
+        self.policy = make_policy(name, **policy_options)
+        self.quest = None
+        if uses_quest:
+            read = quest_budget
+            if read is None:
+                read = self.budget.value if name == "full" else _half(self.budget)
+            self.quest = QuestOptions(
+                budget=Budget(read), dense_layers=quest_dense_layers, oracle=quest_oracle
+            )
+            if name == "full":
+                self.budget = Budget(1.0)
+        if hasattr(self, "model"):
+            self._build_engine()
+
+    def _build_engine(self) -> None:
+        self.engine = Engine(
+            self.model, self.config, self.policy, budget=self.budget, quest=self.quest,
+            prefill_chunk=self.prefill_chunk,
+        )  # fmt: skip
+
+    @property
+    def last_report(self) -> CacheReport | None:
+        """What the last generate call kept and what it cost."""
+        return self.engine.last_report
 
     def generate(
         self,
@@ -118,6 +163,11 @@ class LLM:
             eos = json.loads(path.read_text()).get("eos_token_id")
             ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return ids
+
+
+def _half(budget: Budget) -> float:
+    """Half of a budget, as a fraction or a whole count."""
+    return budget.value / 2 if budget.is_fraction else float(max(2, int(budget.value) // 2))
 
 
 def _model_dir(model: str | Path | None) -> Path:

@@ -29,4 +29,18 @@ def make_policy(name: str, **options: object) -> Policy:
     return POLICIES[name](**{k: v for k, v in options.items() if v is not None})
 
 
-__all__ = ["POLICIES", "Policy", "PolicyOptions", "PromptLayer", "make_policy"]
+def parse_policy(spec: str) -> tuple[str, bool]:
+    """'laprox+quest' -> ('laprox', True); 'quest' -> ('full', True); 'h2o' -> ('h2o', False)."""
+    names = spec.split("+")
+    uses_quest = "quest" in names
+    rest = [name for name in names if name != "quest"]
+    if len(rest) > 1 or (uses_quest and names.count("quest") > 1):
+        raise ValueError(f"policy {spec!r}: combine at most one eviction policy with quest")
+    name = rest[0] if rest else "full"
+    if name not in POLICIES:
+        choices = ", ".join([*POLICIES, "quest", "<policy>+quest"])
+        raise ValueError(f"unknown policy {name!r}; choose one of {choices}")
+    return name, uses_quest
+
+
+__all__ = ["POLICIES", "Policy", "parse_policy", "PolicyOptions", "PromptLayer", "make_policy"]

@@ -1,0 +1,110 @@
+"""Quest (Tang et al. 2024, arXiv 2406.10774; mit-han-lab/Quest): query-aware page sparsity.
+
+Keys are grouped in pages of 16 slots; per page and kv head the element-wise min and max key are
+kept up to date. Each decode step ranks pages by the upper bound ``sum_i max(q_i kmax_i,
+q_i kmin_i)`` of any key's logit in the page, and attention reads only the top pages that fit the
+token budget (plus the page being written). The first two layers stay dense, as in the paper.
+Quest reduces the bytes read per step, not the memory held: it composes with any eviction policy
+on the same arena. `oracle=True` ranks pages by their true attention mass instead (a diagnostic
+that separates the bound's ranking from the page granularity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanokv.arena import KVArena
+from nanokv.budget import Budget
+from nanokv.kernels.decode_attention import Emitted, decode_attention_reference
+from nanokv.kernels.quest import (
+    PAGE_SIZE,
+    page_bounds,
+    page_upper_bound,
+    select_pages,
+    sparse_decode_attention,
+    update_page_bounds,
+)
+
+
+@dataclass(frozen=True)
+class QuestOptions:
+    budget: Budget  # tokens read per step and kv head (a fraction is of the prompt length)
+    page_size: int = PAGE_SIZE
+    dense_layers: int = 2
+    oracle: bool = False
+
+
+class QuestSparsity:
+    """Page bounds per layer, refreshed on writes and evictions; sparse attention per step.
+    One instance per generate call."""
+
+    def __init__(self, options: QuestOptions, num_layers: int, prompt_length: int) -> None:
+        self.options = options
+        budget = options.budget
+        read = budget.tokens(prompt_length) if budget.is_fraction else int(budget.value)
+        self.token_budget = read
+        self.bounds: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.pages_read = 0
+        self.pages_held = 0
+
+    def is_sparse(self, layer: int) -> bool:
+        return layer >= self.options.dense_layers
+
+    def refresh(self, arena: KVArena, layer: int) -> None:
+        """Recomputes a layer's page bounds from the arena (after prefill or an eviction)."""
+        if self.is_sparse(layer):
+            self.bounds[layer] = page_bounds(
+                arena.k[layer], arena.lengths[layer], self.options.page_size
+            )
+
+    def written(self, arena: KVArena, layer: int, slots: torch.Tensor) -> None:
+        """Updates the pages that received new keys at `slots` (B, H_kv)."""
+        if not self.is_sparse(layer):
+            return
+        if self.bounds[layer] is None:
+            self.refresh(arena, layer)
+            return
+        kmin, kmax = self.bounds[layer]
+        update_page_bounds(
+            kmin,
+            kmax,
+            arena.k[layer],
+            arena.lengths[layer],
+            slots.unsqueeze(-1),
+            self.options.page_size,
+        )
+
+    def attend(
+        self, layer: int, q: torch.Tensor, arena: KVArena, **attention
+    ) -> tuple[torch.Tensor, Emitted | None]:
+        """Attention of q (B, H_q, D) over the selected pages of this layer."""
+        view = arena.layer(layer)
+        page_scores = self._page_scores(layer, q, arena, attention)
+        table = select_pages(page_scores, view.lengths, self.token_budget, self.options.page_size)
+        self.pages_read += int((table >= 0).sum())
+        self.pages_held += int(
+            ((view.lengths.long() + self.options.page_size - 1) // self.options.page_size).sum()
+        )
+        return sparse_decode_attention(
+            q, view.k, view.v, view.lengths, table, page_size=self.options.page_size, **attention
+        )
+
+    def _page_scores(
+        self, layer: int, q: torch.Tensor, arena: KVArena, attention: dict
+    ) -> torch.Tensor:
+        if not self.options.oracle:
+            kmin, kmax = self.bounds[layer]
+            return page_upper_bound(q, kmin, kmax, attention["scale"])
+        view = arena.layer(layer)
+        dense = {
+            key: value for key, value in attention.items() if key not in ("emit", "value_norms")
+        }
+        _, emitted = decode_attention_reference(q, view.k, view.v, view.lengths, emit=True, **dense)
+        mass = emitted.mass  # (B, H_kv, C)
+        pages = -(-mass.shape[-1] // self.options.page_size)
+        padded = torch.nn.functional.pad(mass, (0, pages * self.options.page_size - mass.shape[-1]))
+        per_page = padded.view(*mass.shape[:2], pages, self.options.page_size).sum(-1)
+        group = q.shape[1] // mass.shape[1]
+        return per_page.repeat_interleave(group, dim=1)  # (B, H_q, P)
