@@ -121,6 +121,7 @@ class Engine:
             dim=1,
         )  # (L, B, H_kv)
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
+        window = self._fit_window(window, cache, plans)
         filled = (arena.lengths[:, :, 0] - cache[:, :, 0]).cpu()  # same for every head
         state = DecodeState(arena, positions, cache, window, filled)
         if self.quest is not None:
@@ -133,8 +134,21 @@ class Engine:
         return state, logits
 
     def _window(self, plans: list[SequencePlan]) -> int:
+        """W: the configured decode window, no larger than the evictable (non-sink) part of
+        the smallest cache, at least 1."""
         smallest = min(min(p.layer_counts) for p in plans if not p.keep_all)
-        return max(1, min(self.policy.options.decode_window, smallest))
+        evictable = smallest - self.policy.options.sinks - int(self.policy.reconstructs)
+        return max(1, min(self.policy.options.decode_window, evictable))
+
+    def _fit_window(self, window: int, cache: torch.Tensor, plans: list[SequencePlan]) -> int:
+        """Shrinks W to what the smallest head really kept (layer and global allocations give
+        heads different sizes), so that an eviction never has to take a sink."""
+        evicting = [seq for seq, plan in enumerate(plans) if not plan.keep_all]
+        if not evicting or window == 0:
+            return window
+        reserved = self.policy.options.sinks + int(self.policy.reconstructs)
+        smallest = int(cache[:, evicting].min()) - reserved
+        return max(1, min(window, smallest))
 
     def _allocate(self, batch: int, capacity: int) -> KVArena:
         cfg = self.cfg

@@ -55,15 +55,15 @@ class EvictionStage:
         if not self.policy.evicts or cache >= total:
             return SequencePlan(n, True, (total,) * self.num_layers, total)
         allocation = self.options.allocation
-        counts = (cache,) * self.num_layers
-        cap = cache
+        counts, cap = (cache,) * self.num_layers, cache
         if allocation == "pyramid":
             protected = self.options.sinks + self.options.observation_window
             counts = tuple(pyramid_budgets(cache, self.num_layers, min(protected, cache)))
             cap = max(counts)
         elif allocation in ("layer", "global"):
-            cap = max(cache, math.ceil(self.options.max_head_share * cache))
-        return SequencePlan(n, False, counts, min(cap, max(cache, n)))
+            # a head may take up to max_head_share of the mean, never more than the prompt
+            cap = min(math.ceil(self.options.max_head_share * cache), max(cache, n))
+        return SequencePlan(n, False, counts, cap)
 
     def select_prefill(self, prompt: PromptLayer, plan: SequencePlan) -> PrefillSelection | None:
         """Kept prompt tokens of one layer (global: provisional, the best `head_cap` per head);
