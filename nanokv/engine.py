@@ -9,6 +9,7 @@ the arena through the decode-attention kernel.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,9 +55,14 @@ class DecodeState:
     cache_tokens: torch.Tensor  # (L, B, H_kv) tokens a head keeps after each eviction
     window: int  # W, slots freed by one multi-step eviction (0: never evicts)
     filled: torch.Tensor  # (L, B) int64 on the host: tokens each sequence wrote past its cache
+    memory: dict[str, torch.Tensor]  # the policy's per-call statistics (Policy.bind)
     quest: QuestSparsity | None = None
     prefill_seconds: float = 0.0
     kept_after_prefill: torch.Tensor | None = None  # (L, B, H_kv)
+
+    def clone(self) -> DecodeState:
+        """An independent copy (a compressed context answers many questions from one prefill)."""
+        return copy.deepcopy(self)
 
 
 class Engine:
@@ -98,16 +104,20 @@ class Engine:
 
     @torch.inference_mode()
     def start(
-        self, prompts: list[list[int]], max_new_tokens: int
+        self, prompts: list[list[int]], max_new_tokens: int, decode_window: int | None = None
     ) -> tuple[DecodeState, torch.Tensor]:
         """Allocates the arena and prefills every prompt. Returns the state and (B, vocab) logits
-        of each prompt's last token."""
+        of each prompt's last token. `decode_window` overrides W; W >= max_new_tokens compresses
+        the prompt once and evicts nothing while decoding (kvpress's setting)."""
         self.check_prompts(prompts, max_new_tokens)
         began = time.perf_counter()
         self.eviction.seconds = 0.0
         plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
-        self.policy.reset(len(prompts))
+        memory: dict[str, torch.Tensor] = {}
+        self.policy.bind(memory, batch=len(prompts))
         window = 0 if all(p.keep_all for p in plans) else self._window(plans)
+        fixed_window = decode_window is not None and window > 0
+        window = decode_window if fixed_window else window
         capacity = max(min(p.head_cap + window, p.prompt_length + max_new_tokens) for p in plans)
         arena = self._allocate(len(prompts), capacity)
         logits = torch.cat(
@@ -121,9 +131,9 @@ class Engine:
             dim=1,
         )  # (L, B, H_kv)
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        window = self._fit_window(window, cache, plans)
+        window = window if fixed_window else self._fit_window(window, cache, plans)
         filled = (arena.lengths[:, :, 0] - cache[:, :, 0]).cpu()  # same for every head
-        state = DecodeState(arena, positions, cache, window, filled)
+        state = DecodeState(arena, positions, cache, window, filled, memory)
         if self.quest is not None:
             longest = max(map(len, prompts))
             state.quest = QuestSparsity(self.quest, self.cfg.num_layers, longest)
@@ -249,6 +259,7 @@ class Engine:
         h = self.model.embed(tokens, positions)  # (B, hidden)
         emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
         arena, quest = state.arena, state.quest
+        self.policy.bind(state.memory)
         for layer, block in enumerate(self.model.blocks):
             q, k, v = block.qkv(h, positions)  # (B, H_q, D), (B, H_kv, D), (B, H_kv, D)
             # --- eviction stage (decode): a full window frees W slots before the write ---
@@ -284,6 +295,20 @@ class Engine:
         if state.quest is not None:
             state.quest.refresh(state.arena, layer)
 
+    @torch.inference_mode()
+    def extend(self, state: DecodeState, tokens: list[int]) -> torch.Tensor:
+        """Feeds `tokens` to every sequence of the state, one decode step each (teacher
+        forcing), e.g. a question after a compressed context. Returns the last (B, vocab)."""
+        if not tokens:
+            raise InputError("nothing to extend the context with: the question is empty")
+        context = self.cfg.max_position_embeddings
+        if int(state.positions.max()) + len(tokens) > context:
+            raise InputError(f"context and question exceed the model's {context} tokens")
+        batch = state.positions.shape[0]
+        for token in tokens:
+            logits = self.step(state, torch.full((batch,), token, device=self.device))
+        return logits
+
     def generate(
         self,
         prompts: list[list[int]],
@@ -292,22 +317,34 @@ class Engine:
         on_text: TextCallback | None = None,
     ) -> list[Sequence]:
         """Generates for every prompt until EOS, a stop string, or max_new_tokens."""
-        sequences = [Sequence(list(p)) for p in prompts]
         state, logits = self.start(prompts, params.max_new_tokens)
+        sequences = self.decode(state, logits, prompts, params, stopper, on_text)
+        self.last_report = self.report(state, prompts, params.max_new_tokens)
+        return sequences
+
+    def decode(
+        self,
+        state: DecodeState,
+        logits: torch.Tensor,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        stopper: StopChecker,
+        on_text: TextCallback | None = None,
+    ) -> list[Sequence]:
+        """The decode loop from next-token `logits` (B, vocab): sample, stop, step."""
+        sequences = [Sequence(list(p)) for p in prompts]
         sampler = Sampler(params, len(prompts), self.device)
         for step in range(params.max_new_tokens):
             tokens = sampler(logits)
+            last = step + 1 == params.max_new_tokens
             for index, seq in enumerate(sequences):
                 if seq.finish_reason is None:
-                    delta = stopper.advance(
-                        seq, int(tokens[index]), step + 1 == params.max_new_tokens
-                    )
+                    delta = stopper.advance(seq, int(tokens[index]), last)
                     if delta and on_text is not None:
                         on_text(index, delta)
             if all(seq.finish_reason is not None for seq in sequences):
                 break
             logits = self.step(state, tokens)
-        self.last_report = self.report(state, prompts, params.max_new_tokens)
         return sequences
 
     def report(self, state: DecodeState, prompts: list[list[int]], max_new: int) -> CacheReport:

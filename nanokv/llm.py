@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from nanokv.budget import Budget
+from nanokv.context import CompressedContext, split_context
 from nanokv.engine import Engine, InputError, TextCallback
 from nanokv.loader import load_config, load_model, resolve_model_dir
 from nanokv.policies import make_policy, parse_policy
@@ -118,39 +119,85 @@ class LLM:
         prompts: str | list[str],
         params: SamplingParams | None = None,
         *,
+        context: CompressedContext | None = None,
         on_text: TextCallback | None = None,
         **options,
     ) -> list[GenerationOutput]:
-        """Completes raw prompts (no chat template). `options` are SamplingParams fields."""
+        """Completes raw prompts (no chat template). `options` are SamplingParams fields.
+        With `context`, each prompt is a question appended to that compressed document."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        params = params or SamplingParams(**options)
+        if context is not None:
+            return self._ask(context, prompts, params, on_text)
         ids = [self.tokenizer.encode(p) for p in prompts]
-        return self._run(prompts, ids, params or SamplingParams(**options), on_text)
+        return self._run(prompts, ids, params, on_text)
+
+    def compress(
+        self, text: str, *, chat: bool = True, max_question_tokens: int = 256,
+        max_new_tokens: int = 256,
+    ) -> CompressedContext:  # fmt: skip
+        """Prefills and compresses a document once with the current policy and budget; then
+        `generate(questions, context=...)` answers each question from a copy of it. Nothing is
+        evicted while a question and its answer are processed."""
+        ids, suffix = split_context(self.tokenizer, text, chat)
+        reserve = max_question_tokens + max_new_tokens
+        state, _ = self.engine.start([ids], reserve, decode_window=reserve)
+        self.engine.last_report = self.engine.report(state, [ids], reserve)
+        return CompressedContext(state, ids, suffix, reserve, self.engine.last_report.policy)
+
+    def _ask(
+        self, context: CompressedContext, questions: list[str], params: SamplingParams, on_text
+    ) -> list[GenerationOutput]:
+        outputs = []
+        for index, question in enumerate(questions):
+            ids = context.question_ids(self.tokenizer, question)
+            if len(ids) + params.max_new_tokens > context.reserve:
+                raise InputError(
+                    f"question {index} ({len(ids)} tokens) and {params.max_new_tokens} new "
+                    f"tokens exceed the {context.reserve} tokens reserved by compress()"
+                )
+            state = context.state.clone()
+            logits = self.engine.extend(state, ids)
+            stream = None if on_text is None else lambda _, text, i=index: on_text(i, text)
+            stopper = self._stopper(params)
+            (seq,) = self.engine.decode(state, logits, [ids], params, stopper, stream)
+            outputs.append(
+                GenerationOutput(question, ids, seq.text, seq.token_ids, seq.finish_reason)
+            )
+        return outputs
+
+    def _stopper(self, params: SamplingParams) -> StopChecker:
+        return StopChecker(
+            self.tokenizer.decode, self.eos_token_ids, params.stop, params.ignore_eos
+        )
 
     def chat(
         self,
         conversations: str | list[str] | list[list[dict[str, str]]],
         params: SamplingParams | None = None,
         *,
+        context: CompressedContext | None = None,
         on_text: TextCallback | None = None,
         **options,
     ) -> list[GenerationOutput]:
-        """Answers user messages (or whole conversations) through the model's chat template."""
+        """Answers user messages (or whole conversations) through the model's chat template.
+        With `context` (from `compress`), the messages are questions about that document."""
         if isinstance(conversations, str):
             conversations = [conversations]
+        params = params or SamplingParams(**options)
+        if context is not None:
+            return self._ask(context, list(conversations), params, on_text)
         chats = [
             [{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations
         ]
         ids = [self.tokenizer.encode_chat(chat) for chat in chats]
-        return self._run(chats, ids, params or SamplingParams(**options), on_text)
+        return self._run(chats, ids, params, on_text)
 
     def _run(self, prompts, ids, params: SamplingParams, on_text) -> list[GenerationOutput]:
         for index, prompt_ids in enumerate(ids):
             if not prompt_ids:
                 raise InputError(f"prompt {index} is empty: give at least one token of text")
-        stopper = StopChecker(
-            self.tokenizer.decode, self.eos_token_ids, params.stop, params.ignore_eos
-        )
-        sequences = self.engine.generate(ids, params, stopper, on_text)
+        sequences = self.engine.generate(ids, params, self._stopper(params), on_text)
         return [
             GenerationOutput(p, s.prompt_token_ids, s.text, s.token_ids, s.finish_reason)
             for p, s in zip(prompts, sequences, strict=True)

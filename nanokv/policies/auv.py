@@ -36,8 +36,8 @@ class AUV(Policy):
     slot_state = ("usage", "score_count")
     defaults = {"pool": 1}
 
-    def reset(self, batch: int) -> None:
-        self._longest_row = torch.ones(batch)
+    def initial_memory(self, batch: int) -> dict[str, torch.Tensor]:
+        return {"longest_row": torch.ones(batch)}  # N_max of each sequence
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
         stats = column_statistics(
@@ -45,7 +45,7 @@ class AUV(Policy):
             sliding_window=prompt.sliding_window,
         )  # fmt: skip
         kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
-        self._longest_row[prompt.seq] = n
+        self.memory["longest_row"][prompt.seq] = n
         scores = stats.auv_means.view(kv_heads, -1, n).mean(dim=1)  # (H_kv, n)
         return chunk_scores(pool_scores(scores, self.options.pool), self.options.chunk)
 
@@ -59,7 +59,8 @@ class AUV(Policy):
         valid = (view.pos >= 0) & (emitted.mass > 0)  # attended, not the reconstructed slot
         group_mass = emitted.mass.sum(dim=-1, keepdim=True)  # = group size: rows sum to 1
         attended = view.lengths.float().unsqueeze(-1)  # N_i
-        longest = torch.maximum(self._longest_row.to(attended.device).view(-1, 1, 1), attended)
+        longest = self.memory["longest_row"].to(attended.device).view(-1, 1, 1)
+        longest = torch.maximum(longest, attended)
         row = emitted.mass / group_mass * attended / longest  # eq. 3's scaled row, group mean
         count = view.state["score_count"]
         updated = (row + view.score * count) / (count + 1)

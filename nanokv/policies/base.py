@@ -90,10 +90,20 @@ class Policy:
     def __init__(self, **options: object) -> None:
         """`options` are PolicyOptions fields; unset ones take this policy's defaults."""
         self.options = PolicyOptions(**{**self.defaults, **options})
-        self.reset(batch=1)
+        self.bind({}, batch=1)
 
-    def reset(self, batch: int) -> None:
-        """Forgets any per-call state; the engine calls it before each prefill."""
+    def bind(self, memory: dict[str, torch.Tensor], batch: int | None = None) -> None:
+        """Points the policy at one generate call's memory (per-sequence statistics that are
+        not per slot). The engine binds a fresh dict before each prefill (`batch` given: fill it
+        with `initial_memory`) and rebinds a call's dict before each of its decode steps, so a
+        compressed context can be resumed after other calls."""
+        self.memory = memory
+        if batch is not None:
+            memory.update(self.initial_memory(batch))
+
+    def initial_memory(self, batch: int) -> dict[str, torch.Tensor]:
+        """Per-call memory of a fresh call (default: none)."""
+        return {}
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
         """(H_kv, n) float32: higher keeps. Sinks and the observation window are protected by

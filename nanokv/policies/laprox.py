@@ -29,9 +29,8 @@ class LaProx(Policy):
     needs_value_norms = True
     defaults = {"allocation": "global", "pool": 31}
 
-    def reset(self, batch: int) -> None:
-        self._normalisers: dict[int, torch.Tensor] = {}  # layer -> (B,)
-        self._batch = batch
+    def initial_memory(self, batch: int) -> dict[str, torch.Tensor]:
+        return {"normaliser": torch.ones(0, batch)}  # (L, B), grown as layers are prefilled
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
         window = prompt.window_queries.shape[1]
@@ -59,15 +58,18 @@ class LaProx(Policy):
         return max(float(window_output(attn, prompt).norm()), 1e-30)
 
     def _remember(self, layer: int, seq: int, normaliser: float) -> None:
-        if layer not in self._normalisers:
-            self._normalisers[layer] = torch.ones(self._batch)
-        self._normalisers[layer][seq] = normaliser
+        table = self.memory["normaliser"]
+        if table.shape[0] <= layer:
+            grown = torch.ones(layer + 1, table.shape[1])
+            grown[: table.shape[0]] = table
+            self.memory["normaliser"] = table = grown
+        table[layer, seq] = normaliser
 
     def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
-        normaliser = self._normalisers.get(layer)
         contribution = emitted.contribution
-        if normaliser is not None:
-            contribution = contribution / normaliser.to(contribution.device).view(-1, 1, 1)
+        table = self.memory["normaliser"]
+        if table.shape[0] > layer:
+            contribution = contribution / table[layer].to(contribution.device).view(-1, 1, 1)
         view.score.add_(contribution)
 
 

@@ -1,0 +1,72 @@
+"""Compress a context once, then ask it questions: the context-only setting of kvpress."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanokv
+from nanokv.context import split_context
+from nanokv.engine import InputError
+
+DOC = "the quick brown fox jumps over the lazy dog. hello world, a kv cache test. " * 6
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return nanokv.LLM(tiny_llama_dir)
+
+
+def _greedy(llm, ids, steps):
+    state, logits = llm.engine.start([ids], steps)
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(logits.argmax(-1)))
+        logits = llm.engine.step(state, logits.argmax(-1))
+    return tokens
+
+
+def test_full_cache_context_equals_one_long_prompt(llm):
+    llm.configure("full")
+    context = llm.compress(DOC, chat=False, max_question_tokens=16, max_new_tokens=6)
+    question = " hello world"
+    out = llm.generate(question, context=context, max_new_tokens=6, ignore_eos=True)[0]
+    ids = context.token_ids + context.question_ids(llm.tokenizer, question)
+    assert out.token_ids == _greedy(llm, ids, 6)
+
+
+def test_the_question_is_not_compressed_and_questions_are_independent(llm):
+    llm.configure("snapkv", budget=12.0, observation_window=4)
+    context = llm.compress(DOC, chat=False, max_question_tokens=16, max_new_tokens=6)
+    assert int(context.state.arena.lengths.max()) == 12
+    question_ids = context.question_ids(llm.tokenizer, " the lazy dog")
+    state = context.state.clone()
+    llm.engine.extend(state, question_ids)
+    assert (state.arena.lengths == 12 + len(question_ids)).all()  # nothing evicted
+    assert int(context.state.arena.lengths.max()) == 12  # the context itself is untouched
+    alone = llm.generate(" hello", context=context, max_new_tokens=5, ignore_eos=True)[0]
+    both = llm.generate([" the lazy dog", " hello"], context=context, max_new_tokens=5,
+                        ignore_eos=True)  # fmt: skip
+    assert both[1].token_ids == alone.token_ids
+
+
+def test_chat_split_puts_the_question_inside_the_user_message(llm):
+    ids, suffix = split_context(llm.tokenizer, DOC, chat=True)
+    question = " what jumps?"
+    rendered = llm.tokenizer.apply_chat_template([{"role": "user", "content": DOC + question}])
+    assert rendered.endswith(question + suffix)
+    prefix = rendered[: -len(question + suffix)]
+    assert llm.tokenizer.encode(prefix, add_special_tokens=False) == ids
+    assert suffix == "</s><|assistant|>"
+
+
+def test_bad_context_inputs(llm):
+    llm.configure("full")
+    with pytest.raises(InputError):
+        llm.compress("   ")
+    context = llm.compress(DOC, chat=False, max_question_tokens=4, max_new_tokens=4)
+    with pytest.raises(InputError, match="reserved"):
+        llm.generate("hello world " * 5, context=context, max_new_tokens=4)
+    with pytest.raises(InputError, match="empty"):
+        llm.generate("  ", context=context, max_new_tokens=2)
+    assert torch.isfinite(context.state.arena.k).all()
