@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from nanokv.budget import Budget
+from nanokv.eval.cli import add_eval_parser
 from nanokv.policies import POLICIES
 from nanokv.policies.allocation import ALLOCATIONS
 from nanokv.sampling import SamplingParams
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanokv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands.add_parser("generate", help="generate text from prompts"))
+    add_eval_parser(commands)
     convert = commands.add_parser("convert", help="convert the embedded default model")
     convert.add_argument("--out", type=Path, help="output directory (default: weights/...)")
     convert.add_argument("--force", action="store_true", help="convert even if it exists")

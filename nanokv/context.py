@@ -25,8 +25,13 @@ class CompressedContext:
     reserve: int  # slots kept free for question + answer tokens
     policy: str
 
-    def question_ids(self, tokenizer: Tokenizer, question: str) -> list[int]:
-        ids = tokenizer.encode(question + self.question_suffix, add_special_tokens=False)
+    def question_ids(
+        self, tokenizer: Tokenizer, question: str, answer_prefix: str = ""
+    ) -> list[int]:
+        """Tokens that follow the document: the question, the template's tail, and an optional
+        primed start of the answer."""
+        text = question + self.question_suffix + answer_prefix
+        ids = tokenizer.encode(text, add_special_tokens=False)
         if not question.strip():
             raise InputError("the question is empty: give the text to ask")
         return ids

@@ -253,8 +253,15 @@ class Engine:
         return value_output_norms(v, self._grams[layer])
 
     @torch.inference_mode()
-    def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feeds one token per sequence (B,) and returns the next-token logits (B, vocab)."""
+    def step(
+        self,
+        state: DecodeState,
+        tokens: torch.Tensor,
+        capture: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Feeds one token per sequence (B,) and returns the next-token logits (B, vocab).
+        `capture` (a list) receives each layer's attention output (B, H_q * D), for fidelity
+        measurements."""
         positions = state.positions
         h = self.model.embed(tokens, positions)  # (B, hidden)
         emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
@@ -277,6 +284,8 @@ class Engine:
             else:
                 out, emitted = decode_attention(q, view.k, view.v, view.lengths, **attention)
             self.policy.observe_decode(layer, view, emitted)
+            if capture is not None:
+                capture.append(out.reshape(h.shape[0], -1).float().clone())
             h = block.finish(h, out.reshape(h.shape[0], -1))
         state.positions += 1
         return self.model.logits(h)

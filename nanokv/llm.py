@@ -120,15 +120,17 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         context: CompressedContext | None = None,
+        answer_prefix: str = "",
         on_text: TextCallback | None = None,
         **options,
     ) -> list[GenerationOutput]:
         """Completes raw prompts (no chat template). `options` are SamplingParams fields.
-        With `context`, each prompt is a question appended to that compressed document."""
+        With `context`, each prompt is a question appended to that compressed document, and
+        `answer_prefix` primes the start of each answer."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         params = params or SamplingParams(**options)
         if context is not None:
-            return self._ask(context, prompts, params, on_text)
+            return self._ask(context, prompts, params, on_text, answer_prefix)
         ids = [self.tokenizer.encode(p) for p in prompts]
         return self._run(prompts, ids, params, on_text)
 
@@ -146,11 +148,16 @@ class LLM:
         return CompressedContext(state, ids, suffix, reserve, self.engine.last_report.policy)
 
     def _ask(
-        self, context: CompressedContext, questions: list[str], params: SamplingParams, on_text
+        self,
+        context: CompressedContext,
+        questions: list[str],
+        params: SamplingParams,
+        on_text: TextCallback | None,
+        answer_prefix: str = "",
     ) -> list[GenerationOutput]:
         outputs = []
         for index, question in enumerate(questions):
-            ids = context.question_ids(self.tokenizer, question)
+            ids = context.question_ids(self.tokenizer, question, answer_prefix)
             if len(ids) + params.max_new_tokens > context.reserve:
                 raise InputError(
                     f"question {index} ({len(ids)} tokens) and {params.max_new_tokens} new "
@@ -177,20 +184,23 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         context: CompressedContext | None = None,
+        answer_prefix: str = "",
         on_text: TextCallback | None = None,
         **options,
     ) -> list[GenerationOutput]:
         """Answers user messages (or whole conversations) through the model's chat template.
-        With `context` (from `compress`), the messages are questions about that document."""
+        With `context` (from `compress`), the messages are questions about that document.
+        `answer_prefix` primes the start of each answer (e.g. "The value is")."""
         if isinstance(conversations, str):
             conversations = [conversations]
         params = params or SamplingParams(**options)
         if context is not None:
-            return self._ask(context, list(conversations), params, on_text)
+            return self._ask(context, list(conversations), params, on_text, answer_prefix)
         chats = [
             [{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations
         ]
-        ids = [self.tokenizer.encode_chat(chat) for chat in chats]
+        primed = self.tokenizer.encode(answer_prefix, add_special_tokens=False)
+        ids = [self.tokenizer.encode_chat(chat) + primed for chat in chats]
         return self._run(chats, ids, params, on_text)
 
     def _run(self, prompts, ids, params: SamplingParams, on_text) -> list[GenerationOutput]:

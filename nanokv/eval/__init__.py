@@ -1,0 +1,1 @@
+"""`nanokv eval`: needle-in-a-haystack, fidelity to the full cache, code completion."""
