@@ -239,3 +239,19 @@ class KVArena:
         self.k[layer, seq, heads, slot] = k.to(self.k.dtype)
         self.v[layer, seq, heads, slot] = v.to(self.v.dtype)
         self.pos[layer, seq, heads, slot] = pos
+
+    def shrink(self, capacity: int) -> None:
+        """Reallocates every buffer with `capacity` slots, keeping slots 0 .. capacity - 1.
+
+        Used once, between prefill and decode, when a layer- or model-wide selection kept fewer
+        tokens per head than the arena was sized for: the decode loop then holds only what was
+        kept (plus the window)."""
+        if capacity < int(self.lengths.max()) or capacity >= self.capacity:
+            return
+        self.k = self.k[..., :capacity, :].clone()
+        self.v = self.v[..., :capacity, :].clone()
+        self.pos = self.pos[..., :capacity].clone()
+        self.slot_state = {name: t[..., :capacity].clone() for name, t in self.slot_state.items()}
+        self.score = self.slot_state["score"]
+        if self.value_norms is not None:
+            self.value_norms = self.value_norms[..., :capacity].clone()

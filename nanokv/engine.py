@@ -132,6 +132,8 @@ class Engine:
         )  # (L, B, H_kv)
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
         window = window if fixed_window else self._fit_window(window, cache, plans)
+        total = torch.tensor([len(p) + max_new_tokens for p in prompts], device=self.device)
+        arena.shrink(int(torch.minimum(cache + window, total.view(1, -1, 1)).max()))
         filled = (arena.lengths[:, :, 0] - cache[:, :, 0]).cpu()  # same for every head
         state = DecodeState(arena, positions, cache, window, filled, memory)
         if self.quest is not None:

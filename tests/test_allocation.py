@@ -95,6 +95,7 @@ def test_global_allocation_is_one_model_wide_top_k(tiny_llama_dir, policy):
     lengths = state.arena.lengths[:, 0]  # (L, H_kv)
     assert int(lengths.sum()) == budget * lengths.numel()  # the total is exact
     assert len(set(lengths.flatten().tolist())) > 1  # heads really keep different counts
+    assert state.arena.capacity == int(lengths.max()) + state.window  # shrunk to what was kept
     cap, n = 3 * budget, len(PROMPT)
     entries = []  # brute force: per head its top-`cap` (protected first), then a global top-k
     for layer, layer_scores in scores.items():

@@ -116,3 +116,14 @@ def test_nbytes_counts_every_buffer():
     kv = 2 * LAYERS * 2 * KV_HEADS * 5 * DIM * 4
     slot_meta = 2 * LAYERS * 2 * KV_HEADS * 5 * 4 + LAYERS * 2 * Q_HEADS * 5 * 4
     assert arena.nbytes == kv + slot_meta + LAYERS * 2 * KV_HEADS * 4
+
+
+def test_shrink_keeps_the_held_slots():
+    arena = _arena(batch=1, capacity=10)
+    k, v, positions = _prompt(6)
+    arena.fill(0, 0, k, v, positions, value_norms=positions.float().expand(Q_HEADS, 6))
+    arena.shrink(6)
+    assert arena.capacity == 6 and arena.score.shape[-1] == 6 and arena.value_norms.shape[-1] == 6
+    _assert_consistent(arena)
+    arena.shrink(3)  # below what is held: refused silently, nothing lost
+    assert arena.capacity == 6
