@@ -56,8 +56,7 @@ def _arena_with(scores, usage, counts, pos):
 
 def test_decode_update_usage_composite_and_decay():
     policy = make_policy("auv", usage_top_k=2, usage_decay=0.5)
-    policy.reset(1)
-    policy._longest_row[0] = 10  # the prompt had 10 tokens: N_max
+    policy.bind({"longest_row": torch.tensor([10.0])})  # the prompt had 10 tokens: N_max
     arena = _arena_with([0.2, 0.1, 0.4, 9.0], [1.0, 0.0, 2.0, 0.0], [3.0, 2.0, 1.0, 0.0],
                         [0, 5, 7, RECONSTRUCTED_POS])  # fmt: skip
     mass = torch.tensor([[[0.6, 0.3, 0.9, 0.2]]])  # a group of 2 query heads: sums to 2
