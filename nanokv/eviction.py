@@ -71,26 +71,31 @@ class EvictionStage:
         if plan.keep_all:
             return None
         start = time.perf_counter()
-        n = prompt.positions.shape[0]
-        count = plan.layer_counts[prompt.layer] - self._reserved(n, plan.layer_counts[prompt.layer])
         scores = self.policy.prefill_scores(prompt).float()  # (H_kv, n)
+        kept, counts = self._kept(prompt, plan, scores)
+        self.seconds += time.perf_counter() - start
+        return PrefillSelection(kept, counts, scores, self.policy.prefill_state(prompt))
+
+    def _kept(
+        self, prompt: PromptLayer, plan: SequencePlan, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept (H_kv, m), counts (H_kv,)) of one layer under the allocation rule."""
+        n, planned = prompt.positions.shape[0], plan.layer_counts[prompt.layer]
+        count = planned - self._reserved(n, planned)
+        heads = scores.shape[0]
         if n <= count:
             kept = torch.arange(n, device=scores.device).expand_as(scores)
         elif self.options.allocation == "layer":
             keep = select_across_rows(
-                scores, self._protected(prompt.positions, n).expand_as(scores),
-                torch.ones_like(scores, dtype=torch.bool), total=count * scores.shape[0],
+                scores, self._protection_rank(prompt.positions, n).expand_as(scores),
+                torch.ones_like(scores, dtype=torch.bool), total=count * heads,
                 floor=self._floor(count), cap=plan.head_cap, protect_limit=count,
             )  # fmt: skip
-            kept, counts = kept_slots(keep)
-            self.seconds += time.perf_counter() - start
-            return PrefillSelection(kept, counts, scores, self.policy.prefill_state(prompt))
+            return kept_slots(keep)
         else:
             width = plan.head_cap if self.options.allocation == "global" else count
             kept = self._top(scores, width)
-        counts = torch.full((scores.shape[0],), kept.shape[1], device=scores.device)
-        self.seconds += time.perf_counter() - start
-        return PrefillSelection(kept, counts, scores, self.policy.prefill_state(prompt))
+        return kept, torch.full((heads,), kept.shape[1], device=scores.device)
 
     def _reserved(self, n: int, count: int) -> int:
         """1 when the policy keeps a reconstructed slot and this layer evicts prompt tokens."""
@@ -119,7 +124,7 @@ class EvictionStage:
         window = self.options.observation_window
         return select_prompt_tokens(scores, count, sinks=self.options.sinks, window=window)
 
-    def _protected(self, positions: torch.Tensor, n: int) -> torch.Tensor:
+    def _protection_rank(self, positions: torch.Tensor, n: int) -> torch.Tensor:
         window = self.options.observation_window
         return protection_rank(positions, n, self.options.sinks, window)
 
@@ -140,7 +145,7 @@ class EvictionStage:
         slots = torch.arange(arena.capacity, device=pos.device)
         valid = slots < lengths.unsqueeze(-1)
         keep = select_across_rows(
-            scores.flatten(0, 1), self._protected(pos, n).flatten(0, 1), valid.flatten(0, 1),
+            scores.flatten(0, 1), self._protection_rank(pos, n).flatten(0, 1), valid.flatten(0, 1),
             total=mean * lengths.numel(), floor=self._floor(mean), cap=plan.head_cap,
             protect_limit=mean,
         ).view_as(valid)  # fmt: skip
