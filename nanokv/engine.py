@@ -115,14 +115,29 @@ class Engine:
         plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
         memory: dict[str, torch.Tensor] = {}
         self.policy.bind(memory, batch=len(prompts))
-        window = 0 if all(p.keep_all for p in plans) else self._window(plans)
-        fixed_window = decode_window is not None and window > 0
-        window = decode_window if fixed_window else window
+        window = 0 if all(p.keep_all for p in plans) else decode_window or self._window(plans)
         capacity = max(min(p.head_cap + window, p.prompt_length + max_new_tokens) for p in plans)
         arena = self._allocate(len(prompts), capacity)
         logits = torch.cat(
             [self.prefill(arena, seq, ids, plans[seq]) for seq, ids in enumerate(prompts)]
         )
+        fit_window = decode_window is None
+        state = self._decode_state(arena, prompts, plans, window, fit_window, max_new_tokens)
+        state.memory = memory
+        state.prefill_seconds = time.perf_counter() - began
+        return state, logits
+
+    def _decode_state(
+        self,
+        arena: KVArena,
+        prompts: list[list[int]],
+        plans: list[SequencePlan],
+        window: int,
+        fit_window: bool,
+        max_new_tokens: int,
+    ) -> DecodeState:
+        """The state after prefill: per-head cache sizes, the final W, the arena shrunk to what
+        decoding needs, host-side window counters, Quest's page bounds."""
         cache = torch.stack(
             [
                 self.eviction.cache_tokens(plan, arena.lengths[:, seq])
@@ -130,20 +145,19 @@ class Engine:
             ],
             dim=1,
         )  # (L, B, H_kv)
-        positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        window = window if fixed_window else self._fit_window(window, cache, plans)
+        if fit_window:
+            window = self._fit_window(window, cache, plans)
         total = torch.tensor([len(p) + max_new_tokens for p in prompts], device=self.device)
         arena.shrink(int(torch.minimum(cache + window, total.view(1, -1, 1)).max()))
         filled = (arena.lengths[:, :, 0] - cache[:, :, 0]).cpu()  # same for every head
-        state = DecodeState(arena, positions, cache, window, filled, memory)
+        positions = torch.tensor([len(p) for p in prompts], device=self.device)
+        state = DecodeState(arena, positions, cache, window, filled, memory={})
+        state.kept_after_prefill = arena.lengths.clone()
         if self.quest is not None:
-            longest = max(map(len, prompts))
-            state.quest = QuestSparsity(self.quest, self.cfg.num_layers, longest)
+            state.quest = QuestSparsity(self.quest, self.cfg.num_layers, max(map(len, prompts)))
             for layer in range(self.cfg.num_layers):
                 state.quest.refresh(arena, layer)
-        state.prefill_seconds = time.perf_counter() - began
-        state.kept_after_prefill = arena.lengths.clone()
-        return state, logits
+        return state
 
     def _window(self, plans: list[SequencePlan]) -> int:
         """W: the configured decode window, no larger than the evictable (non-sink) part of
