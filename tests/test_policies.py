@@ -229,3 +229,21 @@ def test_streaming_decode_equals_masked_dense_attention(tiny_llama_dir):
     assert max(lengths) == cache + window and min(lengths) == cache + 1
     reference = _masked_dense_logits(engine, tokens, allowed)
     torch.testing.assert_close(torch.stack(ours), reference[n - 1 :], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "opt-post-ln"])
+@pytest.mark.parametrize("policy", [*EVICTING, "quest", "laprox+quest"])
+def test_every_policy_runs_on_mistral_and_opt(tmp_path_factory, kind, policy):
+    """Sliding-window Mistral (GQA 4:1) and post-LayerNorm OPT (MHA) under every policy."""
+    from tiny_models import make_hf_model, save_checkpoint
+
+    import nanokv
+
+    path = save_checkpoint(make_hf_model(kind), tmp_path_factory.mktemp(kind))
+    llm = nanokv.LLM(path, policy=policy, budget=12.0, quest_dense_layers=1, decode_window=3)
+    state, logits = llm.engine.start(PROMPTS, 8)
+    for _ in range(7):
+        logits = llm.engine.step(state, logits.argmax(-1))
+    assert torch.isfinite(logits).all()
+    if policy != "quest":
+        assert int(state.kept_after_prefill.float().mean()) == 12
