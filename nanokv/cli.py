@@ -13,6 +13,7 @@ from nanokv.policies.allocation import ALLOCATIONS
 from nanokv.sampling import SamplingParams
 
 EXIT_BAD_INPUT = 2
+BENCHMARKS = ("kernels", "e2e", "policies")
 
 
 class UsageError(ValueError):
@@ -41,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands.add_parser("generate", help="generate text from prompts"))
     add_eval_parser(commands)
+    bench = commands.add_parser("bench", help="run a benchmark script from bench/")
+    bench.add_argument("name", choices=BENCHMARKS, help="kernels, e2e or policies")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    bench.set_defaults(run=_run_bench)
     convert = commands.add_parser("convert", help="convert the embedded default model")
     convert.add_argument("--out", type=Path, help="output directory (default: weights/...)")
     convert.add_argument("--force", action="store_true", help="convert even if it exists")
@@ -116,6 +121,22 @@ def _run_generate(args: argparse.Namespace) -> int:
             print(f"--- [{index}] ---\n{output.text}")
     if args.verbose:
         print(llm.last_report.summary(), file=sys.stderr)
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    """Runs bench/<name>.py of the source checkout with the remaining arguments."""
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
+    if not script.is_file():
+        raise UsageError(f"{script} not found: the benchmarks live in a source checkout of nanokv")
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
     return 0
 
 

@@ -157,3 +157,8 @@ def test_empty_prompt(tiny_llama_dir, capsys):
 def test_unknown_policy(tiny_llama_dir, capsys):
     code, _, err = _run(["generate", "--model", str(tiny_llama_dir), "--policy", "x", "hi"], capsys)
     _assert_one_line_error(code, err, "unknown policy")
+
+
+def test_bench_subcommand_runs_a_script(capsys):
+    code, out, _ = _run(["bench", "kernels", "--help"], capsys)
+    assert code == 0 and "usage" in out.lower()
