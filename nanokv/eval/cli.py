@@ -1,15 +1,114 @@
-"""The `nanokv eval` subcommand (placeholder until the suites land)."""
+"""`nanokv eval niah|fidelity|code|all`: run a grid, write results JSONL, summary.md and PNGs.
+
+Bad input raises ValueError with one line (nanokv/cli.py prints it and exits with status 2)
+before any model is loaded or anything is written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from nanokv.eval.grid import SUITES, Grid, resolve
 
 
 def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     """Adds `nanokv eval` to the command line."""
-    parser = commands.add_parser("eval", help="evaluate policies (niah, fidelity, code)")
-    parser.set_defaults(run=_not_yet)
+    p = commands.add_parser(
+        "eval", help="evaluate policies (niah, fidelity, code)", description=__doc__
+    )
+    p.add_argument("suite", choices=[*SUITES, "all"], help="which suite to run (all: the three)")
+    p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--policies", nargs="+", metavar="SPEC",
+        help="policy specs NAME[:key=value,...], e.g. snapkv laprox:pool=31 quest:oracle "
+        "needle-oracle (default: the preset's)",
+    )  # fmt: skip
+    p.add_argument("--budgets", nargs="+", type=float, help="fractions in (0,1] or token counts")
+    p.add_argument("--lengths", nargs="+", type=int, help="prompt / context lengths in tokens")
+    p.add_argument("--depths", nargs="+", type=float, help="niah: needle depths in [0, 1]")
+    p.add_argument("--seeds", nargs="+", type=int, help="case seeds (each seed is a case)")
+    p.add_argument("--tasks", nargs="+", help="niah: single, multikey, multivalue")
+    p.add_argument("--fillers", nargs="+", help="niah: neutral, prose")
+    p.add_argument(
+        "--setting", choices=["question", "context", "both"],
+        help="niah: question-aware, context-only or both (default both)",
+    )  # fmt: skip
+    p.add_argument("--texts", nargs="+", help="fidelity: docs, code")
+    p.add_argument("--tokens", type=int, help="fidelity: teacher-forced continuation tokens")
+    p.add_argument("--out", type=Path, default=Path("nanokv-eval"), help="results directory")
+    p.add_argument("--quick", action="store_true", help="the small grid (< 10 min on 2 cores)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(run=run_eval)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise RuntimeError("nanokv eval is not implemented yet")
+def grids(args: argparse.Namespace) -> dict[str, Grid]:
+    """The grid of each requested suite: the preset with the given flags applied."""
+    settings = None if args.setting in (None, "both") else (args.setting,)
+    overrides = dict(
+        policies=_tuple(args.policies), budgets=_tuple(args.budgets),
+        lengths=_tuple(args.lengths), depths=_tuple(args.depths), seeds=_tuple(args.seeds),
+        tasks=_tuple(args.tasks), fillers=_tuple(args.fillers), settings=settings,
+        texts=_tuple(args.texts), tokens=args.tokens,
+    )  # fmt: skip
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    chosen = {suite: resolve(suite, args.quick, overrides) for suite in suites}
+    if args.suite == "all":  # the needle oracle only makes sense where there is a needle
+        for suite in ("fidelity", "code"):
+            kept = tuple(p for p in chosen[suite].policies if not p.startswith("needle-oracle"))
+            chosen[suite] = replace(chosen[suite], policies=kept)
+    return chosen
+
+
+def _tuple(values: list | None) -> tuple | None:
+    return None if values is None else tuple(values)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    chosen = grids(args)
+    for suite, grid in chosen.items():
+        grid.validate(suite)
+    from nanokv.eval.corpus import corpus_fingerprint
+    from nanokv.eval.results import ResultStore, check_meta
+    from nanokv.eval.runner import run_jobs
+    from nanokv.eval.suites import SUITE_JOBS
+    from nanokv.llm import LLM
+    from nanokv.loader import load_config, resolve_model_dir
+
+    if args.model is not None:  # check the lengths against the model before loading it
+        config = load_config(resolve_model_dir(args.model))
+        for suite, grid in chosen.items():
+            grid.validate(suite, config.max_position_embeddings)
+    if not args.no_plots:
+        from nanokv.eval.plots import pyplot
+
+        pyplot()  # fail now, not after the run, when matplotlib is missing
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    for suite, grid in chosen.items():
+        grid.validate(suite, llm.config.max_position_embeddings)
+    out = args.out.resolve()
+    check_meta(out, {"model": str(llm.model_dir.name), "corpus": corpus_fingerprint()})
+    for suite, grid in chosen.items():
+        run_jobs(suite, SUITE_JOBS[suite](llm, grid), ResultStore(out, suite))
+    return report(out, args.no_plots)
+
+
+def report(out: Path, no_plots: bool = False) -> int:
+    """Rewrites summary.md (and the PNGs) from every suite's results in `out`."""
+    from nanokv.eval.results import ResultStore
+    from nanokv.eval.summary import write_summary
+
+    rows = {suite: ResultStore(out, suite).rows() for suite in SUITES}
+    summary = write_summary(out, rows)
+    print(f"results: {out}/*.jsonl\nsummary: {summary}", file=sys.stderr)
+    if not no_plots:
+        from nanokv.eval.plots import write_plots
+
+        written = write_plots(out, rows)
+        print(f"plots: {len(written)} PNGs in {out}", file=sys.stderr)
+    print(summary.read_text())
+    return 0

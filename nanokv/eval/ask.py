@@ -1,0 +1,112 @@
+"""Asking a question about a document in the two settings, through the engine's public API.
+
+- question-aware: the document and the question are one user message, prefilled and compressed
+  together (SnapKV's setting) -- what `LLM.chat(..., answer_prefix=...)` does;
+- context-only: the document alone is prefilled and compressed, then the question, the chat
+  template's tail and the answer prefix extend the compressed arena with nothing evicted
+  (kvpress's setting) -- what `LLM.compress` + `LLM.chat(..., context=...)` do.
+
+The same steps are run on an `Engine` directly so that the evaluation can look at the arena after
+compression (which tokens survived) and run a policy wrapper (the needle oracle); a test checks
+that the answers equal those of the `LLM` calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanokv.context import split_context
+from nanokv.engine import DecodeState, Engine
+from nanokv.sampling import SamplingParams
+from nanokv.stopping import StopChecker
+from nanokv.tokenizer import Tokenizer
+
+SETTINGS = ("question", "context")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    setting: str  # "question" or "context"
+    prefill: list[int]  # token ids prefilled and compressed
+    follow: list[int]  # context-only: ids fed after compression (question, template tail, prefix)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prefill) + len(self.follow)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    kept_tokens: float  # tokens a (layer, kv head) held after compression, on average
+    tracked_kept: list[float] | None  # per layer: share of the tracked positions still held
+    seconds: float
+
+
+def build_prompt(
+    tokenizer: Tokenizer, setting: str, document: str, question: str, answer_prefix: str
+) -> Prompt:
+    """The token ids of `document` + `question` in `setting`, with the answer primed. Without a
+    chat template the texts are concatenated raw and the prefix starts a new line."""
+    chat = tokenizer.chat_template is not None
+    prefix = answer_prefix if chat else "\n" + answer_prefix
+    if setting == "question":
+        if chat:
+            ids = tokenizer.encode_chat([{"role": "user", "content": document + question}])
+            ids = ids + tokenizer.encode(prefix, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(document + question + prefix)
+        return Prompt(setting, ids, [])
+    if setting == "context":
+        if not question.strip():
+            raise ValueError("the question is empty: give the text to ask")
+        ids, suffix = split_context(tokenizer, document, chat)
+        follow = tokenizer.encode(question + suffix + prefix, add_special_tokens=False)
+        return Prompt(setting, ids, follow)  # as CompressedContext.question_ids builds it
+    raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+
+
+def answer(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    eos_token_ids: set[int],
+    prompt: Prompt,
+    params: SamplingParams,
+    track: list[int] | None = None,
+    stopper: StopChecker | None = None,
+) -> Outcome:
+    """Runs `prompt` and returns the answer text, with what compression kept of the `track`ed
+    prompt positions (e.g. the needle's tokens). `stopper` replaces the usual EOS / stop-string
+    check."""
+    began = time.perf_counter()
+    new = params.max_new_tokens
+    if prompt.follow:
+        reserve = len(prompt.follow) + new
+        state, _ = engine.start([prompt.prefill], reserve, decode_window=reserve)
+    else:
+        state, logits = engine.start([prompt.prefill], new)
+    kept = float(state.arena.lengths[:, 0].float().mean())
+    tracked = None if track is None else kept_share(state, track)
+    if prompt.follow:
+        logits = engine.extend(state, prompt.follow)
+    if stopper is None:
+        stopper = StopChecker(tokenizer.decode, eos_token_ids, params.stop, params.ignore_eos)
+    (seq,) = engine.decode(state, logits, [prompt.prefill + prompt.follow], params, stopper)
+    return Outcome(seq.text, kept, tracked, time.perf_counter() - began)
+
+
+def kept_share(state: DecodeState, positions: list[int]) -> list[float]:
+    """Per layer, the share of `positions` that the arena of sequence 0 holds, averaged over
+    the kv heads (eviction is per kv head)."""
+    arena, wanted = state.arena, torch.tensor(positions, dtype=torch.int32)
+    shares = []
+    for layer in range(arena.k.shape[0]):
+        per_head = []
+        for head in range(arena.k.shape[2]):
+            held = arena.pos[layer, 0, head, : int(arena.lengths[layer, 0, head])].cpu()
+            per_head.append(float(torch.isin(wanted, held).float().mean()))
+        shares.append(sum(per_head) / len(per_head))
+    return shares

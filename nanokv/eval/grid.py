@@ -1,0 +1,108 @@
+"""What an evaluation runs: policies x budgets x cases, with the `--quick` and full presets.
+
+The quick presets are sized to finish in under 10 minutes for all three suites together on two
+CPU cores with the default model (prefill ~1.7 s per 1k tokens, decode ~17 tokens/s); the full
+presets are for a GPU or a long afternoon. Any flag given on the command line replaces that
+field of the preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from nanokv.budget import Budget
+from nanokv.eval.ask import SETTINGS
+from nanokv.eval.fidelity import SOURCES
+from nanokv.eval.haystack import FILLERS
+from nanokv.eval.niah import TASKS
+from nanokv.eval.specs import PolicySpec, parse_spec
+
+SUITES = ("niah", "fidelity", "code")
+_MAIN = ("full", "streaming", "h2o", "snapkv", "auv", "laprox", "quest")
+_DIAGNOSTICS = ("quest:oracle", "needle-oracle")
+
+
+@dataclass(frozen=True)
+class Grid:
+    policies: tuple[str, ...]  # policy specs (see specs.py)
+    budgets: tuple[float, ...]
+    lengths: tuple[int, ...]  # prompt / context tokens
+    seeds: tuple[int, ...]
+    depths: tuple[float, ...] = (0.5,)  # niah
+    tasks: tuple[str, ...] = ("single",)  # niah
+    fillers: tuple[str, ...] = ("prose",)  # niah
+    settings: tuple[str, ...] = SETTINGS  # niah: question-aware and/or context-only
+    texts: tuple[str, ...] = SOURCES  # fidelity: docs and/or code
+    tokens: int = 32  # fidelity: teacher-forced continuation tokens
+
+    def specs(self) -> list[PolicySpec]:
+        return [parse_spec(text) for text in self.policies]
+
+    def validate(self, suite: str, context: int | None = None) -> None:
+        """Raises ValueError for a value that cannot run; `context` is the model's window."""
+        specs = self.specs()
+        for budget in self.budgets:
+            Budget(budget)
+        _check_names("task", self.tasks, TASKS)
+        _check_names("filler", self.fillers, FILLERS)
+        _check_names("setting", self.settings, SETTINGS)
+        _check_names("text", self.texts, SOURCES)
+        for depth in self.depths:
+            if not 0.0 <= depth <= 1.0:
+                raise ValueError(f"depth must be in [0, 1], got {depth}")
+        if self.tokens < 2:
+            raise ValueError(f"--tokens must be at least 2, got {self.tokens}")
+        for length in self.lengths:
+            if length < 64:
+                raise ValueError(f"length {length} is too short: give at least 64 tokens")
+            if context is not None and length + max(self.tokens, 64) > context:
+                raise ValueError(
+                    f"length {length} plus the tokens to generate exceeds the model's "
+                    f"{context}-token context"
+                )
+        if suite != "niah" and any(spec.needle_oracle for spec in specs):
+            raise ValueError("needle-oracle has no needle outside niah: drop it from --policies")
+        if not self.policies or not self.budgets or not self.lengths or not self.seeds:
+            raise ValueError("the grid is empty: give at least one policy, budget, length, seed")
+
+
+def _check_names(what: str, given: tuple[str, ...], known: tuple[str, ...]) -> None:
+    for name in given:
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(known)}")
+
+
+QUICK = {
+    "niah": Grid(
+        policies=_MAIN + _DIAGNOSTICS, budgets=(0.05, 0.1), lengths=(1024, 2048), seeds=(0,),
+        depths=(0.25, 0.75),
+    ),
+    "fidelity": Grid(policies=_MAIN, budgets=(0.05, 0.1), lengths=(2048,), seeds=(0,)),
+    "code": Grid(policies=_MAIN, budgets=(0.05, 0.1), lengths=(1024,), seeds=(0, 1, 2)),
+}  # fmt: skip
+
+_ALL = ("full", "streaming", "h2o", "snapkv", "tova", "auv", "laprox", "quest", "snapkv+quest")
+FULL = {
+    "niah": Grid(
+        policies=_ALL + _DIAGNOSTICS, budgets=(0.02, 0.05, 0.1, 0.2),
+        lengths=(1024, 2048, 4096), seeds=(0, 1), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+        tasks=TASKS, fillers=FILLERS,
+    ),
+    "fidelity": Grid(
+        policies=_ALL, budgets=(0.02, 0.05, 0.1, 0.2), lengths=(2048, 4096), seeds=(0, 1, 2),
+        tokens=64,
+    ),
+    "code": Grid(
+        policies=_ALL, budgets=(0.02, 0.05, 0.1, 0.2), lengths=(1024, 2048, 4096),
+        seeds=tuple(range(10)),
+    ),
+}  # fmt: skip
+
+
+def resolve(suite: str, quick: bool, overrides: dict[str, object]) -> Grid:
+    """The preset for `suite`, with the given (non-None) fields replaced."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+    names = {f.name for f in fields(Grid)}
+    given = {k: v for k, v in overrides.items() if v is not None and k in names}
+    return replace((QUICK if quick else FULL)[suite], **given)

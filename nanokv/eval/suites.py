@@ -1,0 +1,163 @@
+"""The three suites as lists of jobs: every case x policy x budget (x setting for NIAH) of a grid.
+
+Jobs are ordered case by case, so a case's prompt (and, for fidelity, its full-cache reference)
+is built once and reused by every policy. `full` runs once per case, at budget 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from itertools import product
+
+import torch
+
+from nanokv.eval.ask import Prompt, answer, build_prompt
+from nanokv.eval.code import CodeSpec, FirstLine, edit_similarity, first_line, make_code_case
+from nanokv.eval.fidelity import FidelitySpec, compare, make_fidelity_case, teacher_force
+from nanokv.eval.grid import Grid
+from nanokv.eval.niah import NiahCase, NiahSpec, make_case, score
+from nanokv.eval.runner import Job
+from nanokv.eval.specs import PolicySpec, engine_for, parse_spec
+from nanokv.eval.tokens import token_span
+from nanokv.llm import LLM
+from nanokv.sampling import SamplingParams
+
+NEW_TOKENS = {"single": 12, "multikey": 12, "multivalue": 40, "code": 48}
+
+
+def runs(grid: Grid) -> list[tuple[PolicySpec, float]]:
+    """(policy, budget) pairs in grid order; `full` once, at budget 1."""
+    pairs = []
+    for spec in grid.specs():
+        budgets = (1.0,) if spec.is_full else grid.budgets
+        pairs += [(spec, budget) for budget in budgets]
+    return pairs
+
+
+def niah_jobs(llm: LLM, grid: Grid) -> list[Job]:
+    """Every NIAH case x setting x (policy, budget)."""
+    case_for = lru_cache(maxsize=1)(lambda spec: make_case(spec, llm.tokenizer))
+    jobs = []
+    for task, filler, length, depth, seed in product(
+        grid.tasks, grid.fillers, grid.lengths, grid.depths, grid.seeds
+    ):
+        spec = NiahSpec(task, filler, length, depth, seed)
+        for setting, (policy, budget) in product(grid.settings, runs(grid)):
+            row_id = f"{spec.id}|{setting}|{policy.label}|b{budget:g}"
+            label = f"{setting} {policy.label} b={budget:g} {spec.id}"
+            run = _niah_run(llm, spec, setting, policy, budget, case_for)
+            jobs.append(Job(row_id, label, run))
+    return jobs
+
+
+def _niah_run(
+    llm: LLM,
+    spec: NiahSpec,
+    setting: str,
+    policy: PolicySpec,
+    budget: float,
+    case_for: Callable[[NiahSpec], NiahCase],
+) -> Callable[[], dict]:
+    def run() -> dict:
+        case, tokenizer = case_for(spec), llm.tokenizer
+        prompt = build_prompt(tokenizer, setting, case.document, case.question, case.answer_prefix)
+        values = _positions(tokenizer, prompt, case.expected)
+        engine, oracle = engine_for(llm, policy, budget)
+        if oracle is not None:
+            oracle.forced = torch.tensor(values)  # the value's digits, as DESIGN.md's oracle
+        params = SamplingParams(max_new_tokens=NEW_TOKENS[spec.task], stop=["\n"])
+        outcome = answer(engine, tokenizer, llm.eos_token_ids, prompt, params, track=values)
+        result = score(outcome.text, case.expected)
+        return {
+            "suite": "niah", "case": spec.id, "task": spec.task, "filler": spec.filler,
+            "length": spec.length, "depth": spec.depth, "seed": spec.seed, "setting": setting,
+            "policy": policy.label, "budget": budget, "prompt_tokens": prompt.tokens,
+            "expected": list(case.expected), "answer": outcome.text, "score": result,
+            "correct": result == 1.0, "kept_tokens": round(outcome.kept_tokens, 2),
+            "needle_kept": [round(s, 4) for s in outcome.tracked_kept],
+            "sources": list(case.sources), "seconds": round(outcome.seconds, 3),
+        }  # fmt: skip
+
+    return run
+
+
+def _positions(tokenizer, prompt: Prompt, texts: tuple[str, ...]) -> list[int]:
+    """Prefill token positions that cover each of `texts` (the needle's values or sentences)."""
+    positions: list[int] = []
+    for text in texts:
+        start, end = token_span(tokenizer, prompt.prefill, text)
+        positions += range(start, end)
+    return positions
+
+
+def fidelity_jobs(llm: LLM, grid: Grid) -> list[Job]:
+    """Every fidelity case x (policy, budget); the full-cache reference is computed once a case."""
+    full = parse_spec("full")
+
+    @lru_cache(maxsize=1)
+    def reference(spec: FidelitySpec):
+        case = make_fidelity_case(spec, llm.tokenizer)
+        engine, _ = engine_for(llm, full, 1.0)
+        return case, teacher_force(engine, case)
+
+    jobs = []
+    for text, length, seed in product(grid.texts, grid.lengths, grid.seeds):
+        spec = FidelitySpec(text, length, grid.tokens, seed)
+        for policy, budget in runs(grid):
+            row_id = f"{spec.id}|{policy.label}|b{budget:g}"
+            label = f"{policy.label} b={budget:g} {spec.id}"
+            jobs.append(Job(row_id, label, _fidelity_run(llm, spec, policy, budget, reference)))
+    return jobs
+
+
+def _fidelity_run(llm: LLM, spec: FidelitySpec, policy: PolicySpec, budget: float, reference):
+    def run() -> dict:
+        case, full = reference(spec)
+        engine, _ = engine_for(llm, policy, budget)
+        trace = teacher_force(engine, case)
+        return {
+            "suite": "fidelity", "case": spec.id, "text": spec.source, "file": case.text_name,
+            "length": spec.length, "tokens": spec.tokens, "seed": spec.seed,
+            "policy": policy.label, "budget": budget, "kept_tokens": round(trace.kept_tokens, 2),
+            **compare(full, trace, case.continuation),
+        }  # fmt: skip
+
+    return run
+
+
+def code_jobs(llm: LLM, grid: Grid) -> list[Job]:
+    """Every code-completion case x (policy, budget)."""
+    case_for = lru_cache(maxsize=1)(lambda spec: make_code_case(spec, llm.tokenizer))
+    jobs = []
+    for length, seed in product(grid.lengths, grid.seeds):
+        spec = CodeSpec(length, seed)
+        for policy, budget in runs(grid):
+            row_id = f"{spec.id}|{policy.label}|b{budget:g}"
+            label = f"{policy.label} b={budget:g} {spec.id}"
+            jobs.append(Job(row_id, label, _code_run(llm, spec, policy, budget, case_for)))
+    return jobs
+
+
+def _code_run(llm: LLM, spec: CodeSpec, policy: PolicySpec, budget: float, case_for):
+    def run() -> dict:
+        case, tokenizer = case_for(spec), llm.tokenizer
+        engine, _ = engine_for(llm, policy, budget)
+        params = SamplingParams(max_new_tokens=NEW_TOKENS["code"])
+        stopper = FirstLine(tokenizer.decode, llm.eos_token_ids)
+        prompt = Prompt("question", case.prompt, [])
+        outcome = answer(engine, tokenizer, llm.eos_token_ids, prompt, params, stopper=stopper)
+        predicted = first_line(outcome.text)
+        return {
+            "suite": "code", "case": spec.id, "file": case.file, "line": case.line_number,
+            "length": spec.length, "seed": spec.seed, "policy": policy.label, "budget": budget,
+            "prompt_tokens": len(case.prompt), "target": case.target, "prediction": predicted,
+            "similarity": round(edit_similarity(predicted, case.target), 4),
+            "exact": predicted == case.target, "kept_tokens": round(outcome.kept_tokens, 2),
+            "seconds": round(outcome.seconds, 3),
+        }  # fmt: skip
+
+    return run
+
+
+SUITE_JOBS = {"niah": niah_jobs, "fidelity": fidelity_jobs, "code": code_jobs}

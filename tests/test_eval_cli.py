@@ -1,0 +1,110 @@
+"""`nanokv eval` end to end on a tiny random model: JSONL, summary.md and PNGs; resuming; bad
+input is one line and exit status 2, with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_eval_fixtures import long_tiny_dir_fixture  # noqa: F401
+
+from nanokv.cli import main
+
+GRID = [
+    "--quick", "--lengths", "700", "--depths", "0.5", "--seeds", "0", "--budgets", "0.2",
+    "--tokens", "8", "--policies", "full", "snapkv", "needle-oracle", "quest:oracle",
+]  # fmt: skip
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tiny_end_to_end_writes_results_summary_and_plots(long_tiny_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "eval"
+    args = ["eval", "all", "--model", str(long_tiny_dir), "--out", str(out), *GRID]
+    assert main(args) == 0
+    niah, fidelity, code = (_rows(out / f"{s}.jsonl") for s in ("niah", "fidelity", "code"))
+    assert len(niah) == 2 * 4  # question + context x (full + 3 policies at one budget)
+    assert len(fidelity) == 2 * 3 and len(code) == 3  # needle-oracle only runs on niah
+    assert len({row["id"] for row in niah + fidelity + code}) == len(niah + fidelity + code)
+    full = [r for r in fidelity if r["policy"] == "full"]
+    assert all(r["agreement"] == 1.0 and r["kl"] == 0.0 for r in full)
+    oracle = [r for r in niah if r["policy"] == "needle-oracle"]
+    assert all(min(r["needle_kept"]) == 1.0 for r in oracle)
+    summary = (out / "summary.md").read_text()
+    for heading in ("Needle in a haystack", "Fidelity", "Code completion", "Sources"):
+        assert heading in summary
+    assert "stdlib/" in summary  # the text sources are listed
+    for name in (
+        "niah_heatmap_question_b0.2.png", "niah_budget_context.png",
+        "niah_needle_kept_question_b0.2.png", "fidelity_cosine_b0.2.png",
+        "fidelity_budget.png", "code_budget.png",
+    ):  # fmt: skip
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+    assert "[niah]" in capsys.readouterr().err  # the progress line
+
+    assert main(args) == 0  # resumed: every case is skipped, nothing is appended
+    assert len(_rows(out / "niah.jsonl")) == len(niah)
+    assert "0 run, 8 resumed" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(long_tiny_dir, tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", "code", "--model", str(long_tiny_dir), "--out", str(out), "--no-plots"]
+    args += ["--lengths", "300", "--seeds", "0", "1", "--budgets", "0.2", "--policies", "full"]
+    assert main(args) == 0
+    path = out / "code.jsonl"
+    first, second = path.read_text().splitlines()
+    path.write_text(first + "\n" + second[: len(second) // 2])  # a crash mid-line
+    assert main(args) == 0
+    rows = _rows_skipping_partial(path)
+    assert [r["id"] for r in rows] == [json.loads(first)["id"], json.loads(second)["id"]]
+    assert rows[1] == json.loads(second) | {"seconds": rows[1]["seconds"]}
+
+
+def _rows_skipping_partial(path):
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budgets", "0"], "budget must be"),
+        (["--policies", "bogus"], "unknown policy"),
+        (["--policies", "snapkv:pool=4"], "pool must be"),
+        (["--depths", "1.5"], "depth must be in"),
+        (["--tasks", "triple"], "unknown task"),
+        (["--lengths", "9000"], "context"),
+        (["--lengths", "10"], "too short"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(long_tiny_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "eval"
+    status = main(["eval", "niah", "--model", str(long_tiny_dir), "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith("nanokv: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_needle_oracle_outside_niah_is_refused(long_tiny_dir, tmp_path, capsys):
+    args = ["eval", "fidelity", "--model", str(long_tiny_dir), "--out", str(tmp_path / "o")]
+    assert main([*args, "--policies", "needle-oracle"]) == 2
+    assert "needle-oracle" in capsys.readouterr().err
+
+
+def test_results_of_another_model_are_not_mixed_in(long_tiny_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"model": "some-other-model"}))
+    args = ["eval", "code", "--model", str(long_tiny_dir), "--out", str(out), "--no-plots"]
+    assert main([*args, "--lengths", "300", "--seeds", "0", "--policies", "full"]) == 2
+    assert "choose another --out" in capsys.readouterr().err
