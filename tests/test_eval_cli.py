@@ -12,7 +12,8 @@ from nanokv.cli import main
 
 GRID = [
     "--quick", "--lengths", "700", "--depths", "0.5", "--seeds", "0", "--budgets", "0.2",
-    "--tokens", "8", "--policies", "full", "snapkv", "needle-oracle", "quest:oracle",
+    "--tokens", "8", "--texts", "docs", "code",
+    "--policies", "full", "snapkv", "needle-oracle", "quest:oracle",
 ]  # fmt: skip
 
 
@@ -108,3 +109,15 @@ def test_results_of_another_model_are_not_mixed_in(long_tiny_dir, tmp_path, caps
     args = ["eval", "code", "--model", str(long_tiny_dir), "--out", str(out), "--no-plots"]
     assert main([*args, "--lengths", "300", "--seeds", "0", "--policies", "full"]) == 2
     assert "choose another --out" in capsys.readouterr().err
+
+
+def test_a_case_reruns_from_its_id(long_tiny_dir, tmp_path):
+    case = "niah/multikey/neutral/L700/d0.3/s5"
+    out = tmp_path / "eval"
+    args = ["eval", "all", "--model", str(long_tiny_dir), "--out", str(out), "--no-plots"]
+    args += ["--cases", case, "--policies", "full", "snapkv", "--budgets", "0.2"]
+    assert main(args) == 0
+    rows = _rows(out / "niah.jsonl")
+    assert {row["case"] for row in rows} == {case} and len(rows) == 2 * 2
+    assert not (out / "fidelity.jsonl").exists()
+    assert main([*args[:-7], "--cases", "niah/single/prose"]) == 2  # a malformed id

@@ -38,6 +38,10 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--texts", nargs="+", help="fidelity: docs, code")
     p.add_argument("--tokens", type=int, help="fidelity: teacher-forced continuation tokens")
+    p.add_argument(
+        "--cases", nargs="+", metavar="ID",
+        help="run these case ids (e.g. niah/single/prose/L2048/d0.25/s0) instead of the grid's",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("nanokv-eval"), help="results directory")
     p.add_argument("--quick", action="store_true", help="the small grid (< 10 min on 2 cores)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -53,12 +57,14 @@ def grids(args: argparse.Namespace) -> dict[str, Grid]:
         policies=_tuple(args.policies), budgets=_tuple(args.budgets),
         lengths=_tuple(args.lengths), depths=_tuple(args.depths), seeds=_tuple(args.seeds),
         tasks=_tuple(args.tasks), fillers=_tuple(args.fillers), settings=settings,
-        texts=_tuple(args.texts), tokens=args.tokens,
+        texts=_tuple(args.texts), tokens=args.tokens, cases=_tuple(args.cases),
     )  # fmt: skip
     suites = SUITES if args.suite == "all" else (args.suite,)
+    if args.suite == "all" and args.cases:  # only the suites the ids name
+        suites = tuple(s for s in SUITES if any(c.startswith(f"{s}/") for c in args.cases))
     chosen = {suite: resolve(suite, args.quick, overrides) for suite in suites}
     if args.suite == "all":  # the needle oracle only makes sense where there is a needle
-        for suite in ("fidelity", "code"):
+        for suite in set(chosen) - {"niah"}:
             kept = tuple(p for p in chosen[suite].policies if not p.startswith("needle-oracle"))
             chosen[suite] = replace(chosen[suite], policies=kept)
     return chosen

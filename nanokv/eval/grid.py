@@ -12,12 +12,14 @@ from dataclasses import dataclass, fields, replace
 
 from nanokv.budget import Budget
 from nanokv.eval.ask import SETTINGS
-from nanokv.eval.fidelity import SOURCES
+from nanokv.eval.code import CodeSpec
+from nanokv.eval.fidelity import SOURCES, FidelitySpec
 from nanokv.eval.haystack import FILLERS
-from nanokv.eval.niah import TASKS
+from nanokv.eval.niah import TASKS, NiahSpec
 from nanokv.eval.specs import PolicySpec, parse_spec
 
 SUITES = ("niah", "fidelity", "code")
+SPEC_TYPES = {"niah": NiahSpec, "fidelity": FidelitySpec, "code": CodeSpec}
 _MAIN = ("full", "streaming", "h2o", "snapkv", "auv", "laprox", "quest")
 _DIAGNOSTICS = ("quest:oracle", "needle-oracle")
 
@@ -34,6 +36,7 @@ class Grid:
     settings: tuple[str, ...] = SETTINGS  # niah: question-aware and/or context-only
     texts: tuple[str, ...] = SOURCES  # fidelity: docs and/or code
     tokens: int = 32  # fidelity: teacher-forced continuation tokens
+    cases: tuple[str, ...] = ()  # case ids: run these instead of the grid's cases
 
     def specs(self) -> list[PolicySpec]:
         return [parse_spec(text) for text in self.policies]
@@ -52,7 +55,7 @@ class Grid:
                 raise ValueError(f"depth must be in [0, 1], got {depth}")
         if self.tokens < 2:
             raise ValueError(f"--tokens must be at least 2, got {self.tokens}")
-        for length in self.lengths:
+        for length in self._lengths(suite):
             if length < 64:
                 raise ValueError(f"length {length} is too short: give at least 64 tokens")
             if context is not None and length + max(self.tokens, 64) > context:
@@ -65,6 +68,19 @@ class Grid:
         if not self.policies or not self.budgets or not self.lengths or not self.seeds:
             raise ValueError("the grid is empty: give at least one policy, budget, length, seed")
 
+    def _lengths(self, suite: str) -> tuple[int, ...]:
+        """The lengths `suite` will run: the grid's, or those of its `cases` ids (each id is
+        checked: a malformed one raises ValueError)."""
+        if not self.cases:
+            return self.lengths
+        for case_id in self.cases:
+            if case_id.split("/")[0] not in SUITES:
+                raise ValueError(f"{case_id!r} is not a case id (niah/..., fidelity/..., code/...)")
+        chosen = [SPEC_TYPES[suite].from_id(c) for c in self.cases if c.startswith(f"{suite}/")]
+        if not chosen:
+            raise ValueError(f"none of the --cases ids is a {suite} case")
+        return tuple(spec.length for spec in chosen)
+
 
 def _check_names(what: str, given: tuple[str, ...], known: tuple[str, ...]) -> None:
     for name in given:
@@ -74,11 +90,13 @@ def _check_names(what: str, given: tuple[str, ...], known: tuple[str, ...]) -> N
 
 QUICK = {
     "niah": Grid(
-        policies=_MAIN + _DIAGNOSTICS, budgets=(0.05, 0.1), lengths=(1024, 2048), seeds=(0,),
-        depths=(0.25, 0.75),
+        policies=("full", "snapkv", "laprox", "quest") + _DIAGNOSTICS,
+        budgets=(0.05, 0.1), lengths=(1024, 2048), seeds=(0,), depths=(0.25, 0.75),
     ),
-    "fidelity": Grid(policies=_MAIN, budgets=(0.05, 0.1), lengths=(2048,), seeds=(0,)),
-    "code": Grid(policies=_MAIN, budgets=(0.05, 0.1), lengths=(1024,), seeds=(0, 1, 2)),
+    "fidelity": Grid(
+        policies=_MAIN, budgets=(0.05, 0.1), lengths=(2048,), seeds=(0,), texts=("docs",),
+    ),
+    "code": Grid(policies=_MAIN, budgets=(0.05, 0.1), lengths=(1024,), seeds=(0, 1)),
 }  # fmt: skip
 
 _ALL = ("full", "streaming", "h2o", "snapkv", "tova", "auv", "laprox", "quest", "snapkv+quest")

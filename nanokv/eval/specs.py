@@ -1,11 +1,11 @@
 """Policy specs of the command line: ``NAME[:key=value,...]``, each one row of the results.
 
 NAME is an engine policy (full, streaming, h2o, snapkv, tova, auv, laprox), ``quest``,
-``<policy>+quest``, or ``needle-oracle`` (a diagnostic: a policy -- snapkv unless ``base=`` says
-otherwise -- whose prompt scores are overridden so that the asked value's digit tokens are
-always kept, as DESIGN.md's oracle row; NIAH only). Keys are PolicyOptions fields (``window``
-is short for observation_window) and the Quest settings ``quest_budget``, ``oracle`` (rank
-pages by true attention) and ``dense``. Examples: ``laprox:pool=31,allocation=global``,
+``<policy>+quest``, or ``needle-oracle``: a diagnostic, a policy (snapkv unless ``base=`` says
+otherwise) whose prompt scores are overridden so that the asked value's tokens and the period
+after it are always kept, as DESIGN.md's oracle row; NIAH only. Keys are PolicyOptions fields
+(``window`` is short for observation_window) and the Quest settings ``quest_budget``, ``oracle``
+(rank pages by true attention) and ``dense``. Examples: ``laprox:pool=31,allocation=global``,
 ``quest:oracle``, ``needle-oracle:base=laprox``. The spec text, normalised, is the row's label.
 """
 

@@ -35,14 +35,32 @@ def runs(grid: Grid) -> list[tuple[PolicySpec, float]]:
     return pairs
 
 
+def niah_specs(grid: Grid) -> list[NiahSpec]:
+    """The grid's cases, or only those `grid.cases` names."""
+    if grid.cases:
+        return [NiahSpec.from_id(c) for c in grid.cases if c.startswith("niah/")]
+    axes = (grid.tasks, grid.fillers, grid.lengths, grid.depths, grid.seeds)
+    return [NiahSpec(*values) for values in product(*axes)]
+
+
+def fidelity_specs(grid: Grid) -> list[FidelitySpec]:
+    if grid.cases:
+        return [FidelitySpec.from_id(c) for c in grid.cases if c.startswith("fidelity/")]
+    axes = (grid.texts, grid.lengths, grid.seeds)
+    return [FidelitySpec(text, n, grid.tokens, seed) for text, n, seed in product(*axes)]
+
+
+def code_specs(grid: Grid) -> list[CodeSpec]:
+    if grid.cases:
+        return [CodeSpec.from_id(c) for c in grid.cases if c.startswith("code/")]
+    return [CodeSpec(length, seed) for length, seed in product(grid.lengths, grid.seeds)]
+
+
 def niah_jobs(llm: LLM, grid: Grid) -> list[Job]:
     """Every NIAH case x setting x (policy, budget)."""
     case_for = lru_cache(maxsize=1)(lambda spec: make_case(spec, llm.tokenizer))
     jobs = []
-    for task, filler, length, depth, seed in product(
-        grid.tasks, grid.fillers, grid.lengths, grid.depths, grid.seeds
-    ):
-        spec = NiahSpec(task, filler, length, depth, seed)
+    for spec in niah_specs(grid):
         for setting, (policy, budget) in product(grid.settings, runs(grid)):
             row_id = f"{spec.id}|{setting}|{policy.label}|b{budget:g}"
             label = f"{setting} {policy.label} b={budget:g} {spec.id}"
@@ -65,7 +83,10 @@ def _niah_run(
         values = _positions(tokenizer, prompt, case.expected)
         engine, oracle = engine_for(llm, policy, budget)
         if oracle is not None:
-            oracle.forced = torch.tensor(values)  # the value's digits, as DESIGN.md's oracle
+            # the value's digits and the period that ends them: without it the model runs on
+            # past the last digit ("87874411")
+            ended = tuple(f"{value}." for value in case.expected)
+            oracle.forced = torch.tensor(_positions(tokenizer, prompt, ended))
         params = SamplingParams(max_new_tokens=NEW_TOKENS[spec.task], stop=["\n"])
         outcome = answer(engine, tokenizer, llm.eos_token_ids, prompt, params, track=values)
         result = score(outcome.text, case.expected)
@@ -102,8 +123,7 @@ def fidelity_jobs(llm: LLM, grid: Grid) -> list[Job]:
         return case, teacher_force(engine, case)
 
     jobs = []
-    for text, length, seed in product(grid.texts, grid.lengths, grid.seeds):
-        spec = FidelitySpec(text, length, grid.tokens, seed)
+    for spec in fidelity_specs(grid):
         for policy, budget in runs(grid):
             row_id = f"{spec.id}|{policy.label}|b{budget:g}"
             label = f"{policy.label} b={budget:g} {spec.id}"
@@ -130,8 +150,7 @@ def code_jobs(llm: LLM, grid: Grid) -> list[Job]:
     """Every code-completion case x (policy, budget)."""
     case_for = lru_cache(maxsize=1)(lambda spec: make_code_case(spec, llm.tokenizer))
     jobs = []
-    for length, seed in product(grid.lengths, grid.seeds):
-        spec = CodeSpec(length, seed)
+    for spec in code_specs(grid):
         for policy, budget in runs(grid):
             row_id = f"{spec.id}|{policy.label}|b{budget:g}"
             label = f"{policy.label} b={budget:g} {spec.id}"
