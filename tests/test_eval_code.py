@@ -17,8 +17,8 @@ def test_prompt_is_the_lines_before_the_target(tiny_tokenizer, seed):
     lines = {doc.name: doc.text for doc in code_files()}[case.file].splitlines(keepends=True)
     assert case.target == lines[case.line_number - 1].strip() and len(case.target) >= 4
     prompt = tiny_tokenizer.decode(case.prompt)
-    assert prompt.endswith("\n")
-    assert "".join(lines[: case.line_number - 1]).endswith(prompt)
+    assert not prompt.endswith("\n")  # the model writes the newline and the indentation
+    assert "".join(lines[: case.line_number - 1]).rstrip("\n").endswith(prompt)
     longest = max(len(tiny_tokenizer.encode(line, add_special_tokens=False)) for line in lines)
     assert 800 - longest <= len(case.prompt) <= 800
     assert CodeSpec.from_id(case.spec.id) == case.spec
@@ -44,3 +44,15 @@ def test_first_line_stops_after_the_first_non_blank_line():
     assert seq.finish_reason == "stop" and seq.token_ids == [0, 1, 2]
     assert first_line(seq.text) == "x = 1"
     assert first_line("\n\n  \n") == ""
+    assert first_line("  # the rest of the cut line\n\n    return y\n") == "return y"
+
+
+def test_first_line_ignores_the_rest_of_the_prompts_last_line():
+    pieces = [" # end", "\n", "\n", "    y", "\n"]
+    stopper = FirstLine(lambda ids: "".join(pieces[i] for i in ids), eos_token_ids=[])
+    seq = Sequence([0])
+    for token in range(len(pieces)):
+        stopper.advance(seq, token, is_last=False)
+        if seq.finish_reason:
+            break
+    assert seq.token_ids == [0, 1, 2, 3, 4] and first_line(seq.text) == "y"

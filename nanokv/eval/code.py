@@ -2,7 +2,11 @@
 boundary; the model completes the next line greedily from the `length` tokens before the cut;
 the score is the edit similarity to the true line (1 - Levenshtein distance / longer length).
 
-The prompt is the raw code (no chat template): a completion, as on a code model. A case id,
+The prompt is the raw code (no chat template): a completion, as on a code model. It stops at
+the end of the line before the target, without its newline: byte-level BPE merges a newline
+with the next line's indentation ("\n       " is one token), so a prompt that ends in a bare
+newline is a token sequence the model has rarely seen (SmolLM2 answers it with "#"). The
+prediction is the first non-blank line after the first generated newline. A case id,
 ``code/L<tokens>/s<seed>``, picks the file and the line.
 """
 
@@ -43,7 +47,7 @@ class CodeCase:
     spec: CodeSpec
     file: str
     line_number: int  # 1-based line of the target in the file
-    prompt: list[int]  # token ids of the code before the target line (ends with a newline)
+    prompt: list[int]  # token ids of the code before the target line, without its last newline
     target: str  # the true next line, stripped
 
 
@@ -68,7 +72,8 @@ def make_code_case(spec: CodeSpec, tokenizer: Tokenizer) -> CodeCase:
         raise ValueError(f"{document.name} is too short for {spec.length}-token prompts")
     cut = rng.choice(candidates)
     first = _smallest(lambda start: tokens(start, cut) <= room, cut)
-    prompt = special + tokenizer.encode("".join(lines[first:cut]), add_special_tokens=False)
+    text = "".join(lines[first:cut]).rstrip("\n")
+    prompt = special + tokenizer.encode(text, add_special_tokens=False)
     return CodeCase(spec, document.name, cut + 1, prompt, lines[cut].strip())
 
 
@@ -85,19 +90,21 @@ def _smallest(predicate, upper: int) -> int:
 
 
 class FirstLine(StopChecker):
-    """Stops a completion once its first non-blank line is complete."""
+    """Stops a completion once a non-blank line after its first newline is complete."""
 
     def advance(self, seq: Sequence, token: int, is_last: bool) -> str:
         delta = super().advance(seq, token, is_last)
-        complete = seq.text.split("\n")[:-1]  # lines already ended by a newline
+        complete = seq.text.split("\n")[1:-1]  # new lines already ended by a newline
         if seq.finish_reason is None and any(line.strip() for line in complete):
             seq.finish_reason = "stop"
         return delta
 
 
 def first_line(text: str) -> str:
-    """The first non-blank line of a completion, stripped."""
-    return next((line.strip() for line in text.split("\n") if line.strip()), "")
+    """The first non-blank line after the first newline of a completion (what precedes it
+    ends the prompt's last line), stripped."""
+    new_lines = text.split("\n")[1:]
+    return next((line.strip() for line in new_lines if line.strip()), "")
 
 
 def edit_similarity(predicted: str, truth: str) -> float:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nanokv.eval.aggregate import (
+    FULL,
     budget_label,
     length_label,
     levels,
@@ -15,6 +16,7 @@ from nanokv.eval.aggregate import (
     ordered,
     select,
 )
+from nanokv.eval.code import edit_similarity
 
 SETTING_TITLES = {
     "question": "question-aware (the question is compressed with the document)",
@@ -132,6 +134,12 @@ def _cosine(chosen: list[dict]) -> str:
 
 def code_section(rows: list[dict]) -> str:
     cases = len(ordered(rows, "case"))
+    full = {r["case"]: r["prediction"] for r in rows if r["policy"] == FULL}
+    rows = [
+        {**r, "vs_full": edit_similarity(r["prediction"], full[r["case"]])}
+        if r["case"] in full else r
+        for r in rows
+    ]  # fmt: skip
     return "\n".join(
         [
             "## Code completion (LCC-like)\n",
@@ -140,6 +148,9 @@ def code_section(rows: list[dict]) -> str:
             grid_table(rows, _percent("similarity")),
             "Exact lines (%):\n",
             grid_table(rows, _percent("exact")),
+            "Edit similarity to the full cache's line (%) -- what the cache changed, whatever "
+            "the model's skill:\n",
+            grid_table(rows, _percent("vs_full")),
         ]
     )
 
@@ -157,4 +168,17 @@ def sources_section(rows: dict[str, list[dict]]) -> str:
         if suite_rows:
             seconds = sum(r.get("seconds", 0.0) for r in suite_rows)
             lines.append(f"- {suite}: {len(suite_rows)} rows, {seconds:.0f} s of case time")
+    lines.append("\n" + time_table(rows))
     return "\n".join(lines) + "\n"
+
+
+def time_table(rows: dict[str, list[dict]]) -> str:
+    """Mean seconds a case (prefill with its eviction, question, answer) per policy and suite:
+    what a policy costs on this machine, next to what it keeps."""
+    suites = [suite for suite, suite_rows in rows.items() if suite_rows]
+    every = [row for suite in suites for row in rows[suite]]
+    body = []
+    for policy in ordered(every, "policy"):
+        cells = [mean(select(rows[suite], policy=policy), "seconds") for suite in suites]
+        body.append([f"`{policy}`"] + ["—" if c is None else f"{c:.2f}" for c in cells])
+    return "Mean seconds a case:\n\n" + markdown_table(["policy", *suites], body)
