@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 from nanokv.eval.aggregate import (
@@ -44,7 +45,8 @@ def write_plots(out: Path, rows: dict[str, list[dict]]) -> list[Path]:
     plt = pyplot()
     niah, fidelity, code = rows.get("niah", []), rows.get("fidelity", []), rows.get("code", [])
     policies = ordered(niah + fidelity + code, "policy")
-    colors = {policy: f"C{i % 10}" for i, policy in enumerate(policies)}  # same in every plot
+    palette = plt.get_cmap("tab10" if len(policies) <= 10 else "tab20")
+    colors = {policy: palette(i % palette.N) for i, policy in enumerate(policies)}  # every plot
     written = []
     for setting in ordered(niah, "setting"):
         rows_in = select(niah, setting=setting)
@@ -82,7 +84,7 @@ def _heatmaps(plt, out: Path, rows: list[dict], setting: str, budget: float) -> 
     depths, lengths = levels(rows, "depth", False), levels(rows, "length", False)
     cols = min(4, len(policies))
     lines = math.ceil(len(policies) / cols)
-    fig, axes = plt.subplots(lines, cols, figsize=(3.2 * cols, 2.6 * lines), squeeze=False)
+    fig, axes = plt.subplots(lines, cols, figsize=(3.3 * cols, 2.8 * lines), squeeze=False)
     for ax, policy in zip(axes.flat, policies, strict=False):
         grid = [
             [mean(select(rows, policy=policy, budget=budget, depth=d, length=n), "score")
@@ -95,7 +97,7 @@ def _heatmaps(plt, out: Path, rows: list[dict], setting: str, budget: float) -> 
             for j, value in enumerate(line):
                 text = "" if math.isnan(value) else f"{value:.2f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8)
-        ax.set_title(policy, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(policy.replace(",", ", "), 30)), fontsize=8)
         ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("context length")
@@ -107,10 +109,10 @@ def _heatmaps(plt, out: Path, rows: list[dict], setting: str, budget: float) -> 
 
 
 def _layer_curves(
-    plt, colors: dict[str, str], path: Path, rows: list[dict], field: str, title: str, ylabel: str
+    plt, colors: dict[str, tuple], path: Path, rows: list[dict], field: str, title: str, ylabel: str
 ):
     """One curve per policy of a per-layer list field, averaged over the rows."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     drawn = False
     for policy in ordered(rows, "policy"):
         curve = mean_curve(select(rows, policy=policy), field)
@@ -123,16 +125,16 @@ def _layer_curves(
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax)
     ax.grid(alpha=0.3)
     return _save(plt, fig, path)
 
 
 def _budget_curves(
-    plt, colors: dict[str, str], path: Path, panels: list[tuple[list[dict], str, str]], title: str
+    plt, colors: dict[str, tuple], path: Path, panels: list[tuple[list[dict], str, str]], title: str
 ):
     """Per panel: mean of a field vs budget, one curve per policy, full as a dashed line."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 3, 4.5), squeeze=False)
     for ax, (rows, field, ylabel) in zip(axes.flat, panels, strict=True):
         budgets = levels(rows, "budget")
         for policy in ordered(rows, "policy"):
@@ -153,9 +155,14 @@ def _budget_curves(
         ax.set_xlabel("KV budget")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+    _legend(axes.flat[-1])  # one legend: the panels share their policies
     fig.suptitle(title)
     return _save(plt, fig, path)
+
+
+def _legend(ax) -> None:
+    """The legend outside the axes, on the right: long policy specs do not hide the curves."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _save(plt, fig, path: Path) -> Path:

@@ -6,6 +6,7 @@ is built once and reused by every policy. `full` runs once per case, at budget 1
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import lru_cache
 from itertools import product
@@ -133,14 +134,16 @@ def fidelity_jobs(llm: LLM, grid: Grid) -> list[Job]:
 
 def _fidelity_run(llm: LLM, spec: FidelitySpec, policy: PolicySpec, budget: float, reference):
     def run() -> dict:
-        case, full = reference(spec)
+        case, full = reference(spec)  # computed by the case's first job, not timed below
         engine, _ = engine_for(llm, policy, budget)
+        began = time.perf_counter()
         trace = teacher_force(engine, case)
+        seconds = round(time.perf_counter() - began, 3)
         return {
             "suite": "fidelity", "case": spec.id, "text": spec.source, "file": case.text_name,
             "length": spec.length, "tokens": spec.tokens, "seed": spec.seed,
             "policy": policy.label, "budget": budget, "kept_tokens": round(trace.kept_tokens, 2),
-            **compare(full, trace, case.continuation),
+            "seconds": seconds, **compare(full, trace, case.continuation),
         }  # fmt: skip
 
     return run
