@@ -93,7 +93,8 @@ def niah_section(rows: list[dict]) -> str:
                 parts.append(grid_table(chosen, _percent("score")))
         parts.append(
             "Needle kept after compression — share of the asked value's tokens still held, "
-            "mean over layers and kv heads (minimum layer) in %:\n"
+            "mean over layers and kv heads (minimum layer) in %; Quest evicts nothing, it "
+            "reads a subset of the pages at each step:\n"
         )
         parts.append(grid_table(in_setting, _kept_share))
     return "\n".join(parts)
