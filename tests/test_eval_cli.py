@@ -4,6 +4,7 @@ input is one line and exit status 2, with nothing written."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from test_eval_fixtures import long_tiny_dir_fixture  # noqa: F401
@@ -121,3 +122,15 @@ def test_a_case_reruns_from_its_id(long_tiny_dir, tmp_path):
     assert {row["case"] for row in rows} == {case} and len(rows) == 2 * 2
     assert not (out / "fidelity.jsonl").exists()
     assert main([*args[:-7], "--cases", "niah/single/prose"]) == 2  # a malformed id
+
+
+def test_missing_matplotlib_is_one_line_before_any_work(
+    long_tiny_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "eval"
+    args = ["eval", "code", "--quick", "--lengths", "300", "--model", str(long_tiny_dir)]
+    status = main([*args, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "matplotlib" in err and "\n" not in err
+    assert not out.exists()

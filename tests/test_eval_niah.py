@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from test_eval_fixtures import tiny_tokenizer_fixture  # noqa: F401
@@ -14,7 +13,6 @@ from nanokv.eval.tokens import counter, token_span
 
 NEEDLE = re.compile(r"One of the special magic numbers for (\S+) is: (\d+)\.")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-DEFAULT_DIR = Path(__file__).parents[1] / "weights" / "SmolLM2-135M-Instruct"
 
 
 def _prompt(tokenizer, case, setting="question"):
@@ -56,18 +54,26 @@ def test_prompt_length_and_needle_depth(tiny_tokenizer, task, filler, depth):
     assert abs(measured - depth) <= tolerance, (measured, depth, tolerance)
 
 
-@pytest.mark.default_model
-@pytest.mark.skipif(not (DEFAULT_DIR / "config.json").is_file(), reason="default model absent")
-@pytest.mark.parametrize("length", [1024, 4096])
-def test_default_tokenizer_length_and_depth(length):
+@pytest.fixture(scope="module")
+def default_tokenizer():
+    from nanokv.default_model import ensure_default_model, find_default_gguf
     from nanokv.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer(DEFAULT_DIR)
+    try:
+        find_default_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return Tokenizer(ensure_default_model())
+
+
+@pytest.mark.default_model
+@pytest.mark.parametrize("length", [1024, 4096])
+def test_default_tokenizer_length_and_depth(default_tokenizer, length):
     for task in ("single", "multikey", "multivalue"):
         for depth in (0.1, 0.5, 0.9):
-            case = make_case(NiahSpec(task, "prose", length, depth, 0), tokenizer)
-            assert abs(_prompt(tokenizer, case).tokens - length) <= 2
-            measured, tolerance = _measured_depth(tokenizer, case)
+            case = make_case(NiahSpec(task, "prose", length, depth, 0), default_tokenizer)
+            assert abs(_prompt(default_tokenizer, case).tokens - length) <= 2
+            measured, tolerance = _measured_depth(default_tokenizer, case)
             assert abs(measured - depth) <= tolerance, (task, depth, measured)
 
 
