@@ -33,3 +33,36 @@ def prefill_attention(
         enable_gqa=q.shape[1] != k.shape[1],
     )  # (1, H_q, t, D)
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def arena_chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    first_slot: torch.Tensor,
+    *,
+    scale: float,
+    slot_pos: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention of m new tokens per sequence against one layer of the arena, where they have
+    already been written at slots ``first_slot + j``: token j sees every slot before its own and
+    itself (and, with a sliding window, only positions within it).
+
+    q: (B, m, H_q, D); k, v: (B, H_kv, C, D); first_slot: (B, H_kv); slot_pos: (B, H_kv, C);
+    query_positions: (B, m). Returns (B, m, H_q * D).
+    """
+    batch, m, q_heads, _ = q.shape
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    last_visible = first_slot.unsqueeze(-1) + torch.arange(m, device=q.device)  # (B, H_kv, m)
+    slots = torch.arange(capacity, device=q.device)
+    allowed = slots.view(1, 1, 1, -1) <= last_visible.unsqueeze(-1)  # (B, H_kv, m, C)
+    if sliding_window is not None:
+        oldest = query_positions.view(batch, 1, m, 1) - sliding_window
+        allowed &= slot_pos.unsqueeze(2) > oldest
+    allowed = allowed.repeat_interleave(q_heads // kv_heads, dim=1)  # (B, H_q, m, C)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=allowed, scale=scale, enable_gqa=q_heads != kv_heads
+    )  # (B, H_q, m, D)
+    return out.transpose(1, 2).reshape(batch, m, -1)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanokv.arena import KVArena
-from nanokv.attention import prefill_attention
+from nanokv.attention import arena_chunk_attention, prefill_attention
 from nanokv.budget import Budget
 from nanokv.config import ModelConfig
 from nanokv.eviction import EvictionStage, SequencePlan
@@ -322,17 +322,57 @@ class Engine:
 
     @torch.inference_mode()
     def extend(self, state: DecodeState, tokens: list[int]) -> torch.Tensor:
-        """Feeds `tokens` to every sequence of the state, one decode step each (teacher
-        forcing), e.g. a question after a compressed context. Returns the last (B, vocab)."""
+        """Feeds `tokens` to every sequence of the state (teacher forcing), e.g. a question after
+        a compressed context. Returns the last (B, vocab) logits. When no eviction can fall
+        inside the tokens (a compressed context reserves room for them), they run as one chunk
+        against the arena; otherwise one decode step each, evicting as decode does."""
         if not tokens:
             raise InputError("nothing to extend the context with: the question is empty")
         context = self.cfg.max_position_embeddings
         if int(state.positions.max()) + len(tokens) > context:
             raise InputError(f"context and question exceed the model's {context} tokens")
+        if self._fits_without_eviction(state, len(tokens)):
+            return self._extend_chunk(state, tokens)
         batch = state.positions.shape[0]
         for token in tokens:
             logits = self.step(state, torch.full((batch,), token, device=self.device))
         return logits
+
+    def _fits_without_eviction(self, state: DecodeState, count: int) -> bool:
+        room = int(state.arena.capacity - state.arena.lengths.max())
+        no_eviction = state.window == 0 or int(state.filled.max()) + count <= state.window
+        return count <= room and no_eviction
+
+    @torch.inference_mode()
+    def _extend_chunk(self, state: DecodeState, tokens: list[int]) -> torch.Tensor:
+        """Writes the tokens' K/V into the arena and attends to it causally, layer by layer.
+        Policy statistics are not updated by these tokens (no eviction follows them before the
+        window refills), and attention is dense even under Quest."""
+        batch, m = state.positions.shape[0], len(tokens)
+        positions = state.positions.unsqueeze(1) + torch.arange(m, device=self.device)  # (B, m)
+        ids = torch.tensor(tokens, device=self.device).repeat(batch)
+        h = self.model.embed(ids, positions.flatten())  # (B * m, hidden)
+        arena = state.arena
+        for layer, block in enumerate(self.model.blocks):
+            q, k, v = block.qkv(h, positions.flatten())  # rows: (B * m, heads, D)
+            first_slot = arena.lengths[layer].clone()
+            norms = self._value_norms(layer, v.view(batch, m, *v.shape[1:]).transpose(1, 2))
+            for j in range(m):
+                row = slice(j, None, m)  # token j of every sequence
+                norm = None if norms is None else norms[..., j]
+                arena.append(layer, k[row], v[row], positions[:, j], norm)
+            view = arena.layer(layer)
+            attn = arena_chunk_attention(
+                q.view(batch, m, *q.shape[1:]), view.k, view.v, first_slot, scale=self.scale,
+                slot_pos=view.pos, query_positions=positions,
+                sliding_window=self.cfg.sliding_window,
+            )  # fmt: skip
+            h = block.finish(h, attn.reshape(batch * m, -1))
+            if state.quest is not None:
+                state.quest.refresh(arena, layer)
+        state.positions += m
+        state.filled += m
+        return self.model.logits(h.view(batch, m, -1)[:, -1])
 
     def generate(
         self,

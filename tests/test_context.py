@@ -70,3 +70,27 @@ def test_bad_context_inputs(llm):
     with pytest.raises(InputError, match="empty"):
         llm.generate("  ", context=context, max_new_tokens=2)
     assert torch.isfinite(context.state.arena.k).all()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("policy", ["full", "snapkv", "laprox", "auv"])
+def test_chunked_extension_equals_one_step_a_token(tmp_path_factory, kind, policy):
+    """The question as one chunk against the arena gives the logits and the arena of feeding it
+    one decode step at a time (Mistral: the sliding window is shorter than the question)."""
+    from tiny_models import make_hf_model, save_checkpoint
+
+    path = save_checkpoint(make_hf_model(kind), tmp_path_factory.mktemp(kind))
+    llm = nanokv.LLM(path, policy=policy, budget=1.0 if policy == "full" else 14.0)
+    context = llm.compress(DOC, chat=False, max_question_tokens=16, max_new_tokens=4)
+    question = context.question_ids(llm.tokenizer, " the lazy dog jumps over the fox")
+    chunked, stepped = context.state.clone(), context.state.clone()
+    chunk_logits = llm.engine.extend(chunked, question)
+    for token in question:
+        step_logits = llm.engine.step(stepped, torch.tensor([token]))
+    torch.testing.assert_close(chunk_logits, step_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(chunked.arena.lengths, stepped.arena.lengths)
+    assert torch.equal(chunked.arena.pos, stepped.arena.pos)
+    torch.testing.assert_close(chunked.arena.k, stepped.arena.k, atol=1e-5, rtol=1e-5)
+    assert torch.equal(chunked.positions, stepped.positions)
+    if chunked.arena.value_norms is not None:
+        torch.testing.assert_close(chunked.arena.value_norms, stepped.arena.value_norms)
