@@ -8,7 +8,7 @@ arena bytes, and the ratios to the full cache measured in the same run; a summar
 Why: the point of eviction is memory and decode speed at equal quality; the quality side is
 `nanokv eval`, this is the cost side (STYLE.md #10: ratios from one run on one machine).
 
-    python bench/policies.py                                    # default model, 2k 4k 8k, 5%
+    python bench/policies.py                        # default model, 2k 4k 8k (8064 + 64 new), 5%
     python bench/policies.py --lengths 512 --new-tokens 8 --policies full snapkv   # quick check
 """
 
@@ -30,7 +30,7 @@ POLICIES = ("full", "streaming", "h2o", "snapkv", "tova", "auv", "laprox", "ques
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF-layout model dir (default: SmolLM2-135M)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8064])
     p.add_argument("--policies", nargs="+", default=list(POLICIES))
     p.add_argument("--budget", type=float, default=0.05)
     p.add_argument("--new-tokens", type=int, default=64)
