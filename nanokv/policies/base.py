@@ -16,6 +16,7 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
+from nanokv.kernels.prefill_scores import window_attention
 from nanokv.policies.allocation import ALLOCATIONS
 
 
@@ -73,6 +74,17 @@ class PromptLayer:
     queries: torch.Tensor | None = None  # (H_q, n, D), only for policies that need every query
     value_norms: torch.Tensor | None = None  # (H_q, n) ||v_j W_O^h||, for output-aware policies
     o_proj_weight: torch.Tensor | None = None  # (hidden, H_q * D), for output-aware policies
+
+
+def observation_attention(prompt: PromptLayer, last: int | None = None) -> torch.Tensor:
+    """(H_q, w, n) float32 causal attention of the last `last` (default: all w) observation-window
+    queries to every prompt key, for the policies that score from it."""
+    queries = prompt.window_queries if last is None else prompt.window_queries[:, -last:]
+    window = queries.shape[1]
+    return window_attention(
+        queries, prompt.k, scale=prompt.scale, query_positions=prompt.positions[-window:],
+        key_positions=prompt.positions, sliding_window=prompt.sliding_window,
+    )  # fmt: skip
 
 
 class Policy:

@@ -19,8 +19,7 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.kernels.prefill_scores import window_attention
-from nanokv.policies.base import Policy, PromptLayer
+from nanokv.policies.base import Policy, PromptLayer, observation_attention
 from nanokv.policies.selection import chunk_scores, pool_scores
 
 
@@ -33,15 +32,7 @@ class LaProx(Policy):
         return {"normaliser": torch.ones(0, batch)}  # (L, B), grown as layers are prefilled
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
-        window = prompt.window_queries.shape[1]
-        attn = window_attention(
-            prompt.window_queries,
-            prompt.k,
-            scale=prompt.scale,
-            query_positions=prompt.positions[-window:],
-            key_positions=prompt.positions,
-            sliding_window=prompt.sliding_window,
-        )  # fmt: skip  (H_q, w, n)
+        attn = observation_attention(prompt)  # (H_q, w, n)
         kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
         per_query_head = attn.norm(dim=1) * prompt.value_norms  # (H_q, n)
         scores = per_query_head.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)

@@ -10,8 +10,7 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.kernels.prefill_scores import window_attention
-from nanokv.policies.base import Policy, PromptLayer
+from nanokv.policies.base import Policy, PromptLayer, observation_attention
 from nanokv.policies.selection import chunk_scores, pool_scores
 
 
@@ -20,15 +19,7 @@ class SnapKV(Policy):
     needs_decode_mass = True
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
-        window = prompt.window_queries.shape[1]
-        attn = window_attention(
-            prompt.window_queries,
-            prompt.k,
-            scale=prompt.scale,
-            query_positions=prompt.positions[-window:],
-            key_positions=prompt.positions,
-            sliding_window=prompt.sliding_window,
-        )  # fmt: skip  (H_q, w, n)
+        attn = observation_attention(prompt)  # (H_q, w, n)
         kv_heads = prompt.k.shape[0]
         per_query_head = attn.mean(dim=1)  # (H_q, n)
         scores = per_query_head.view(kv_heads, -1, per_query_head.shape[-1]).mean(dim=1)

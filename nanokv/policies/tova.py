@@ -9,8 +9,7 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.kernels.prefill_scores import window_attention
-from nanokv.policies.base import Policy, PromptLayer
+from nanokv.policies.base import Policy, PromptLayer, observation_attention
 from nanokv.policies.selection import chunk_scores, pool_scores
 
 
@@ -19,15 +18,7 @@ class TOVA(Policy):
     needs_decode_mass = True
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
-        last = prompt.window_queries[:, -1:]  # (H_q, 1, D)
-        attn = window_attention(
-            last,
-            prompt.k,
-            scale=prompt.scale,
-            query_positions=prompt.positions[-1:],
-            key_positions=prompt.positions,
-            sliding_window=prompt.sliding_window,
-        )[:, 0]  # fmt: skip  (H_q, n)
+        attn = observation_attention(prompt, last=1)[:, 0]  # (H_q, n)
         scores = attn.view(prompt.k.shape[0], -1, attn.shape[-1]).mean(dim=1)
         return chunk_scores(pool_scores(scores, self.options.pool), self.options.chunk)
 
