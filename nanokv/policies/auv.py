@@ -22,9 +22,8 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.kernels.prefill_scores import column_statistics, visible_counts
-from nanokv.policies.base import Policy, PromptLayer
-from nanokv.policies.selection import chunk_scores, pool_scores
+from nanokv.kernels.prefill_scores import visible_counts
+from nanokv.policies.base import Policy, PromptLayer, prompt_column_statistics
 from nanokv.reconstruct import RECONSTRUCTED_POS
 
 
@@ -40,14 +39,11 @@ class AUV(Policy):
         return {"longest_row": torch.ones(batch)}  # N_max of each sequence
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
-        stats = column_statistics(
-            prompt.queries, prompt.k, scale=prompt.scale, positions=prompt.positions,
-            sliding_window=prompt.sliding_window,
-        )  # fmt: skip
+        stats = prompt_column_statistics(prompt)
         kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
         self.memory["longest_row"][prompt.seq] = n
         scores = stats.auv_means.view(kv_heads, -1, n).mean(dim=1)  # (H_kv, n)
-        return chunk_scores(pool_scores(scores, self.options.pool), self.options.chunk)
+        return self.smooth(scores)
 
     def prefill_state(self, prompt: PromptLayer) -> dict[str, torch.Tensor]:
         """Initial per-slot state: each prompt token's AAS averages over the rows that see it."""

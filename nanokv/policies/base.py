@@ -16,8 +16,9 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.kernels.prefill_scores import window_attention
+from nanokv.kernels.prefill_scores import ColumnStats, column_statistics, window_attention
 from nanokv.policies.allocation import ALLOCATIONS
+from nanokv.policies.selection import chunk_scores, pool_scores
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,15 @@ def observation_attention(prompt: PromptLayer, last: int | None = None) -> torch
     )  # fmt: skip
 
 
+def prompt_column_statistics(prompt: PromptLayer) -> ColumnStats:
+    """Column statistics of the causal attention of every prompt query (H2O, AUV), computed in
+    query chunks (never an n x n matrix)."""
+    return column_statistics(
+        prompt.queries, prompt.k, scale=prompt.scale, positions=prompt.positions,
+        sliding_window=prompt.sliding_window,
+    )  # fmt: skip
+
+
 class Policy:
     """Base class: the full cache (no scores needed, nothing evicted)."""
 
@@ -121,6 +131,10 @@ class Policy:
         """(H_kv, n) float32: higher keeps. Sinks and the observation window are protected by
         the selection code, not here."""
         raise NotImplementedError
+
+    def smooth(self, scores: torch.Tensor) -> torch.Tensor:
+        """The shared selection options applied to (H_kv, n) scores: max-pool, then chunks."""
+        return chunk_scores(pool_scores(scores, self.options.pool), self.options.chunk)
 
     def prefill_state(self, prompt: PromptLayer) -> dict[str, torch.Tensor]:
         """Initial values (H_kv, n) of the extra per-slot statistics (default: zeros)."""

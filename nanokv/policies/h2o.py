@@ -9,9 +9,7 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.kernels.prefill_scores import column_statistics
-from nanokv.policies.base import Policy, PromptLayer
-from nanokv.policies.selection import chunk_scores, pool_scores
+from nanokv.policies.base import Policy, PromptLayer, prompt_column_statistics
 
 
 class H2O(Policy):
@@ -20,13 +18,10 @@ class H2O(Policy):
     needs_decode_mass = True
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
-        stats = column_statistics(
-            prompt.queries, prompt.k, scale=prompt.scale, positions=prompt.positions,
-            sliding_window=prompt.sliding_window,
-        )  # fmt: skip
+        stats = prompt_column_statistics(prompt)
         kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
         scores = stats.sums.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)
-        return chunk_scores(pool_scores(scores, self.options.pool), self.options.chunk)
+        return self.smooth(scores)
 
     def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
         view.score.add_(emitted.mass)

@@ -20,7 +20,6 @@ import torch
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
 from nanokv.policies.base import Policy, PromptLayer, observation_attention
-from nanokv.policies.selection import chunk_scores, pool_scores
 
 
 class LaProx(Policy):
@@ -38,8 +37,7 @@ class LaProx(Policy):
         scores = per_query_head.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)
         normaliser = self._normaliser(prompt, attn, scores)
         self._remember(prompt.layer, prompt.seq, normaliser)
-        scores = pool_scores(scores / normaliser, self.options.pool)
-        return chunk_scores(scores, self.options.chunk)
+        return self.smooth(scores / normaliser)
 
     def _normaliser(self, prompt: PromptLayer, attn: torch.Tensor, scores: torch.Tensor) -> float:
         if self.options.normalise == "none":

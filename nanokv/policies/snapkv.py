@@ -11,7 +11,6 @@ import torch
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
 from nanokv.policies.base import Policy, PromptLayer, observation_attention
-from nanokv.policies.selection import chunk_scores, pool_scores
 
 
 class SnapKV(Policy):
@@ -23,8 +22,7 @@ class SnapKV(Policy):
         kv_heads = prompt.k.shape[0]
         per_query_head = attn.mean(dim=1)  # (H_q, n)
         scores = per_query_head.view(kv_heads, -1, per_query_head.shape[-1]).mean(dim=1)
-        scores = pool_scores(scores, self.options.pool)
-        return chunk_scores(scores, self.options.chunk)
+        return self.smooth(scores)
 
     def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
         view.score.add_(emitted.mass)

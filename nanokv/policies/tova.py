@@ -10,7 +10,6 @@ import torch
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
 from nanokv.policies.base import Policy, PromptLayer, observation_attention
-from nanokv.policies.selection import chunk_scores, pool_scores
 
 
 class TOVA(Policy):
@@ -20,7 +19,7 @@ class TOVA(Policy):
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
         attn = observation_attention(prompt, last=1)[:, 0]  # (H_q, n)
         scores = attn.view(prompt.k.shape[0], -1, attn.shape[-1]).mean(dim=1)
-        return chunk_scores(pool_scores(scores, self.options.pool), self.options.chunk)
+        return self.smooth(scores)
 
     def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
         view.score.copy_(emitted.mass)
