@@ -123,12 +123,20 @@ def fidelity_jobs(llm: LLM, grid: Grid) -> list[Job]:
         engine, _ = engine_for(llm, full, 1.0)
         return case, teacher_force(engine, case)
 
+    return _grid_jobs(
+        fidelity_specs(grid), grid,
+        lambda spec, policy, budget: _fidelity_run(llm, spec, policy, budget, reference),
+    )  # fmt: skip
+
+
+def _grid_jobs(specs, grid: Grid, make_run) -> list[Job]:
+    """One job per case spec x (policy, budget), ids `case|policy|bBUDGET`."""
     jobs = []
-    for spec in fidelity_specs(grid):
+    for spec in specs:
         for policy, budget in runs(grid):
             row_id = f"{spec.id}|{policy.label}|b{budget:g}"
             label = f"{policy.label} b={budget:g} {spec.id}"
-            jobs.append(Job(row_id, label, _fidelity_run(llm, spec, policy, budget, reference)))
+            jobs.append(Job(row_id, label, make_run(spec, policy, budget)))
     return jobs
 
 
@@ -152,13 +160,10 @@ def _fidelity_run(llm: LLM, spec: FidelitySpec, policy: PolicySpec, budget: floa
 def code_jobs(llm: LLM, grid: Grid) -> list[Job]:
     """Every code-completion case x (policy, budget)."""
     case_for = lru_cache(maxsize=1)(lambda spec: make_code_case(spec, llm.tokenizer))
-    jobs = []
-    for spec in code_specs(grid):
-        for policy, budget in runs(grid):
-            row_id = f"{spec.id}|{policy.label}|b{budget:g}"
-            label = f"{policy.label} b={budget:g} {spec.id}"
-            jobs.append(Job(row_id, label, _code_run(llm, spec, policy, budget, case_for)))
-    return jobs
+    return _grid_jobs(
+        code_specs(grid), grid,
+        lambda spec, policy, budget: _code_run(llm, spec, policy, budget, case_for),
+    )  # fmt: skip
 
 
 def _code_run(llm: LLM, spec: CodeSpec, policy: PolicySpec, budget: float, case_for):
