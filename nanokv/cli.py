@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanokv.budget import Budget
 from nanokv.eval.cli import add_eval_parser
-from nanokv.policies import POLICIES
+from nanokv.policies import parse_policy, policy_names
 from nanokv.policies.allocation import ALLOCATIONS
 from nanokv.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from nanokv.llm import LLM
 
 EXIT_BAD_INPUT = 2
 BENCHMARKS = ("kernels", "e2e", "policies")
@@ -58,9 +63,18 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument(
         "--policy", default="full",
-        help=f"eviction policy: {', '.join(POLICIES)}, quest, or <policy>+quest",
+        help=f"eviction policy: {policy_names()}",
     )  # fmt: skip
     p.add_argument("--budget", default="1.0", help="KV budget: fraction in (0,1] or token count")
+    p.add_argument(
+        "--min-cache", type=int, metavar="N",
+        help="cache floor in tokens: no head keeps fewer, a prompt+answer that fits is never "
+        "evicted (default 128; 0 = exact budget)",
+    )  # fmt: skip
+    p.add_argument(
+        "--document", metavar="PATH",
+        help="a file whose text goes before every prompt, a blank line between ('-' reads stdin)",
+    )  # fmt: skip
     p.add_argument("--allocation", choices=ALLOCATIONS, help="budget split across heads/layers")
     p.add_argument("--min-head-share", type=float, help="layer/global: per-head floor (0-1)")
     p.add_argument("--max-head-share", type=float, help="layer/global: per-head cap (>= 1)")
@@ -85,43 +99,85 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
-    if any(not p.strip() for p in prompts):
-        raise UsageError("a prompt is empty: give the text to complete")
+    """`nanokv generate`: checks the cheap inputs before loading the model, then streams the
+    answer. The policy name is parsed by `parse_policy`, the one parser LLM uses too."""
+    prompts = _prompts(args.prompts, args.document)
     budget = Budget.parse(args.budget)
-    if args.policy not in POLICIES:
-        raise UsageError(f"unknown policy {args.policy!r}; choose one of {', '.join(POLICIES)}")
-    if args.policy == "full" and budget.value != 1.0:
+    name, uses_quest = parse_policy(args.policy)
+    if name == "full" and not uses_quest and budget.value != 1.0:
         raise UsageError(
             f"--budget {args.budget} needs an eviction policy: 'full' keeps all tokens"
         )
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, stop=args.stop,
-    )  # fmt: skip
-    from nanokv.llm import LLM
-
-    options = dict(
-        sinks=args.sinks, observation_window=args.window, pool=args.pool, chunk=args.chunk,
-        decode_window=args.decode_window, allocation=args.allocation,
-        min_head_share=args.min_head_share, max_head_share=args.max_head_share,
-    )  # fmt: skip
-    llm = LLM(
-        args.model, policy=args.policy, budget=budget, dtype=args.dtype, device=args.device,
-        quest_budget=args.quest_budget, quest_oracle=args.quest_oracle,
-        **{name: value for name, value in options.items() if value is not None},
-    )  # fmt: skip
+    llm = _load_llm(args, budget)
     use_chat = not args.raw and llm.tokenizer.chat_template is not None
-    run = llm.chat if use_chat else llm.generate
-    if len(prompts) == 1:
-        run(prompts, params, on_text=lambda _, text: print(text, end="", flush=True))
-        print()
-    else:
-        for index, output in enumerate(run(prompts, params)):
-            print(f"--- [{index}] ---\n{output.text}")
+    _print_outputs(llm.chat if use_chat else llm.generate, prompts, _sampling_params(args))
     if args.verbose:
         print(llm.last_report.summary(), file=sys.stderr)
     return 0
+
+
+def _prompts(texts: list[str], document: str | None) -> list[str]:
+    """The prompts to run ('-' reads stdin), each after the document when one is given."""
+    if document == "-" and "-" in texts:
+        raise UsageError("stdin can feed --document or a prompt, not both: give the other inline")
+    prompts = [sys.stdin.read() if p == "-" else p for p in texts]
+    if any(not p.strip() for p in prompts):
+        raise UsageError("a prompt is empty: give the text to complete")
+    if document is None:
+        return prompts
+    text = _read_document(document)
+    return [f"{text}\n\n{prompt}" for prompt in prompts]
+
+
+def _read_document(path: str) -> str:
+    """The text of --document PATH ('-' is stdin), trailing whitespace dropped: the blank line
+    that parts it from the question is added by the caller."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--document {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise UsageError(f"--document {path}: cannot read it: {reason}") from None
+    if not text.strip():
+        raise UsageError(f"--document {path} is empty: give a document to ask about")
+    return text.rstrip()
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """How to pick tokens, from the command line (greedy unless --temperature is set)."""
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stop=args.stop,
+    )  # fmt: skip
+
+
+def _load_llm(args: argparse.Namespace, budget: Budget) -> LLM:
+    """The model with the policy options given on the command line; unset ones keep the LLM's
+    and the policy's defaults. The budget goes as a number so that it takes the cache floor."""
+    from nanokv.llm import LLM
+
+    options = dict(
+        min_cache=args.min_cache, sinks=args.sinks, observation_window=args.window,
+        pool=args.pool, chunk=args.chunk, decode_window=args.decode_window,
+        allocation=args.allocation, min_head_share=args.min_head_share,
+        max_head_share=args.max_head_share,
+    )  # fmt: skip
+    return LLM(
+        args.model, policy=args.policy, budget=budget.value, dtype=args.dtype,
+        device=args.device, quest_budget=args.quest_budget, quest_oracle=args.quest_oracle,
+        **{name: value for name, value in options.items() if value is not None},
+    )  # fmt: skip
+
+
+def _print_outputs(run: Callable, prompts: list[str], params: SamplingParams) -> None:
+    """Streams the answer to one prompt as it is generated; a batch prints each in turn."""
+    if len(prompts) == 1:
+        run(prompts, params, on_text=lambda _, text: print(text, end="", flush=True))
+        print()
+        return
+    for index, output in enumerate(run(prompts, params)):
+        print(f"--- [{index}] ---\n{output.text}")
 
 
 def _run_bench(args: argparse.Namespace) -> int:

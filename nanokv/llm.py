@@ -24,6 +24,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }  # fmt: skip
+DEFAULT_MIN_CACHE = 128  # tokens: no head is cut below this, short prompts are never evicted
 
 
 @dataclass
@@ -53,16 +54,19 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         prefill_chunk: int = 512,
+        min_cache: int = DEFAULT_MIN_CACHE,
         quest_budget: float | None = None,
         quest_oracle: bool = False,
         quest_dense_layers: int = 2,
         **policy_options,
     ) -> None:
-        """`policy` is a name ('snapkv'), 'quest', or '<name>+quest'. `policy_options` are
+        """`policy` is a name ('snapkv'), 'quest', or '<name>+quest'. `min_cache` is the cache
+        floor in tokens (0: the budget is exact, even on a short prompt). `policy_options` are
         PolicyOptions fields (sinks, observation_window, pool, chunk, decode_window, allocation,
         min_head_share, max_head_share, normalise, usage_top_k, usage_decay, reconstruct);
         unset ones take the policy's defaults."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.min_cache = min_cache
+        self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.prefill_chunk = prefill_chunk
         self.model_dir = _model_dir(model)
@@ -82,12 +86,19 @@ class LLM:
         quest_budget: float | None = None,
         quest_oracle: bool = False,
         quest_dense_layers: int = 2,
+        min_cache: int | None = None,
         **policy_options,
     ) -> None:
         """Switches policy and budget without reloading the model (what an evaluation grid
-        needs). A Quest read budget defaults to the budget for plain 'quest' and to half the
-        eviction budget for '<name>+quest'."""
-        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
+        needs). A number `budget` takes the cache floor `min_cache` (default: the LLM's); a
+        Budget is used as given. A Quest read budget defaults to the budget for plain 'quest'
+        and to half the eviction budget for '<name>+quest'."""
+        if min_cache is not None:
+            self.min_cache = min_cache
+        if isinstance(budget, Budget):
+            self.budget = budget
+        else:
+            self.budget = Budget(budget, floor=self.min_cache)
         name, uses_quest = parse_policy(policy)
         self.policy = make_policy(name, **policy_options)
         self.quest = None
@@ -243,3 +254,34 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
     return DTYPES[dtype]
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to run on (None: cuda when torch sees one, else cpu). A device this
+    machine lacks or a misspelt one is a ValueError with a fix, not a traceback from deep in
+    torch when the first tensor is moved."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        _check_cuda(device, resolved.index or 0)
+    return resolved
+
+
+def _check_cuda(device: str | torch.device, index: int) -> None:
+    """Raises a ValueError when torch cannot reach CUDA device `index` on this machine."""
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"CUDA was asked for (--device {device}) but torch sees no CUDA device on this "
+            "machine: use --device cpu"
+        )
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA "
+            "device(s), numbered from 0"
+        )

@@ -1,5 +1,6 @@
 """Tokenizer of a model directory (`tokenizer.json` or sentencepiece `tokenizer.model`) and its
-chat template, rendered in jinja2's sandbox as transformers does."""
+chat template, rendered in jinja2's sandbox as transformers does. A template the sandbox refuses,
+or one that does not compile or render, is a TokenizerError naming the file that holds it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jinja2.exceptions import TemplateError
+from jinja2 import Template
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -15,11 +17,21 @@ class TokenizerError(ValueError):
     """The tokenizer files of a model directory are missing or unusable."""
 
 
+class _TemplateRaised(TemplateError):
+    """The template's own `raise_exception(...)`: it refuses the conversation it was given."""
+
+
+# What rendering a model's template can raise: jinja2's errors (the sandbox's SecurityError among
+# them) and the Python errors of the template's own expressions ({{ 1 / 0 }}, {{ 1 + 'a' }}).
+_RENDER_ERRORS = (TemplateError, ArithmeticError, LookupError, TypeError, ValueError)
+
+
 class Tokenizer:
     """encode / decode / chat-template rendering with one interface for both file formats."""
 
     def __init__(self, model_dir: Path) -> None:
         self.config = _read_tokenizer_config(model_dir)
+        self.config_path = model_dir / "tokenizer_config.json"
         if (model_dir / "tokenizer.json").is_file():
             self._backend = _HFTokenizer(model_dir / "tokenizer.json")
         elif (model_dir / "tokenizer.model").is_file():
@@ -46,16 +58,28 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """The prompt text for `messages` with the generation prompt appended."""
-        if self.chat_template is None:
-            raise TokenizerError("this model has no chat template; pass the prompt raw")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
+        template = self._compiled_template()
         special = {
             key: _token_text(self.config.get(key))
             for key in ("bos_token", "eos_token", "pad_token", "unk_token")
         }
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=True, **special)
+        try:
+            return template.render(messages=messages, add_generation_prompt=True, **special)
+        except _RENDER_ERRORS as exc:
+            raise _template_rejected(self.config_path, exc) from exc
+
+    def _compiled_template(self) -> Template:
+        """The chat template compiled in jinja2's sandbox, so that a template from a downloaded
+        model cannot reach Python objects it was not given. Compiled on use: --raw never needs
+        it, so a broken template only stops the runs that would render it."""
+        if self.chat_template is None:
+            raise TokenizerError("this model has no chat template; pass the prompt raw")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        try:
+            return env.from_string(self.chat_template)
+        except TemplateError as exc:  # a syntax error, or a filter or test that is unknown
+            raise _template_rejected(self.config_path, exc) from exc
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the rendered conversation; the template already holds special tokens."""
@@ -63,7 +87,20 @@ class Tokenizer:
 
 
 def _raise_template_error(message: str) -> None:
-    raise TemplateError(message)
+    raise _TemplateRaised(message)
+
+
+def _template_rejected(path: Path, exc: Exception) -> TokenizerError:
+    """One line that names the file holding the template and says why it failed."""
+    if isinstance(exc, SecurityError):
+        reason = f"the jinja2 sandbox refused unsafe code: {exc}"
+    elif isinstance(exc, TemplateSyntaxError):
+        reason = f"invalid jinja2 at line {exc.lineno} of the template: {exc.message}"
+    elif isinstance(exc, _TemplateRaised):
+        reason = f"the template refused the conversation: {exc}"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    return TokenizerError(f"{path}: chat template rejected: {reason}")
 
 
 def _token_text(token: Any) -> str | None:

@@ -1,8 +1,10 @@
 """`nanokv eval` end to end on a tiny random model: JSONL, summary.md and PNGs; resuming; bad
-input is one line and exit status 2, with nothing written."""
+input is one line and exit status 2, with nothing written; the presets' cases a cell and the
+cache floor flag."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -10,6 +12,8 @@ import pytest
 from test_eval_fixtures import long_tiny_dir_fixture  # noqa: F401
 
 from nanokv.cli import main
+from nanokv.eval.cli import add_eval_parser, grids
+from nanokv.eval.grid import FULL, QUICK
 
 GRID = [
     "--quick", "--lengths", "700", "--depths", "0.5", "--seeds", "0", "--budgets", "0.2",
@@ -39,6 +43,8 @@ def test_tiny_end_to_end_writes_results_summary_and_plots(long_tiny_dir, tmp_pat
     for heading in ("Needle in a haystack", "Fidelity", "Code completion", "Sources"):
         assert heading in summary
     assert "stdlib/" in summary  # the text sources are listed
+    assert "| `full` | 1/1 [21, 100] |" in summary or "| `full` | 0/1 [0, 79] |" in summary
+    assert "1 case a cell: 1 depth (0.5) x 1 seed (0)" in summary
     for name in (
         "niah_heatmap_question_b0.2.png", "niah_budget_context.png",
         "niah_needle_kept_question_b0.2.png", "fidelity_cosine_b0.2.png",
@@ -86,6 +92,7 @@ def _rows_skipping_partial(path):
         (["--tasks", "triple"], "unknown task"),
         (["--lengths", "9000"], "context"),
         (["--lengths", "10"], "too short"),
+        (["--min-cache", "-1"], "--min-cache must be at least 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(long_tiny_dir, tmp_path, capsys, extra, message):
@@ -134,3 +141,35 @@ def test_missing_matplotlib_is_one_line_before_any_work(
     err = capsys.readouterr().err.strip()
     assert status == 2 and "matplotlib" in err and "\n" not in err
     assert not out.exists()
+
+
+def _grids(*argv: str):
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers())
+    return grids(parser.parse_args(["eval", *argv]))
+
+
+def test_full_presets_hold_ten_cases_a_niah_cell_and_quick_stays_small():
+    niah, fidelity, code = FULL["niah"], FULL["fidelity"], FULL["code"]
+    assert len(niah.depths) * len(niah.seeds) >= 10  # a cell: one task, filler, setting
+    assert len(fidelity.seeds) >= 8 and len(code.seeds) >= 10
+    quick = QUICK["niah"]  # the under-10-minutes grid on two cores: as measured
+    assert len(quick.depths) * len(quick.seeds) * len(quick.lengths) == 4
+    assert len(QUICK["fidelity"].seeds) == 1 and len(QUICK["code"].seeds) == 2
+
+
+def test_the_cache_floor_defaults_to_128_and_the_flag_sets_every_suite():
+    assert {g.min_cache for g in _grids("all", "--quick").values()} == {128}
+    chosen = _grids("all", "--min-cache", "0")
+    assert set(chosen) == {"niah", "fidelity", "code"}
+    assert {g.min_cache for g in chosen.values()} == {0}
+
+
+def test_results_with_another_cache_floor_are_not_mixed_in(long_tiny_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"min_cache": 0}))
+    args = ["eval", "code", "--model", str(long_tiny_dir), "--out", str(out), "--no-plots"]
+    assert main([*args, "--lengths", "300", "--seeds", "0", "--policies", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "min_cache 0, not 128" in err and "choose another --out" in err

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nanokv.context import split_context
-from nanokv.engine import DecodeState, Engine
+from nanokv.engine import DecodeState, Engine, PromptRecord
 from nanokv.sampling import SamplingParams
 from nanokv.stopping import StopChecker
 from nanokv.tokenizer import Tokenizer
@@ -77,17 +77,19 @@ def answer(
     params: SamplingParams,
     track: list[int] | None = None,
     stopper: StopChecker | None = None,
+    record: PromptRecord | None = None,
 ) -> Outcome:
     """Runs `prompt` and returns the answer text, with what compression kept of the `track`ed
     prompt positions (e.g. the needle's tokens). `stopper` replaces the usual EOS / stop-string
-    check."""
+    check; `record` (Engine.record_prompt of `prompt.prefill`) replaces its forward pass."""
     began = time.perf_counter()
     new = params.max_new_tokens
+    records = None if record is None else [record]
     if prompt.follow:
         reserve = len(prompt.follow) + new
-        state, _ = engine.start([prompt.prefill], reserve, decode_window=reserve)
+        state, _ = engine.start([prompt.prefill], reserve, decode_window=reserve, records=records)
     else:
-        state, logits = engine.start([prompt.prefill], new)
+        state, logits = engine.start([prompt.prefill], new, records=records)
     kept = float(state.arena.lengths[:, 0].float().mean())
     tracked = None if track is None else kept_share(state, track)
     if prompt.follow:

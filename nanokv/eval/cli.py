@@ -42,6 +42,11 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
         "--cases", nargs="+", metavar="ID",
         help="run these case ids (e.g. niah/single/prose/L2048/d0.25/s0) instead of the grid's",
     )  # fmt: skip
+    p.add_argument(
+        "--min-cache", type=int, metavar="N",
+        help="cache floor in tokens: no head is cut below it and a prompt + answer under it is "
+        "never evicted (default 128; 0: every budget exact)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("nanokv-eval"), help="results directory")
     p.add_argument("--quick", action="store_true", help="the small grid (< 10 min on 2 cores)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -58,6 +63,7 @@ def grids(args: argparse.Namespace) -> dict[str, Grid]:
         lengths=_tuple(args.lengths), depths=_tuple(args.depths), seeds=_tuple(args.seeds),
         tasks=_tuple(args.tasks), fillers=_tuple(args.fillers), settings=settings,
         texts=_tuple(args.texts), tokens=args.tokens, cases=_tuple(args.cases),
+        min_cache=args.min_cache,
     )  # fmt: skip
     suites = SUITES if args.suite == "all" else (args.suite,)
     if args.suite == "all" and args.cases:  # only the suites the ids name
@@ -97,10 +103,18 @@ def run_eval(args: argparse.Namespace) -> int:
     for suite, grid in chosen.items():
         grid.validate(suite, llm.config.max_position_embeddings)
     out = args.out.resolve()
-    check_meta(out, {"model": str(llm.model_dir.name), "corpus": corpus_fingerprint()})
+    meta = {"model": str(llm.model_dir.name), "corpus": corpus_fingerprint()}
+    check_meta(out, meta | {"min_cache": _min_cache(chosen)})
     for suite, grid in chosen.items():
         run_jobs(suite, SUITE_JOBS[suite](llm, grid), ResultStore(out, suite))
     return report(out, args.no_plots)
+
+
+def _min_cache(chosen: dict[str, Grid]) -> int:
+    """The run's cache floor: a row's id does not name it, so resuming into a directory made
+    with another floor would silently keep rows at other budgets (check_meta refuses that)."""
+    (floor,) = {grid.min_cache for grid in chosen.values()}  # one flag sets every suite's
+    return floor
 
 
 def report(out: Path, no_plots: bool = False) -> int:

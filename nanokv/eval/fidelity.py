@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanokv.engine import Engine
+from nanokv.engine import Engine, PromptRecord
 from nanokv.eval.corpus import Document, code_files, docs_text
 from nanokv.tokenizer import Tokenizer
 
@@ -97,10 +97,11 @@ def _document(source: str, rng: random.Random) -> Document:
 
 
 @torch.inference_mode()
-def teacher_force(engine: Engine, case: FidelityCase) -> Trace:
-    """Prefills the context with `engine`'s policy, then feeds the true continuation."""
+def teacher_force(engine: Engine, case: FidelityCase, record: PromptRecord | None = None) -> Trace:
+    """Prefills the context with `engine`'s policy (from `record`, the context's recorded pass,
+    when given), then feeds the true continuation."""
     n = len(case.continuation)
-    state, logits = engine.start([case.context], n)
+    state, logits = engine.start([case.context], n, records=None if record is None else [record])
     kept = float(state.arena.lengths.float().mean())
     rows, captured = [logits[0].float()], []
     for index, token in enumerate(case.continuation[:-1]):

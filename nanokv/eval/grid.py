@@ -1,9 +1,24 @@
 """What an evaluation runs: policies x budgets x cases, with the `--quick` and full presets.
 
-The quick presets are sized to finish in under 10 minutes for all three suites together on two
-CPU cores with the default model (prefill ~1.7 s per 1k tokens, decode ~17 tokens/s); the full
-presets are for a GPU or a long afternoon. Any flag given on the command line replaces that
-field of the preset.
+A cell of the summary is one policy x budget x length (x setting, task and filler for NIAH, x
+text for fidelity); its cases are the depths x seeds (NIAH) or the seeds (fidelity windows, code
+cuts), the same cases for every policy.
+
+- `--quick`: sized to finish in under 10 minutes for all three suites together on two CPU cores
+  with the default model (prefill ~1.7 s per 1k tokens, decode ~17 tokens/s). NIAH: full,
+  snapkv, laprox, quest and the two diagnostics at 5% / 10%, single needle in prose at 1k / 2k,
+  depths 0.25 / 0.75 x seed 0 (2 cases a cell), both settings; fidelity: the main policies,
+  docs, 2k context, 32 tokens, seed 0 (1 window a cell); code: the main policies, 1k, seeds 0, 1
+  (2 cases a cell). A smoke test of the pipeline, not a measurement.
+- full (for a GPU or a long afternoon): every policy, snapkv+quest and the diagnostics at 2 / 5 /
+  10 / 20%. NIAH: every task and filler, 1k / 2k / 4k, 5 depths x 2 seeds (10 cases a cell),
+  both settings; fidelity: docs and code, 2k / 4k, 64 tokens, 8 seeds (8 windows a cell); code:
+  1k / 2k / 4k, 10 seeds (10 cases a cell).
+
+Every preset keeps a cache floor of `min_cache` = 128 tokens: the engine keeps no head below it,
+and a prompt plus answer that fits under it is never evicted, so a small budget of a short prompt
+is not really that budget (the summary marks such cells; `--min-cache 0` makes budgets exact).
+Any flag given on the command line replaces that field of the preset.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ class Grid:
     texts: tuple[str, ...] = SOURCES  # fidelity: docs and/or code
     tokens: int = 32  # fidelity: teacher-forced continuation tokens
     cases: tuple[str, ...] = ()  # case ids: run these instead of the grid's cases
+    min_cache: int = 128  # cache floor in tokens: no head is cut below it (0: exact budgets)
 
     def specs(self) -> list[PolicySpec]:
         return [parse_spec(text) for text in self.policies]
@@ -53,6 +69,8 @@ class Grid:
         for depth in self.depths:
             if not 0.0 <= depth <= 1.0:
                 raise ValueError(f"depth must be in [0, 1], got {depth}")
+        if self.min_cache < 0:
+            raise ValueError(f"--min-cache must be at least 0 tokens, got {self.min_cache}")
         if self.tokens < 2:
             raise ValueError(f"--tokens must be at least 2, got {self.tokens}")
         for length in self._lengths(suite):
@@ -107,7 +125,7 @@ FULL = {
         tasks=TASKS, fillers=FILLERS,
     ),
     "fidelity": Grid(
-        policies=_ALL, budgets=(0.02, 0.05, 0.1, 0.2), lengths=(2048, 4096), seeds=(0, 1, 2),
+        policies=_ALL, budgets=(0.02, 0.05, 0.1, 0.2), lengths=(2048, 4096), seeds=tuple(range(8)),
         tokens=64,
     ),
     "code": Grid(

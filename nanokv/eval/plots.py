@@ -1,6 +1,7 @@
 """PNG plots of the results (matplotlib, the `bench` extra, imported only here):
 
-- niah_heatmap_<setting>_b<budget>.png: mean score, depth x length, one panel per policy;
+- niah_heatmap_<setting>_b<budget>.png: hits/cases (every asked value found) in each depth x
+  length cell, coloured by the hit rate, one panel per policy (`*`: under the cache floor);
 - niah_budget_<setting>.png: mean score vs budget, one curve per policy;
 - niah_needle_kept_<setting>_b<budget>.png: share of the needle's tokens held, per layer;
 - fidelity_cosine_b<budget>.png: attention-output cosine per layer for the first decoded token;
@@ -17,12 +18,14 @@ from pathlib import Path
 from nanokv.eval.aggregate import (
     FULL,
     budget_label,
+    is_floored,
     length_label,
     levels,
     mean,
     mean_curve,
     ordered,
     select,
+    successes,
 )
 
 
@@ -79,24 +82,23 @@ def write_plots(out: Path, rows: dict[str, list[dict]]) -> list[Path]:
 
 
 def _heatmaps(plt, out: Path, rows: list[dict], setting: str, budget: float) -> Path:
-    """One depth x length panel per policy at `budget` (full shown at its own budget 1)."""
+    """One depth x length panel per policy at `budget` (full shown at its own budget 1): each
+    cell annotated with its hits/cases, so one case in two does not pass for a rate."""
     policies = ordered(rows, "policy")
     depths, lengths = levels(rows, "depth", False), levels(rows, "length", False)
     cols = min(4, len(policies))
     lines = math.ceil(len(policies) / cols)
     fig, axes = plt.subplots(lines, cols, figsize=(3.3 * cols, 2.8 * lines), squeeze=False)
     for ax, policy in zip(axes.flat, policies, strict=False):
-        grid = [
-            [mean(select(rows, policy=policy, budget=budget, depth=d, length=n), "score")
-             for n in lengths]
+        cells = [
+            [select(rows, policy=policy, budget=budget, depth=d, length=n) for n in lengths]
             for d in depths
-        ]  # fmt: skip
-        values = [[math.nan if v is None else v for v in line] for line in grid]
-        ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for i, line in enumerate(values):
-            for j, value in enumerate(line):
-                text = "" if math.isnan(value) else f"{value:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+        ]
+        rates = [[_hit_rate(chosen) for chosen in line] for line in cells]
+        ax.imshow(rates, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, line in enumerate(cells):
+            for j, chosen in enumerate(line):
+                ax.text(j, i, _count_label(chosen), ha="center", va="center", fontsize=8)
         ax.set_title("\n".join(textwrap.wrap(policy.replace(",", ", "), 30)), fontsize=8)
         ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
@@ -104,8 +106,23 @@ def _heatmaps(plt, out: Path, rows: list[dict], setting: str, budget: float) -> 
         ax.set_ylabel("needle depth")
     for ax in list(axes.flat)[len(policies) :]:
         ax.axis("off")
-    fig.suptitle(f"NIAH mean score, {setting}, budget {budget_label(budget)}")
+    floor = ", * under the cache floor" if is_floored(select(rows, budget=budget)) else ""
+    fig.suptitle(f"NIAH hits/cases, {setting}, budget {budget_label(budget)}{floor}")
     return _save(plt, fig, out / f"niah_heatmap_{setting}_b{budget:g}.png")
+
+
+def _hit_rate(rows: list[dict]) -> float:
+    """Share of the rows answered in full (NaN, drawn blank, for no rows)."""
+    hits, total = successes(rows, "correct")
+    return hits / total if total else math.nan
+
+
+def _count_label(rows: list[dict]) -> str:
+    """`9/10`, with `*` when a case fell under the cache floor; empty for no rows."""
+    hits, total = successes(rows, "correct")
+    if not total:
+        return ""
+    return f"{hits}/{total}" + ("*" if is_floored(rows) else "")
 
 
 def _layer_curves(

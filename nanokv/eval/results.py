@@ -1,8 +1,9 @@
 """Results on disk: one JSONL file per suite, one row per case, appended as each case finishes.
 
 Re-running with the same output directory skips the ids already there (resumable; a line cut
-short by a crash is ignored). `meta.json` records what makes rows comparable -- the model and
-the haystack corpus -- and a later run with another model is refused rather than mixed in.
+short by a crash is ignored). `meta.json` records what makes rows comparable -- the model, the
+haystack corpus and the cache floor -- and a later run with another is refused rather than
+mixed in (a row's id names none of them, so its rows would be resumed as if they matched).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def _read(path: Path) -> list[dict]:
     return rows
 
 
-def check_meta(out: Path, meta: dict[str, str]) -> None:
+def check_meta(out: Path, meta: dict[str, object]) -> None:
     """Writes `<out>/meta.json`, or raises ValueError when the directory holds results made
-    with a different model or corpus (the same keys with other values)."""
+    with a different model, corpus or cache floor (the same keys with other values; a key the
+    old file lacks is added)."""
     path = out / "meta.json"
     if path.is_file():
         try:

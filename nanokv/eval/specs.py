@@ -96,12 +96,14 @@ def _label(text: str) -> str:
     return "".join(text.split())
 
 
-def engine_for(llm: LLM, spec: PolicySpec, budget: float) -> tuple[Engine, Policy | None]:
-    """An engine for `spec` at `budget` on the loaded model; with the needle oracle, also the
-    wrapper whose `forced` positions the caller sets per case."""
-    llm.configure(
-        spec.policy, 1.0 if spec.is_full else Budget(budget), **spec.quest, **spec.options
-    )
+def engine_for(
+    llm: LLM, spec: PolicySpec, budget: float, min_cache: int = 0
+) -> tuple[Engine, Policy | None]:
+    """An engine for `spec` at `budget` (with the cache floor `min_cache`, 0: exact) on the
+    loaded model; with the needle oracle, also the wrapper whose `forced` positions the caller
+    sets per case."""
+    chosen = Budget(1.0) if spec.is_full else Budget(budget, floor=min_cache)
+    llm.configure(spec.policy, chosen, **spec.quest, **spec.options)
     if not spec.needle_oracle:
         return llm.engine, None
     oracle = needle_forcing(llm.policy)

@@ -1,7 +1,10 @@
 """The three suites as lists of jobs: every case x policy x budget (x setting for NIAH) of a grid.
 
-Jobs are ordered case by case, so a case's prompt (and, for fidelity, its full-cache reference)
-is built once and reused by every policy. `full` runs once per case, at budget 1.
+Jobs are ordered case by case, so a case's prompt, its forward pass (`Engine.record_prompt`: the
+pass does not depend on the policy, only what reaches the arena does) and, for fidelity, its
+full-cache reference are computed once and reused by every policy and budget. `full` runs once
+per case, at budget 1. Every row says whether the grid's cache floor, not the budget, set the
+cache (`floored`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from itertools import product
 
 import torch
 
+from nanokv.engine import Engine, PromptRecord
 from nanokv.eval.ask import Prompt, answer, build_prompt
 from nanokv.eval.code import CodeSpec, FirstLine, edit_similarity, first_line, make_code_case
 from nanokv.eval.fidelity import FidelitySpec, compare, make_fidelity_case, teacher_force
@@ -60,12 +64,21 @@ def code_specs(grid: Grid) -> list[CodeSpec]:
 def niah_jobs(llm: LLM, grid: Grid) -> list[Job]:
     """Every NIAH case x setting x (policy, budget)."""
     case_for = lru_cache(maxsize=1)(lambda spec: make_case(spec, llm.tokenizer))
+
+    @lru_cache(maxsize=1)
+    def prompt_for(spec: NiahSpec, setting: str) -> tuple[Prompt, PromptRecord]:
+        case = case_for(spec)
+        doc, question, prefix = case.document, case.question, case.answer_prefix
+        prompt = build_prompt(llm.tokenizer, setting, doc, question, prefix)
+        return prompt, llm.engine.record_prompt(prompt.prefill)
+
     jobs = []
     for spec in niah_specs(grid):
         for setting, (policy, budget) in product(grid.settings, runs(grid)):
             row_id = f"{spec.id}|{setting}|{policy.label}|b{budget:g}"
             label = f"{setting} {policy.label} b={budget:g} {spec.id}"
-            run = _niah_run(llm, spec, setting, policy, budget, case_for)
+            cell = (policy, budget, grid.min_cache)
+            run = _niah_run(llm, spec, setting, cell, case_for, prompt_for)
             jobs.append(Job(row_id, label, run))
     return jobs
 
@@ -74,22 +87,26 @@ def _niah_run(
     llm: LLM,
     spec: NiahSpec,
     setting: str,
-    policy: PolicySpec,
-    budget: float,
+    cell: tuple[PolicySpec, float, int],
     case_for: Callable[[NiahSpec], NiahCase],
+    prompt_for: Callable[[NiahSpec, str], tuple[Prompt, PromptRecord]],
 ) -> Callable[[], dict]:
+    policy, budget, min_cache = cell
+
     def run() -> dict:
         case, tokenizer = case_for(spec), llm.tokenizer
-        prompt = build_prompt(tokenizer, setting, case.document, case.question, case.answer_prefix)
+        prompt, record = prompt_for(spec, setting)  # shared by the case's jobs
         values = _positions(tokenizer, prompt, case.expected)
-        engine, oracle = engine_for(llm, policy, budget)
+        engine, oracle = engine_for(llm, policy, budget, min_cache)
         if oracle is not None:
             # the value's digits and the period that ends them: without it the model runs on
             # past the last digit ("87874411")
             ended = tuple(f"{value}." for value in case.expected)
             oracle.forced = torch.tensor(_positions(tokenizer, prompt, ended))
         params = SamplingParams(max_new_tokens=NEW_TOKENS[spec.task], stop=["\n"])
-        outcome = answer(engine, tokenizer, llm.eos_token_ids, prompt, params, track=values)
+        outcome = answer(
+            engine, tokenizer, llm.eos_token_ids, prompt, params, track=values, record=record
+        )
         result = score(outcome.text, case.expected)
         return {
             "suite": "niah", "case": spec.id, "task": spec.task, "filler": spec.filler,
@@ -99,9 +116,16 @@ def _niah_run(
             "correct": result == 1.0, "kept_tokens": round(outcome.kept_tokens, 2),
             "needle_kept": [round(s, 4) for s in outcome.tracked_kept],
             "sources": list(case.sources), "seconds": round(outcome.seconds, 3),
+            **_floor_fields(engine, policy, len(prompt.prefill), min_cache),
         }  # fmt: skip
 
     return run
+
+
+def _floor_fields(engine: Engine, policy: PolicySpec, length: int, min_cache: int) -> dict:
+    """`min_cache` and whether the floor, not the budget, set this row's cache."""
+    floored = not policy.is_full and engine.eviction.is_floored(length)
+    return {"min_cache": min_cache, "floored": floored}
 
 
 def _positions(tokenizer, prompt: Prompt, texts: tuple[str, ...]) -> list[int]:
@@ -120,12 +144,15 @@ def fidelity_jobs(llm: LLM, grid: Grid) -> list[Job]:
     @lru_cache(maxsize=1)
     def reference(spec: FidelitySpec):
         case = make_fidelity_case(spec, llm.tokenizer)
+        record = llm.engine.record_prompt(case.context)
         engine, _ = engine_for(llm, full, 1.0)
-        return case, teacher_force(engine, case)
+        return case, record, teacher_force(engine, case, record)
 
     return _grid_jobs(
         fidelity_specs(grid), grid,
-        lambda spec, policy, budget: _fidelity_run(llm, spec, policy, budget, reference),
+        lambda spec, policy, budget: _fidelity_run(
+            llm, spec, (policy, budget, grid.min_cache), reference
+        ),
     )  # fmt: skip
 
 
@@ -140,18 +167,21 @@ def _grid_jobs(specs, grid: Grid, make_run) -> list[Job]:
     return jobs
 
 
-def _fidelity_run(llm: LLM, spec: FidelitySpec, policy: PolicySpec, budget: float, reference):
+def _fidelity_run(llm: LLM, spec: FidelitySpec, cell: tuple[PolicySpec, float, int], reference):
+    policy, budget, min_cache = cell
+
     def run() -> dict:
-        case, full = reference(spec)  # computed by the case's first job, not timed below
-        engine, _ = engine_for(llm, policy, budget)
+        case, record, full = reference(spec)  # computed by the case's first job, not timed below
+        engine, _ = engine_for(llm, policy, budget, min_cache)
         began = time.perf_counter()
-        trace = teacher_force(engine, case)
+        trace = teacher_force(engine, case, record)
         seconds = round(time.perf_counter() - began, 3)
         return {
             "suite": "fidelity", "case": spec.id, "text": spec.source, "file": case.text_name,
             "length": spec.length, "tokens": spec.tokens, "seed": spec.seed,
             "policy": policy.label, "budget": budget, "kept_tokens": round(trace.kept_tokens, 2),
             "seconds": seconds, **compare(full, trace, case.continuation),
+            **_floor_fields(engine, policy, len(case.context), min_cache),
         }  # fmt: skip
 
     return run
@@ -159,21 +189,32 @@ def _fidelity_run(llm: LLM, spec: FidelitySpec, policy: PolicySpec, budget: floa
 
 def code_jobs(llm: LLM, grid: Grid) -> list[Job]:
     """Every code-completion case x (policy, budget)."""
-    case_for = lru_cache(maxsize=1)(lambda spec: make_code_case(spec, llm.tokenizer))
+
+    @lru_cache(maxsize=1)
+    def case_for(spec: CodeSpec):
+        case = make_code_case(spec, llm.tokenizer)
+        return case, llm.engine.record_prompt(case.prompt)
+
     return _grid_jobs(
         code_specs(grid), grid,
-        lambda spec, policy, budget: _code_run(llm, spec, policy, budget, case_for),
+        lambda spec, policy, budget: _code_run(
+            llm, spec, (policy, budget, grid.min_cache), case_for
+        ),
     )  # fmt: skip
 
 
-def _code_run(llm: LLM, spec: CodeSpec, policy: PolicySpec, budget: float, case_for):
+def _code_run(llm: LLM, spec: CodeSpec, cell: tuple[PolicySpec, float, int], case_for):
+    policy, budget, min_cache = cell
+
     def run() -> dict:
-        case, tokenizer = case_for(spec), llm.tokenizer
-        engine, _ = engine_for(llm, policy, budget)
+        (case, record), tokenizer = case_for(spec), llm.tokenizer
+        engine, _ = engine_for(llm, policy, budget, min_cache)
         params = SamplingParams(max_new_tokens=NEW_TOKENS["code"])
         stopper = FirstLine(tokenizer.decode, llm.eos_token_ids)
         prompt = Prompt("question", case.prompt, [])
-        outcome = answer(engine, tokenizer, llm.eos_token_ids, prompt, params, stopper=stopper)
+        outcome = answer(
+            engine, tokenizer, llm.eos_token_ids, prompt, params, stopper=stopper, record=record
+        )
         predicted = first_line(outcome.text)
         return {
             "suite": "code", "case": spec.id, "file": case.file, "line": case.line_number,
@@ -182,6 +223,7 @@ def _code_run(llm: LLM, spec: CodeSpec, policy: PolicySpec, budget: float, case_
             "similarity": round(edit_similarity(predicted, case.target), 4),
             "exact": predicted == case.target, "kept_tokens": round(outcome.kept_tokens, 2),
             "seconds": round(outcome.seconds, 3),
+            **_floor_fields(engine, policy, len(case.prompt), min_cache),
         }  # fmt: skip
 
     return run

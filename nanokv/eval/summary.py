@@ -1,5 +1,12 @@
 """The markdown summary: one table per suite and setting (policies x budget @ length), the
-diagnostics, the text sources used, and how long the cases took."""
+diagnostics, the text sources used, and how long the cases took.
+
+Every number says how many cases it stands on: NIAH and exact-line cells are hits/cases with a
+95% Wilson score interval, continuous cells mean ± standard deviation with n, so a difference of
+one case in two is not read as a finding. Two marks are explained under the table that uses them:
+`*` a cell whose budget fell under the cache floor for some of its cases (it is not really at
+that budget), `†` a column whose policies ran on different cases (not a paired comparison).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,18 @@ from pathlib import Path
 from nanokv.eval.aggregate import (
     FULL,
     budget_label,
+    case_groups,
+    floors,
+    is_floored,
     length_label,
     levels,
     mean,
     mean_curve,
     ordered,
     select,
+    spread,
+    successes,
+    wilson_interval,
 )
 from nanokv.eval.code import edit_similarity
 
@@ -22,8 +35,15 @@ SETTING_TITLES = {
     "question": "question-aware (the question is compressed with the document)",
     "context": "context-only (the document is compressed, then the question is asked)",
 }
+TEXT_TITLES = {
+    "docs": "the reference manual (docs)",
+    "code": "long standard-library modules (code)",
+}
+HITS = "hits/cases [95% Wilson interval, %]"
+SPREAD = "mean ± standard deviation over the cases"
 
 Cell = Callable[[list[dict]], str]
+Column = tuple[float, int]  # (budget, length)
 
 
 def write_summary(out: Path, rows: dict[str, list[dict]]) -> Path:
@@ -41,17 +61,74 @@ def write_summary(out: Path, rows: dict[str, list[dict]]) -> Path:
     return path
 
 
-def grid_table(rows: list[dict], cell: Cell) -> str:
-    """Policies (rows) x budget @ length (columns); `cell` turns the matching rows into text."""
-    columns = [(b, n) for b in levels(rows, "budget") for n in levels(rows, "length", False)]
-    if not columns:  # only full rows
-        columns = [(1.0, n) for n in levels(rows, "length", False)]
-    header = ["policy"] + [f"{budget_label(b)} @{length_label(n)}" for b, n in columns]
-    body = []
-    for policy in ordered(rows, "policy"):
-        cells = [cell(select(rows, policy=policy, budget=b, length=n)) for b, n in columns]
-        body.append([f"`{policy}`"] + cells)
-    return markdown_table(header, body)
+def columns(rows: list[dict]) -> list[Column]:
+    """(budget, length) of every column; budget 1 alone when there are only full rows."""
+    budgets = levels(rows, "budget") or [1.0]
+    return [(b, n) for b in budgets for n in levels(rows, "length", False)]
+
+
+def cells(rows: list[dict]) -> dict[tuple[str, Column], list[dict]]:
+    """The rows of each (policy, column) cell, policies in grid order."""
+    return {
+        (policy, (b, n)): select(rows, policy=policy, budget=b, length=n)
+        for policy in ordered(rows, "policy")
+        for b, n in columns(rows)
+    }
+
+
+def grid_table(rows: list[dict], cell: Cell, show_n: bool = False) -> str:
+    """Policies (rows) x budget @ length (columns); `cell` turns the matching rows into text.
+    Marks floored cells `*` and unpaired columns `†`, with a note under the table for each;
+    `show_n` adds each cell's case count (for tables whose cells differ in it)."""
+    chosen = cells(rows)
+    policies, cols = ordered(rows, "policy"), columns(rows)
+    labels = [f"{budget_label(b)} @{length_label(n)}" for b, n in cols]
+    notes = [
+        _pairing_note(label, {p: chosen[p, c] for p in policies})
+        for label, c in zip(labels, cols, strict=True)
+    ]
+    marked = [label + (" †" if note else "") for label, note in zip(labels, notes, strict=True)]
+    header = ["policy", *marked]
+    body = [[f"`{p}`"] + [_text(cell, chosen[p, c], show_n) for c in cols] for p in policies]
+    notes.append(_floor_note(rows))
+    return markdown_table(header, body) + "".join(f"\n{note}\n" for note in notes if note)
+
+
+def _text(cell: Cell, chosen: list[dict], show_n: bool) -> str:
+    """A cell's text, with its case count when asked and `*` when it is floored."""
+    text = cell(chosen)
+    if text == "—":
+        return text
+    if show_n:
+        text += f" (n={len(ordered(chosen, 'case'))})"
+    return text + ("*" if is_floored(chosen) else "")
+
+
+def _pairing_note(label: str, by_policy: dict[str, list[dict]]) -> str | None:
+    """A `†` note when the column's policies ran on different sets of cases, else None."""
+    groups = case_groups(by_policy)
+    if len(groups) <= 1:
+        return None
+    shared = frozenset.intersection(*groups)
+    runs = "; ".join(
+        f"{', '.join(f'`{p}`' for p in policies)} on {len(cases)}"
+        for cases, policies in groups.items()
+    )
+    return (
+        f"† {label}: the policies ran on different cases ({runs}; {len(shared)} shared by "
+        "all): not a paired comparison, compare with care."
+    )
+
+
+def _floor_note(rows: list[dict]) -> str | None:
+    """The `*` note when any row's budget fell under the cache floor, else None."""
+    if not is_floored(rows):
+        return None
+    sizes = " / ".join(str(size) for size in floors(rows)) or "?"
+    return (
+        f"\\* the budget fell under the cache floor of {sizes} tokens for these cases; rerun "
+        "with `--min-cache 0` (into another `--out`) for the exact budget."
+    )
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
@@ -60,10 +137,55 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _percent(field: str) -> Cell:
+def cell_sizes(rows: list[dict]) -> list[int]:
+    """The number of cases in each non-empty cell of the rows' table."""
+    return [len(ordered(chosen, "case")) for chosen in cells(rows).values() if chosen]
+
+
+def cases_phrase(rows: list[dict], noun: str, dims: tuple[str, ...]) -> str:
+    """E.g. "10 cases a cell: 5 depths (0, 0.25, 0.5, 0.75, 1) x 2 seeds (0, 1)" (`noun`
+    singular: "case", "window"; `dims` the fields the cases of a cell differ in)."""
+    sizes = cell_sizes(rows) or [0]
+    count = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)} to {max(sizes)}"
+    parts = []
+    for dim in dims:
+        values = levels(rows, dim, False)
+        parts.append(f"{_counted(len(values), dim)} ({', '.join(f'{v:g}' for v in values)})")
+    return f"{_counted(max(sizes), noun, count)} a cell: " + " x ".join(parts)
+
+
+def _counted(number: int, noun: str, shown: str | None = None) -> str:
+    """`1 seed`, `2 seeds` (`shown` replaces the number's text, e.g. a range)."""
+    return f"{number if shown is None else shown} {noun}{'' if number == 1 else 's'}"
+
+
+def uniform(rows: list[dict]) -> bool:
+    """Whether every non-empty cell of the rows' table holds as many cases."""
+    return len(set(cell_sizes(rows))) <= 1
+
+
+def hits(field: str) -> Cell:
+    """`9/10 [60, 98]`: cases where the boolean `field` holds, and the 95% Wilson interval (%)."""
+
     def cell(chosen: list[dict]) -> str:
-        value = mean(chosen, field)
-        return "—" if value is None else f"{100 * value:.0f}"
+        hit, total = successes(chosen, field)
+        if total == 0:
+            return "—"
+        low, high = wilson_interval(hit, total)
+        return f"{hit}/{total} [{100 * low:.0f}, {100 * high:.0f}]"
+
+    return cell
+
+
+def spread_cell(field: str, scale: float = 1.0, digits: int = 0) -> Cell:
+    """`88 ± 6`: the mean of `field` (times `scale`) and its standard deviation over cases."""
+
+    def cell(chosen: list[dict]) -> str:
+        found = spread(chosen, field)
+        if found is None:
+            return "—"
+        text = f"{scale * found.mean:.{digits}f}"
+        return text if found.sd is None else f"{text} ± {scale * found.sd:.{digits}f}"
 
     return cell
 
@@ -76,21 +198,19 @@ def _kept_share(chosen: list[dict]) -> str:
 
 
 def niah_section(rows: list[dict]) -> str:
-    parts = ["## Needle in a haystack\n"]
+    parts = [
+        "## Needle in a haystack\n",
+        f"Cells: {HITS}; a hit is an answer with every asked value. Within a column every "
+        "policy ran the same cases (paired) unless a † note says otherwise.\n",
+    ]
     for setting in ordered(rows, "setting"):
         in_setting = select(rows, setting=setting)
         parts.append(f"### {SETTING_TITLES.get(setting, setting)}\n")
         for task in ordered(in_setting, "task"):
             for filler in ordered(in_setting, "filler"):
                 chosen = select(in_setting, task=task, filler=filler)
-                if not chosen:
-                    continue
-                cases = len({(r["depth"], r["seed"]) for r in chosen})
-                parts.append(
-                    f"**{task} needle, {filler} filler** — mean score (% of the asked values "
-                    f"found), {cases} cases a cell (depths x seeds):\n"
-                )
-                parts.append(grid_table(chosen, _percent("score")))
+                if chosen:
+                    parts += niah_tables(chosen, task, filler)
         parts.append(
             "Needle kept after compression — share of the asked value's tokens still held, "
             "mean over layers and kv heads (minimum layer) in %; Quest evicts nothing, it "
@@ -100,30 +220,39 @@ def niah_section(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def niah_tables(rows: list[dict], task: str, filler: str) -> list[str]:
+    """The hits table of one task and filler (and, for multivalue, the mean share found)."""
+    phrase = cases_phrase(rows, "case", ("depth", "seed"))
+    parts = [f"**{task} needle, {filler} filler** — {HITS}, {phrase}:\n"]
+    parts.append(grid_table(rows, hits("correct")))
+    if task == "multivalue":
+        parts.append("Share of the asked values found (%, mean ± standard deviation):\n")
+        parts.append(grid_table(rows, spread_cell("score", 100)))
+    return parts
+
+
 def fidelity_section(rows: list[dict]) -> str:
-    cases = len(ordered(rows, "case"))
     tokens = ", ".join(str(t) for t in levels(rows, "tokens", False))
     parts = [
         "## Fidelity to the full cache\n",
-        f"Teacher-forced over {tokens} continuation tokens of standard-library text "
-        f"({cases} cases in all).\n",
-        "Top-1 agreement with the full cache (%):\n",
-        grid_table(rows, _percent("agreement")),
-        "Mean KL(full || policy) per token (nats):\n",
-        grid_table(rows, _number("kl", 3)),
-        "Cosine similarity of the attention outputs for the first decoded token, mean over "
-        "layers (minimum layer):\n",
-        grid_table(rows, _cosine),
+        f"Teacher-forced over {tokens} continuation tokens of standard-library text; a case is "
+        f"a window of the text. Cells: {SPREAD}.\n",
     ]
+    for text in ordered(rows, "text"):
+        chosen = select(rows, text=text)
+        show_n = not uniform(chosen)
+        parts += [
+            f"### {TEXT_TITLES.get(text, text)}\n",
+            f"{cases_phrase(chosen, 'window', ('seed',))}.\n",
+            "Top-1 agreement with the full cache (%):\n",
+            grid_table(chosen, spread_cell("agreement", 100), show_n),
+            "Mean KL(full || policy) per token (nats):\n",
+            grid_table(chosen, spread_cell("kl", digits=3), show_n),
+            "Cosine similarity of the attention outputs for the first decoded token, mean over "
+            "layers (minimum layer):\n",
+            grid_table(chosen, _cosine),
+        ]
     return "\n".join(parts)
-
-
-def _number(field: str, digits: int) -> Cell:
-    def cell(chosen: list[dict]) -> str:
-        value = mean(chosen, field)
-        return "—" if value is None else f"{value:.{digits}f}"
-
-    return cell
 
 
 def _cosine(chosen: list[dict]) -> str:
@@ -134,24 +263,25 @@ def _cosine(chosen: list[dict]) -> str:
 
 
 def code_section(rows: list[dict]) -> str:
-    cases = len(ordered(rows, "case"))
     full = {r["case"]: r["prediction"] for r in rows if r["policy"] == FULL}
     rows = [
         {**r, "vs_full": edit_similarity(r["prediction"], full[r["case"]])}
         if r["case"] in full else r
         for r in rows
     ]  # fmt: skip
+    show_n = not uniform(rows)
     return "\n".join(
         [
             "## Code completion (LCC-like)\n",
-            f"Next line of a standard-library file, greedy, {cases} cases a column.\n",
+            "Next line of a standard-library file, greedy; "
+            f"{cases_phrase(rows, 'case', ('seed',))}. Cells: {SPREAD}.\n",
             "Edit similarity to the true line (%):\n",
-            grid_table(rows, _percent("similarity")),
-            "Exact lines (%):\n",
-            grid_table(rows, _percent("exact")),
+            grid_table(rows, spread_cell("similarity", 100), show_n),
+            f"Exact lines ({HITS}):\n",
+            grid_table(rows, hits("exact")),
             "Edit similarity to the full cache's line (%) -- what the cache changed, whatever "
             "the model's skill:\n",
-            grid_table(rows, _percent("vs_full")),
+            grid_table(rows, spread_cell("vs_full", 100), show_n),
         ]
     )
 

@@ -22,6 +22,11 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
+def policy_names() -> str:
+    """What `--policy` and `LLM(policy=...)` accept, for help texts and error messages."""
+    return f"{', '.join(POLICIES)}, quest, or <policy>+quest"
+
+
 def make_policy(name: str, **options: object) -> Policy:
     """The policy registered under `name` with PolicyOptions overrides (None values ignored)."""
     if name not in POLICIES:
@@ -30,7 +35,8 @@ def make_policy(name: str, **options: object) -> Policy:
 
 
 def parse_policy(spec: str) -> tuple[str, bool]:
-    """'laprox+quest' -> ('laprox', True); 'quest' -> ('full', True); 'h2o' -> ('h2o', False)."""
+    """'laprox+quest' -> ('laprox', True); 'quest' -> ('full', True); 'h2o' -> ('h2o', False).
+    The one parser of policy names: LLM.configure, the CLI and the eval specs all use it."""
     names = spec.split("+")
     uses_quest = "quest" in names
     rest = [name for name in names if name != "quest"]
@@ -38,9 +44,11 @@ def parse_policy(spec: str) -> tuple[str, bool]:
         raise ValueError(f"policy {spec!r}: combine at most one eviction policy with quest")
     name = rest[0] if rest else "full"
     if name not in POLICIES:
-        choices = ", ".join([*POLICIES, "quest", "<policy>+quest"])
-        raise ValueError(f"unknown policy {name!r}; choose one of {choices}")
+        raise ValueError(f"unknown policy {name!r}; choose one of {policy_names()}")
     return name, uses_quest
 
 
-__all__ = ["POLICIES", "Policy", "parse_policy", "PolicyOptions", "PromptLayer", "make_policy"]
+__all__ = [
+    "POLICIES", "Policy", "PolicyOptions", "PromptLayer", "make_policy", "parse_policy",
+    "policy_names",
+]  # fmt: skip
