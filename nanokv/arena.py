@@ -231,14 +231,44 @@ class KVArena:
         self.lengths[layer, rows] = lengths.to(torch.int32)
 
     def write_slot(
-        self, layer: int, seq: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int
+        self,
+        layer: int,
+        seq: int,
+        slot: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: int,
+        score: torch.Tensor | None = None,
     ) -> None:
         """Writes one vector per kv head at `slot` (H_kv,) without changing lengths (AUV's
-        reconstructed K/V). k, v: (H_kv, D)."""
+        reconstructed K/V). k, v: (H_kv, D); score: (H_kv,) or None."""
         heads = torch.arange(k.shape[0], device=k.device)
         self.k[layer, seq, heads, slot] = k.to(self.k.dtype)
         self.v[layer, seq, heads, slot] = v.to(self.v.dtype)
         self.pos[layer, seq, heads, slot] = pos
+        if score is not None:
+            self.score[layer, seq, heads, slot] = score
+
+    def overwrite_slots(
+        self,
+        layer: int,
+        slot: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        score: torch.Tensor,
+    ) -> None:
+        """Overwrites one slot (B, H_kv) per head of every sequence in place, keeping its
+        position: k, v (B, H_kv, D), score (B, H_kv) (AUV folding victims into its slot)."""
+        index = slot.view(*slot.shape, 1, 1).expand(*slot.shape, 1, k.shape[-1])
+        self.k[layer].scatter_(2, index, k.unsqueeze(2).to(self.k.dtype))  # (B, H_kv, 1, D)
+        self.v[layer].scatter_(2, index, v.unsqueeze(2).to(self.v.dtype))
+        self.score[layer].scatter_(-1, slot.unsqueeze(-1), score.unsqueeze(-1))
+
+    def set_slot_state(self, layer: int, rows: dict[str, torch.Tensor]) -> None:
+        """Replaces per-slot statistics of `layer`: name -> (B, H_kv, C) values (what a policy
+        returned from a decode step)."""
+        for name, values in rows.items():
+            self.slot_state[name][layer].copy_(values)
 
     def shrink(self, capacity: int) -> None:
         """Reallocates every buffer with `capacity` slots, keeping slots 0 .. capacity - 1.

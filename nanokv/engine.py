@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -44,6 +44,16 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt's recorded forward pass (`Engine.record_prompt`): every layer as any policy
+    could see it (all queries, value norms), and the last token's logits."""
+
+    prompt: list[int]
+    layers: list[PromptLayer]
+    logits: torch.Tensor  # (1, vocab)
 
 
 @dataclass
@@ -104,12 +114,19 @@ class Engine:
 
     @torch.inference_mode()
     def start(
-        self, prompts: list[list[int]], max_new_tokens: int, decode_window: int | None = None
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        decode_window: int | None = None,
+        records: list[PromptRecord] | None = None,
     ) -> tuple[DecodeState, torch.Tensor]:
         """Allocates the arena and prefills every prompt. Returns the state and (B, vocab) logits
         of each prompt's last token. `decode_window` overrides W; W >= max_new_tokens compresses
-        the prompt once and evicts nothing while decoding (kvpress's setting)."""
+        the prompt once and evicts nothing while decoding (kvpress's setting). `records` (one
+        per prompt, from `record_prompt`) replace the prompts' forward passes."""
         self.check_prompts(prompts, max_new_tokens)
+        if records is not None and [r.prompt for r in records] != [list(p) for p in prompts]:
+            raise ValueError("records must be the recorded passes of these prompts, in order")
         began = time.perf_counter()
         self.eviction.seconds = 0.0
         plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
@@ -118,9 +135,14 @@ class Engine:
         window = 0 if all(p.keep_all for p in plans) else decode_window or self._window(plans)
         capacity = max(min(p.head_cap + window, p.prompt_length + max_new_tokens) for p in plans)
         arena = self._allocate(len(prompts), capacity)
-        logits = torch.cat(
-            [self.prefill(arena, seq, ids, plans[seq]) for seq, ids in enumerate(prompts)]
-        )
+        if records is None:
+            logits = [self.prefill(arena, seq, ids, plans[seq]) for seq, ids in enumerate(prompts)]
+        else:
+            logits = [
+                self._prefill_from_record(arena, seq, record, plans[seq])
+                for seq, record in enumerate(records)
+            ]
+        logits = torch.cat(logits)
         fit_window = decode_window is None
         state = self._decode_state(arena, prompts, plans, window, fit_window, max_new_tokens)
         state.memory = memory
@@ -202,33 +224,86 @@ class Engine:
         h = self.model.embed(ids, positions)  # (n, hidden)
         for layer, block in enumerate(self.model.blocks):
             prompt_layer = self._prefill_layer(layer, seq, block, h, positions)
-            # --- eviction stage (prefill): the policy scores, the selection keeps the best ---
-            chosen = None if plan is None else self.eviction.select_prefill(prompt_layer, plan)
-            arena.fill(
-                layer, seq, prompt_layer.k, prompt_layer.v, positions,
-                kept=None if chosen is None else chosen.kept,
-                counts=None if chosen is None else chosen.counts,
-                value_norms=prompt_layer.value_norms,
-                scores=None if chosen is None else chosen.scores,
-                state=None if chosen is None else chosen.state,
-            )  # fmt: skip
-            if chosen is not None:
-                self.eviction.after_fill(arena, prompt_layer, plan, chosen)
+            self._keep_prompt_layer(arena, prompt_layer, plan)
         if plan is not None:
             self.eviction.finish_prefill(arena, seq, plan)
         return self.model.logits(h if all_logits else h[-1:])
 
+    @torch.inference_mode()
+    def record_prompt(self, prompt: list[int]) -> PromptRecord:
+        """Runs one prompt's forward pass once and keeps every layer's K/V, queries and value
+        norms: the pass does not depend on the policy, so `start(..., records=...)` can then
+        fill the arena of any policy and budget from it (an evaluation grid prefills a case
+        once). Holds all layers' prompt K/V and queries: for evaluation, not serving."""
+        ids = torch.tensor(prompt, device=self.device)
+        positions = torch.arange(len(prompt), device=self.device)
+        h = self.model.embed(ids, positions)  # (n, hidden)
+        layers = [
+            self._prefill_layer(layer, 0, block, h, positions, every_statistic=True)
+            for layer, block in enumerate(self.model.blocks)
+        ]
+        return PromptRecord(list(prompt), layers, self.model.logits(h[-1:]))
+
+    def _prefill_from_record(
+        self, arena: KVArena, seq: int, record: PromptRecord, plan: SequencePlan
+    ) -> torch.Tensor:
+        """What `prefill` does, with the layers' statistics taken from a recorded pass."""
+        for recorded in record.layers:
+            self._keep_prompt_layer(arena, self._as_policy_sees(recorded, seq), plan)
+        self.eviction.finish_prefill(arena, seq, plan)
+        return record.logits.clone()
+
+    def _as_policy_sees(self, recorded: PromptLayer, seq: int) -> PromptLayer:
+        """A recorded layer reduced to what a live prefill gives this engine's policy."""
+        queries = recorded.queries  # (H_q, n, D): every prompt query
+        n = queries.shape[1]
+        window = min(self.policy.options.observation_window, n) or 1
+        policy = self.policy
+        return replace(
+            recorded,
+            seq=seq,
+            window_queries=queries[:, n - window :],
+            queries=queries if policy.needs_all_queries else None,
+            value_norms=recorded.value_norms if policy.needs_value_norms else None,
+            o_proj_weight=recorded.o_proj_weight if policy.needs_value_norms else None,
+        )
+
+    def _keep_prompt_layer(
+        self, arena: KVArena, prompt_layer: PromptLayer, plan: SequencePlan | None
+    ) -> None:
+        """The eviction stage of prefill: the policy scores, the selection keeps the best, and
+        only the kept K/V reach the arena."""
+        chosen = None if plan is None else self.eviction.select_prefill(prompt_layer, plan)
+        arena.fill(
+            prompt_layer.layer, prompt_layer.seq, prompt_layer.k, prompt_layer.v,
+            prompt_layer.positions,
+            kept=None if chosen is None else chosen.kept,
+            counts=None if chosen is None else chosen.counts,
+            value_norms=prompt_layer.value_norms,
+            scores=None if chosen is None else chosen.scores,
+            state=None if chosen is None else chosen.state,
+        )  # fmt: skip
+        if chosen is not None:
+            self.eviction.after_fill(arena, prompt_layer, plan, chosen)
+
     def _prefill_layer(
-        self, layer: int, seq: int, block: torch.nn.Module, h: torch.Tensor, positions: torch.Tensor
+        self,
+        layer: int,
+        seq: int,
+        block: torch.nn.Module,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        every_statistic: bool = False,
     ) -> PromptLayer:
-        """Runs `block` over the prompt in query chunks, updating h (n, hidden) in place."""
+        """Runs `block` over the prompt in query chunks, updating h (n, hidden) in place.
+        `every_statistic` keeps what any policy could read (all queries, value norms)."""
         n, cfg = h.shape[0], self.cfg
         k_all = h.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
         v_all = torch.empty_like(k_all)
         window = min(self.policy.options.observation_window, n) or 1
         window_queries = h.new_empty(window, cfg.num_heads, cfg.head_dim)
         all_queries = None
-        if self.policy.needs_all_queries:
+        if self.policy.needs_all_queries or every_statistic:
             all_queries = h.new_empty(n, cfg.num_heads, cfg.head_dim)
         for start in range(0, n, self.prefill_chunk):
             end = min(start + self.prefill_chunk, n)
@@ -241,6 +316,7 @@ class Engine:
             _keep_window_queries(window_queries, q, start, end, n)
             if all_queries is not None:
                 all_queries[start:end] = q
+        needs_norms = self.policy.needs_value_norms or every_statistic
         return PromptLayer(
             layer=layer,
             seq=seq,
@@ -251,14 +327,16 @@ class Engine:
             scale=self.scale,
             sliding_window=cfg.sliding_window,
             queries=None if all_queries is None else all_queries.transpose(0, 1),
-            value_norms=self._value_norms(layer, v_all.transpose(0, 1)),
-            o_proj_weight=block.o_proj.weight if self.policy.needs_value_norms else None,
+            value_norms=self._value_norms(layer, v_all.transpose(0, 1), every_statistic),
+            o_proj_weight=block.o_proj.weight if needs_norms else None,
         )
 
-    def _value_norms(self, layer: int, v: torch.Tensor) -> torch.Tensor | None:
-        """||v_j W_O^h|| (..., H_q, T) for values v (..., H_kv, T, D), when the policy reads them.
-        The Gram matrices G_h = W_O^h W_O^h^T are computed once per engine."""
-        if not self.policy.needs_value_norms:
+    def _value_norms(
+        self, layer: int, v: torch.Tensor, always: bool = False
+    ) -> torch.Tensor | None:
+        """||v_j W_O^h|| (..., H_q, T) for values v (..., H_kv, T, D), when the policy reads them
+        (or `always`). The Gram matrices G_h = W_O^h W_O^h^T are computed once per engine."""
+        if not (self.policy.needs_value_norms or always):
             return None
         if self._grams is None:
             cfg = self.cfg
@@ -299,7 +377,7 @@ class Engine:
                 out, emitted = quest.attend(layer, q, arena, **attention)
             else:
                 out, emitted = decode_attention(q, view.k, view.v, view.lengths, **attention)
-            self.policy.observe_decode(layer, view, emitted)
+            self.eviction.write_rows(arena, layer, self.policy.observe_decode(layer, view, emitted))
             if capture is not None:
                 capture.append(out.reshape(h.shape[0], -1).float().clone())
             h = block.finish(h, out.reshape(h.shape[0], -1))
@@ -419,6 +497,7 @@ class Engine:
         quest = state.quest
         return CacheReport(
             policy=self.policy.name + ("+quest" if quest is not None else ""),
+            budget=[self.eviction.describe(len(p), max_new) for p in prompts],
             prompt_tokens=[len(p) for p in prompts],
             kept_after_prefill=state.kept_after_prefill,
             arena_bytes=state.arena.nbytes,

@@ -26,6 +26,7 @@ class SequencePlan:
     keep_all: bool  # the budget covers prompt + new tokens: nothing is ever evicted
     layer_counts: tuple[int, ...]  # per layer, tokens a head keeps (its mean for layer/global)
     head_cap: int  # most tokens one head may hold outside the decode window
+    head_floor: int = 0  # fewest prompt tokens one head keeps (the budget's floor, see plan)
 
 
 @dataclass(frozen=True)
@@ -50,20 +51,54 @@ class EvictionStage:
             )
 
     def plan(self, prompt_length: int, max_new_tokens: int) -> SequencePlan:
+        """The per-layer counts of one sequence. With a budget floor, no head keeps fewer than
+        the floor, nor fewer than the tokens the selection protects (sinks, observation
+        window, reconstructed slot); a sequence that fits under it is never evicted."""
         n, total = prompt_length, prompt_length + max_new_tokens
-        cache = self.budget.cache_tokens(n, max_new_tokens)
+        floor = self._head_floor()
+        cache = max(self.budget.cache_tokens(n, max_new_tokens), floor)
         if not self.policy.evicts or cache >= total:
             return SequencePlan(n, True, (total,) * self.num_layers, total)
         allocation = self.options.allocation
         counts, cap = (cache,) * self.num_layers, cache
         if allocation == "pyramid":
             protected = self.options.sinks + self.options.observation_window
-            counts = tuple(pyramid_budgets(cache, self.num_layers, min(protected, cache)))
+            counts = pyramid_budgets(cache, self.num_layers, min(protected, cache))
+            counts = tuple(max(count, floor) for count in counts)
             cap = max(counts)
         elif allocation in ("layer", "global"):
             # a head may take up to max_head_share of the mean, never more than the prompt
             cap = min(math.ceil(self.options.max_head_share * cache), max(cache, n))
-        return SequencePlan(n, False, counts, cap)
+        return SequencePlan(n, False, counts, cap, min(floor, n))
+
+    def is_floored(self, prompt_length: int) -> bool:
+        """True when the floor, not the budget, sets the cache of a prompt this long."""
+        if self.budget.value == 1.0 or not self.policy.evicts:
+            return False
+        return self._head_floor() > self.budget.tokens(prompt_length)
+
+    def describe(self, prompt_length: int, max_new_tokens: int) -> str:
+        """One line for `--verbose`: the budget in tokens, the cache floor, and which set the
+        cache of a prompt this long."""
+        budget = self.budget
+        if not self.policy.evicts or budget.value == 1.0:
+            return "budget: everything kept (no eviction)"
+        plan = self.plan(prompt_length, max_new_tokens)
+        asked, floor = budget.tokens(prompt_length), self._head_floor()
+        line = f"budget {budget.value:g}: {asked} tokens a head of {prompt_length}"
+        line += f"; cache floor {floor}" if floor else "; no cache floor (exact budget)"
+        if plan.keep_all:
+            return line + f": prompt + {max_new_tokens} new tokens fit under it, nothing evicted"
+        if floor > asked:
+            return line + f": the floor sets the cache ({plan.layer_counts[0]} tokens a head)"
+        return line
+
+    def _head_floor(self) -> int:
+        """Tokens no head is cut below: 0 without a budget floor (the budget is exact)."""
+        if self.budget.floor == 0:
+            return 0
+        protected = self.options.sinks + self.options.observation_window + int(self._reconstructs)
+        return max(self.budget.floor, protected)
 
     def select_prefill(self, prompt: PromptLayer, plan: SequencePlan) -> PrefillSelection | None:
         """Kept prompt tokens of one layer (global: provisional, the best `head_cap` per head);
@@ -89,7 +124,7 @@ class EvictionStage:
             keep = select_across_rows(
                 scores, self._protection_rank(prompt.positions, n).expand_as(scores),
                 torch.ones_like(scores, dtype=torch.bool), total=count * heads,
-                floor=self._floor(count), cap=plan.head_cap, protect_limit=count,
+                floor=self._floor(count, plan), cap=plan.head_cap, protect_limit=count,
             )  # fmt: skip
             return kept_slots(keep)
         else:
@@ -108,7 +143,8 @@ class EvictionStage:
     def after_fill(
         self, arena: KVArena, prompt: PromptLayer, plan: SequencePlan, chosen: PrefillSelection
     ) -> None:
-        """Writes the reconstructed slot of what this layer's selection dropped."""
+        """Writes the reconstructed slot of what this layer's selection dropped, after each
+        head's kept tokens (reconstruct.py computes it, the stage writes it)."""
         n = prompt.positions.shape[0]
         if not self._reserved(n, plan.layer_counts[prompt.layer]):
             return
@@ -117,7 +153,11 @@ class EvictionStage:
         valid = torch.arange(chosen.kept.shape[1]) < chosen.counts.unsqueeze(-1)
         dropped.scatter_(-1, chosen.kept, ~valid & dropped.gather(-1, chosen.kept))
         weights = chosen.scores.clamp_min(0) * dropped
-        reconstruct_prefill(arena, prompt.layer, prompt.seq, prompt.k, prompt.v, weights)
+        rcs = reconstruct_prefill(prompt.k, prompt.v, weights)
+        layer, seq = prompt.layer, prompt.seq
+        slot = arena.lengths[layer, seq].long()  # (H_kv,): right after the kept tokens
+        arena.write_slot(layer, seq, slot, rcs.k, rcs.v, rcs.pos, score=rcs.weight)
+        arena.set_lengths(layer, (slot + 1).view(1, -1), seq=seq)
         self.seconds += time.perf_counter() - start
 
     def _top(self, scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -128,8 +168,10 @@ class EvictionStage:
         window = self.options.observation_window
         return protection_rank(positions, n, self.options.sinks, window)
 
-    def _floor(self, count: int) -> int:
-        return int(self.options.min_head_share * count)
+    def _floor(self, count: int, plan: SequencePlan) -> int:
+        """Tokens every head keeps under a layer/global allocation: AdaKV's share of the mean
+        budget, and never fewer than the plan's head floor."""
+        return max(int(self.options.min_head_share * count), min(plan.head_floor, count))
 
     def finish_prefill(self, arena: KVArena, seq: int, plan: SequencePlan) -> None:
         """`global` allocation: one top-k over every layer's and head's provisional tokens,
@@ -146,7 +188,7 @@ class EvictionStage:
         valid = slots < lengths.unsqueeze(-1)
         keep = select_across_rows(
             scores.flatten(0, 1), self._protection_rank(pos, n).flatten(0, 1), valid.flatten(0, 1),
-            total=mean * lengths.numel(), floor=self._floor(mean), cap=plan.head_cap,
+            total=mean * lengths.numel(), floor=self._floor(mean, plan), cap=plan.head_cap,
             protect_limit=mean,
         ).view_as(valid)  # fmt: skip
         for layer in range(arena.k.shape[0]):
@@ -181,9 +223,18 @@ class EvictionStage:
         victims = select_victims(scores, view.pos, candidates, window, self.options.sinks)
         window_slots = cache.unsqueeze(-1) + torch.arange(window, device=cache.device)
         is_full = full.view(-1, 1, 1)
-        self.policy.before_eviction(layer, view, torch.where(is_full, victims, -1))
-        if self._reconstructs:
-            fold_victims(arena, layer, victims, full)
+        marked = torch.where(is_full, victims, -1)
+        self.write_rows(arena, layer, self.policy.before_eviction(layer, view, marked))
+        folded = fold_victims(view, victims, full) if self._reconstructs else None
+        if folded is not None:  # the reconstructed slots absorb the victims before they go
+            arena.overwrite_slots(layer, folded.slot, folded.k, folded.v, folded.weight)
         arena.scatter(layer, torch.where(is_full, window_slots, victims), victims)
         arena.set_lengths(layer, torch.where(full.unsqueeze(1), cache, lengths))
         self.seconds += time.perf_counter() - start
+
+    def write_rows(self, arena: KVArena, layer: int, rows: dict[str, torch.Tensor] | None) -> None:
+        """Writes what a policy returned (`observe_decode`, `before_eviction`): slot-state name
+        -> new (B, H_kv, C) values of `layer`. Policies compute, the stage writes; None or an
+        empty dict changes nothing."""
+        if rows:
+            arena.set_slot_state(layer, rows)

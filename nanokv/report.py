@@ -12,6 +12,7 @@ class CacheReport:
     """Filled by the engine after a generate call (`LLM.last_report`)."""
 
     policy: str
+    budget: list[str]  # per sequence: the budget in tokens, the cache floor, which set the cache
     prompt_tokens: list[int]  # per sequence
     kept_after_prefill: torch.Tensor  # (L, B, H_kv) tokens each head held after prefill
     arena_bytes: int  # allocated by the arena (K, V and slot metadata)
@@ -27,13 +28,19 @@ class CacheReport:
         lines = [
             f"policy {self.policy}: prompt {self.prompt_tokens} tokens; kept per head after "
             f"prefill: mean {kept.mean():.1f}, min {int(kept.min())}, max {int(kept.max())}",
+            *dict.fromkeys(self.budget),  # one line per distinct prompt
             f"kept per layer (mean over heads): {per_layer}",
-            f"arena {self.arena_bytes / 2**20:.2f} MiB vs full cache "
-            f"{self.full_cache_bytes / 2**20:.2f} MiB "
-            f"({self.arena_bytes / max(self.full_cache_bytes, 1):.1%})",
+            f"arena {_size(self.arena_bytes, 'K, V and slot metadata')} vs full cache "
+            f"{_size(self.full_cache_bytes, 'K and V')}: "
+            f"{self.arena_bytes / max(self.full_cache_bytes, 1):.1%}",
             f"prefill {self.prefill_seconds * 1e3:.0f} ms, of which eviction "
             f"{self.eviction_seconds * 1e3:.0f} ms",
         ]
         if self.quest_read_fraction is not None:
             lines.append(f"quest read {self.quest_read_fraction:.1%} of the held pages per step")
         return "\n".join(lines)
+
+
+def _size(count: int, what: str) -> str:
+    """MiB for reading, exact bytes for checking: '0.02 MiB (19,456 bytes of K and V)'."""
+    return f"{count / 2**20:.2f} MiB ({count:,} bytes of {what})"

@@ -8,6 +8,7 @@ import torch
 from nanokv.arena import KVArena
 from nanokv.budget import Budget
 from nanokv.engine import Engine
+from nanokv.eviction import EvictionStage
 from nanokv.kernels.decode_attention import Emitted
 from nanokv.loader import load_config, load_model
 from nanokv.policies import PromptLayer, make_policy
@@ -61,7 +62,10 @@ def test_decode_update_usage_composite_and_decay():
                         [0, 5, 7, RECONSTRUCTED_POS])  # fmt: skip
     mass = torch.tensor([[[0.6, 0.3, 0.9, 0.2]]])  # a group of 2 query heads: sums to 2
     view = arena.layer(0)
-    policy.observe_decode(0, view, Emitted(mass=mass, contribution=None))
+    before = {name: t.clone() for name, t in arena.slot_state.items()}
+    rows = policy.observe_decode(0, view, Emitted(mass=mass, contribution=None))
+    assert all(torch.equal(arena.slot_state[n], t) for n, t in before.items())  # only returns
+    EvictionStage(policy, Budget(1.0), 1).write_rows(arena, 0, rows)
     row = mass[0, 0] / 2 * 4 / 10  # group mean, scaled by N_i / N_max (eq. 3)
     want = [
         (float(row[j]) + s * c) / (c + 1) for j, s, c in [(0, 0.2, 3), (1, 0.1, 2), (2, 0.4, 1)]
@@ -73,7 +77,9 @@ def test_decode_update_usage_composite_and_decay():
     composite = policy.eviction_scores(0, view)[0, 0, :3]
     aas = view.score[0, 0, :3]
     torch.testing.assert_close(composite, view.state["usage"][0, 0, :3] * aas.max() + aas)
-    policy.before_eviction(0, view, torch.tensor([[[1]]]))  # slot 1 is the victim
+    rows = policy.before_eviction(0, view, torch.tensor([[[1]]]))  # slot 1 is the victim
+    assert view.state["usage"][0, 0].tolist() == [2.0, 0.0, 3.0, 0.0]  # not written yet
+    EvictionStage(policy, Budget(1.0), 1).write_rows(arena, 0, rows)
     assert view.state["usage"][0, 0, :3].tolist() == [0.0, 0.0, 0.5]  # (u - min(u)) * alpha
 
 
@@ -83,13 +89,41 @@ def test_fold_victims_is_the_weighted_running_mean():
     arena.v[0, 0, 0] = -arena.k[0, 0, 0]
     arena.pos[0, 0, 0] = torch.tensor([RECONSTRUCTED_POS, 3, 4, 5], dtype=torch.int32)
     arena.score[0, 0, 0] = torch.tensor([2.0, 1.0, 3.0, 0.5])  # SES = 2 for the slot
-    fold_victims(arena, 0, torch.tensor([[[1, 2]]]), torch.tensor([True]))
+    k_before = arena.k.clone()
+    folded = fold_victims(arena.layer(0), torch.tensor([[[1, 2]]]), torch.tensor([True]))
+    assert torch.equal(arena.k, k_before)  # computed and returned, not written
     want = (
         torch.tensor([1.0, 0]) * 2 + torch.tensor([0, 1.0]) * 1 + torch.tensor([2.0, 2]) * 3
     ) / 6
+    assert folded.slot.tolist() == [[0]]
+    torch.testing.assert_close(folded.k[0, 0], want)
+    torch.testing.assert_close(folded.v[0, 0], -want)
+    assert float(folded.weight[0, 0]) == 6.0  # SES' = SES + sum AES (eq. 8)
+    assert fold_victims(arena.layer(0), torch.tensor([[[1, 2]]]), torch.tensor([False])) is None
+
+
+def test_eviction_stage_writes_the_folded_slot_and_the_usage_decay():
+    """EvictionStage.evict writes what fold_victims and before_eviction returned: every
+    component of the reconstructed K/V, its weight sum, and the decayed usage counts."""
+    policy = make_policy("auv", sinks=0, usage_decay=0.5)
+    arena = KVArena(1, 1, 1, 6, 3, dtype=torch.float32, slot_state=("usage", "score_count"))
+    keys = torch.arange(18.0).view(6, 3)
+    arena.k[0, 0, 0], arena.v[0, 0, 0] = keys, -keys
+    arena.pos[0, 0, 0] = torch.tensor([RECONSTRUCTED_POS, 1, 2, 3, 4, 5], dtype=torch.int32)
+    arena.score[0, 0, 0] = torch.tensor([2.0, 5.0, 1.0, 3.0, 0.0, 0.0])  # slot 0: SES = 2
+    arena.slot_state["usage"][0, 0, 0] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    arena.lengths[0, 0, 0] = 6
+    stage = EvictionStage(policy, Budget(4.0), 1)
+    stage.evict(arena, 0, torch.tensor([[4]]), 2, torch.tensor([True]))
+    # Composite (eq. 5): usage * max(AAS) + AAS = [5 + 5, 1, 3] over slots 1..3 (slot 0 is the
+    # reconstructed one, never a victim): victims 2 and 3, then the window 4, 5 moves in.
+    assert arena.pos[0, 0, 0, :4].tolist() == [RECONSTRUCTED_POS, 1, 4, 5]
+    assert int(arena.lengths[0, 0, 0]) == 4
+    want = (keys[0] * 2 + keys[2] * 1 + keys[3] * 3) / 6
     torch.testing.assert_close(arena.k[0, 0, 0, 0], want)
     torch.testing.assert_close(arena.v[0, 0, 0, 0], -want)
-    assert float(arena.score[0, 0, 0, 0]) == 6.0  # SES' = SES + sum AES (eq. 8)
+    assert float(arena.score[0, 0, 0, 0]) == 6.0
+    assert arena.slot_state["usage"][0, 0, 0, 1] == 0.5  # (1 - min of the staying slots) * alpha
 
 
 def test_engine_keeps_one_reconstructed_slot_inside_the_budget(tiny_llama_dir):

@@ -36,7 +36,7 @@ def test_full_cache_context_equals_one_long_prompt(llm):
 
 
 def test_the_question_is_not_compressed_and_questions_are_independent(llm):
-    llm.configure("snapkv", budget=12.0, observation_window=4)
+    llm.configure("snapkv", budget=12.0, observation_window=4, min_cache=0)
     context = llm.compress(DOC, chat=False, max_question_tokens=16, max_new_tokens=6)
     assert int(context.state.arena.lengths.max()) == 12
     question_ids = context.question_ids(llm.tokenizer, " the lazy dog")
@@ -60,16 +60,54 @@ def test_chat_split_puts_the_question_inside_the_user_message(llm):
     assert suffix == "</s><|assistant|>"
 
 
-def test_bad_context_inputs(llm):
-    llm.configure("full")
+def _snapshot(context) -> dict[str, object]:
+    """Copies of everything a compressed context holds: the arena's tensors, the positions,
+    cache sizes and window counters, the policy's per-call memory, and the token ids."""
+    state, arena = context.state, context.state.arena
+    tensors = {
+        "k": arena.k, "v": arena.v, "pos": arena.pos, "lengths": arena.lengths,
+        "value_norms": arena.value_norms, "positions": state.positions,
+        "cache_tokens": state.cache_tokens, "filled": state.filled,
+        **{f"slot_state.{name}": t for name, t in arena.slot_state.items()},
+        **{f"memory.{name}": t for name, t in state.memory.items()},
+    }  # fmt: skip
+    copies = {name: None if t is None else t.clone() for name, t in tensors.items()}
+    return {**copies, "window": state.window, "token_ids": list(context.token_ids)}
+
+
+def _assert_same(before: dict[str, object], after: dict[str, object]) -> None:
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, after[name]), name
+        else:
+            assert value == after[name], name
+
+
+@pytest.mark.parametrize("policy", ["full", "laprox", "auv"])
+def test_bad_context_inputs(llm, policy):
+    """Rejected questions raise InputError and leave the compressed context exactly as it was:
+    a valid question then answers as it does on a fresh context."""
+    llm.configure(policy, budget=1.0 if policy == "full" else 12.0, min_cache=0)
     with pytest.raises(InputError):
         llm.compress("   ")
     context = llm.compress(DOC, chat=False, max_question_tokens=4, max_new_tokens=4)
+    if policy != "full":
+        assert int(context.state.arena.lengths.max()) < len(context.token_ids)  # compressed
+    before = _snapshot(context)
     with pytest.raises(InputError, match="reserved"):
         llm.generate("hello world " * 5, context=context, max_new_tokens=4)
+    _assert_same(before, _snapshot(context))
     with pytest.raises(InputError, match="empty"):
         llm.generate("  ", context=context, max_new_tokens=2)
-    assert torch.isfinite(context.state.arena.k).all()
+    _assert_same(before, _snapshot(context))
+    answer = llm.generate(" hello", context=context, max_new_tokens=4, ignore_eos=True)[0]
+    _assert_same(before, _snapshot(context))  # a valid question works on a copy too
+    fresh = llm.compress(DOC, chat=False, max_question_tokens=4, max_new_tokens=4)
+    _assert_same(before, _snapshot(fresh))  # compression is deterministic
+    expected = llm.generate(" hello", context=fresh, max_new_tokens=4, ignore_eos=True)[0]
+    assert len(answer.token_ids) == 4
+    assert answer.token_ids == expected.token_ids and answer.text == expected.text
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
@@ -80,7 +118,8 @@ def test_chunked_extension_equals_one_step_a_token(tmp_path_factory, kind, polic
     from tiny_models import make_hf_model, save_checkpoint
 
     path = save_checkpoint(make_hf_model(kind), tmp_path_factory.mktemp(kind))
-    llm = nanokv.LLM(path, policy=policy, budget=1.0 if policy == "full" else 14.0)
+    budget = 1.0 if policy == "full" else 14.0
+    llm = nanokv.LLM(path, policy=policy, budget=budget, min_cache=0)
     context = llm.compress(DOC, chat=False, max_question_tokens=16, max_new_tokens=4)
     question = context.question_ids(llm.tokenizer, " the lazy dog jumps over the fox")
     chunked, stepped = context.state.clone(), context.state.clone()

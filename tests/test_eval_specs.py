@@ -69,18 +69,29 @@ def test_needle_oracle_keeps_the_value_that_its_base_drops(long_tiny_llm, case, 
 
 @pytest.mark.parametrize("policy", ["snapkv", "laprox", "quest"])
 def test_eval_answers_equal_the_public_llm_calls(long_tiny_llm, case, policy):
+    """The eval's engine path and the public `chat` / `compress` calls give the same answer, in
+    both settings. EOS is ignored and no stop string is set, so each answer is the full
+    `max_new_tokens` of real text: two empty strings cannot pass."""
     llm, tokenizer = long_tiny_llm, long_tiny_llm.tokenizer
-    params = SamplingParams(max_new_tokens=6, stop=["\n"])
+    new = 6
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     engine, _ = engine_for(llm, parse_spec(policy), 0.2)
     eos = llm.eos_token_ids
     question = build_prompt(tokenizer, "question", case.document, case.question, case.answer_prefix)
     mine = answer(engine, tokenizer, eos, question, params).text
     chat = llm.chat([case.document + case.question], params, answer_prefix=case.answer_prefix)
+    assert chat[0].prompt_token_ids == question.prefill  # the same prompt went in
+    assert len(chat[0].token_ids) == new and chat[0].text.strip()
     assert mine == chat[0].text
+    if policy != "quest":  # the prompt really was compressed (quest holds the full cache)
+        kept = float(llm.last_report.kept_after_prefill.float().mean())
+        assert kept <= 0.2 * len(question.prefill) + 1
     context = build_prompt(tokenizer, "context", case.document, case.question, case.answer_prefix)
     mine = answer(engine, tokenizer, eos, context, params).text
     compressed = llm.compress(
-        case.document, max_question_tokens=len(context.follow), max_new_tokens=6
+        case.document, max_question_tokens=len(context.follow), max_new_tokens=new
     )
     asked = llm.chat([case.question], params, context=compressed, answer_prefix=case.answer_prefix)
+    assert asked[0].prompt_token_ids == context.follow
+    assert len(asked[0].token_ids) == new and asked[0].text.strip()
     assert mine == asked[0].text

@@ -6,6 +6,9 @@ Shapes are tiny (the interpreter is slow); block 16 and split 32 make several sp
 
 import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,12 +177,115 @@ def test_triton_is_deterministic():
     assert torch.equal(first[1].contribution, second[1].contribution)
 
 
-def test_dispatcher_uses_reference_off_cuda():
+def _spy_on_implementations(monkeypatch, module) -> list[str]:
+    """Wraps the module's reference and Triton entry points; returns the list of calls."""
+    calls = []
+    for name in ("decode_attention_reference", "decode_attention_triton"):
+        original = getattr(module, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_dispatcher_equals_brute_force_and_takes_this_devices_path(monkeypatch):
+    """The public dispatcher against the naive float64 loops (not against either
+    implementation), and the path it took: Triton on CUDA, the torch reference elsewhere."""
+    import nanokv.kernels.decode_attention as module
+
+    calls = _spy_on_implementations(monkeypatch, module)
     case = make_case(3, 64, torch.float32, 40)
-    case = {name: t.cpu() if torch.is_tensor(t) else t for name, t in case.items()}
     out, emitted = decode_attention(**case, emit=True)
-    ref_out, ref = decode_attention_reference(**case, emit=True)
-    assert torch.equal(out, ref_out) and torch.equal(emitted.mass, ref.mass)
+    assert out.device.type == DEVICE
+    assert_matches(out, emitted, *brute_force_decode(**case), torch.float32)
+    on_gpu = DEVICE == "cuda" and triton_available()
+    assert calls == ["decode_attention_triton" if on_gpu else "decode_attention_reference"]
+
+
+def test_dispatcher_never_takes_triton_for_cpu_tensors(monkeypatch):
+    """CPU tensors go to the torch reference even where Triton imports (the interpreter is a
+    test device, not a production path)."""
+    import nanokv.kernels.decode_attention as module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran on CPU tensors")
+
+    monkeypatch.setattr(module, "decode_attention_triton", forbidden)
+    case = {
+        name: t.cpu() if torch.is_tensor(t) else t
+        for name, t in make_case(1, 64, torch.float32, None).items()
+    }
+    out, emitted = decode_attention(**case, emit=True)
+    assert out.device.type == "cpu"
+    assert_matches(out, emitted, *brute_force_decode(**case), torch.float32)
+
+
+def _bad(case, name, shape):
+    """`case` with tensor `name` replaced by zeros of `shape` (same dtype and device)."""
+    tensor = case[name]
+    return {**case, name: torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)}
+
+
+# (tensor, wrong shape, the message's expected shape); the case is B=2, H_q=6, H_kv=2, C=70, D=64
+SHAPE_ERRORS = [
+    ("k", (2, 2, 70, 32), "k must have shape (2, *, *, 64), got (2, 2, 70, 32)"),
+    ("v", (2, 2, 69, 64), "v must have shape (2, 2, 70, 64), got (2, 2, 69, 64)"),
+    ("lengths", (2, 3), "lengths must have shape (2, 2), got (2, 3)"),
+    ("slot_pos", (2, 2, 71), "slot_pos must have shape (2, 2, 70), got (2, 2, 71)"),
+    ("query_pos", (3,), "query_pos must have shape (2,), got (3,)"),
+    ("value_norms", (2, 2, 70), "value_norms must have shape (2, 6, 70), got (2, 2, 70)"),
+]
+
+
+@pytest.mark.parametrize("name, shape, message", SHAPE_ERRORS, ids=[e[0] for e in SHAPE_ERRORS])
+@pytest.mark.parametrize("run", ["dispatcher", "reference", "triton"])
+def test_shape_errors_name_the_tensor_and_both_shapes(name, shape, message, run):
+    """A ValueError (not an assert: `python -O` keeps it) before any kernel runs."""
+    attend = {
+        "dispatcher": decode_attention,
+        "reference": decode_attention_reference,
+        "triton": decode_attention_triton,
+    }[run]
+    case = _bad(make_case(3, 64, torch.float32, 40), name, shape)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        attend(**case, emit=True)
+
+
+def test_layout_errors_of_the_triton_launcher():
+    """Group size, dtypes, contiguity and block sizes: ValueErrors before any launch."""
+    case = make_case(3, 64, torch.float32, None)
+    four_heads = _bad(_bad(case, "k", (2, 4, 70, 64)), "v", (2, 4, 70, 64))
+    with pytest.raises(ValueError, match="q's 6 query heads do not split into k's 4 kv heads"):
+        decode_attention_triton(**{**four_heads, "lengths": case["lengths"].repeat(1, 2)})
+    with pytest.raises(ValueError, match="k and v must share a dtype"):
+        decode_attention_triton(**{**case, "v": case["v"].half()})
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_attention_triton(
+            **{**case, "k": case["k"].transpose(2, 3).contiguous().transpose(2, 3)}
+        )
+    with pytest.raises(ValueError, match="block_n must be >= 16 and divide split_size"):
+        decode_attention_triton(**case, block_n=16, split_size=40)
+
+
+def test_shape_checks_survive_python_optimise():
+    """Under `python -O` asserts vanish; the shape check must still raise."""
+    code = (
+        "import torch\n"
+        "from nanokv.kernels.decode_attention import decode_attention\n"
+        "q, k = torch.zeros(1, 2, 8), torch.zeros(1, 1, 4, 8)\n"
+        "try:\n"
+        "    decode_attention(q, k, k, torch.ones(1, 2, dtype=torch.int32), scale=1.0)\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "lengths must have shape (1, 1), got (1, 2)"
 
 
 def test_window_without_positions_is_an_error():

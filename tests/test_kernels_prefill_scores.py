@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -140,3 +141,71 @@ def test_column_statistics_never_hold_an_n_by_n_tensor():
     assert spy.largest <= 2 * chunk * n  # (G, chunk, keys): 4M elements, against 67M for n x n
     assert spy.largest < n * n // 8
     torch.testing.assert_close(stats.sums.sum(dim=1), torch.full((2,), float(n)), rtol=1e-4, atol=0)
+
+
+def test_column_statistics_dispatcher_equals_dense_on_this_device(monkeypatch):
+    """The public dispatcher against the dense float64 formula, and the path it took: the
+    Triton passes on CUDA, the chunked torch loop elsewhere."""
+    import nanokv.kernels.prefill_scores as module
+
+    calls = []
+    for name in ("column_statistics_torch", "column_statistics_triton"):
+        original = getattr(module, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    q, k, positions = make_prompt(6, 2, 75, 64, seed=5)
+    sums, auv = dense_column_statistics(q, k, positions, 0.1, 23)
+    stats = column_statistics(
+        q.to(DEVICE), k.to(DEVICE), scale=0.1, positions=positions.to(DEVICE), sliding_window=23
+    )
+    assert stats.sums.device.type == DEVICE
+    torch.testing.assert_close(stats.sums.cpu().double(), sums, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stats.auv_means.cpu().double(), auv, atol=1e-6, rtol=1e-4)
+    on_gpu = DEVICE == "cuda" and triton_available()
+    assert calls == ["column_statistics_triton" if on_gpu else "column_statistics_torch"]
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, n_positions, message",
+    [
+        ((6, 40, 64), (2, 39, 64), 40, "k must have shape (*, 40, 64), got (2, 39, 64)"),
+        ((6, 40, 64), (2, 40, 32), 40, "k must have shape (*, 40, 64), got (2, 40, 32)"),
+        ((6, 40, 64), (4, 40, 64), 40, "q's 6 query heads do not split into k's 4 kv heads"),
+        ((6, 40, 64), (2, 40, 64), 39, "positions must have shape (40,), got (39,)"),
+        ((6, 40), (2, 40, 64), 40, "q must have shape (*, *, *), got (6, 40)"),
+    ],
+)
+@pytest.mark.parametrize("run", ["dispatcher", "torch", "triton"])
+def test_column_statistics_shape_errors_name_the_tensor(
+    q_shape, k_shape, n_positions, message, run
+):
+    """ValueErrors (kept under `python -O`) before any computation or launch."""
+    statistics = {
+        "dispatcher": column_statistics,
+        "torch": column_statistics_torch,
+        "triton": column_statistics_triton,
+    }[run]
+    q, k = torch.zeros(q_shape), torch.zeros(k_shape)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        statistics(q, k, scale=0.1, positions=torch.arange(n_positions))
+
+
+def test_window_attention_and_block_size_errors():
+    q, k, positions = make_prompt(6, 2, 40, 64)
+    options = dict(scale=0.1, query_positions=positions[-6:], key_positions=positions)
+    with pytest.raises(ValueError, match=re.escape("k must have shape (*, *, 64), got (2, 40, 8)")):
+        window_attention(q[:, -6:], k[..., :8], **options)
+    with pytest.raises(
+        ValueError, match=re.escape("key_positions must have shape (40,), got (39,)")
+    ):
+        window_attention(q[:, -6:], k, **{**options, "key_positions": positions[1:]})
+    with pytest.raises(
+        ValueError, match=re.escape("query_positions must have shape (6,), got (5,)")
+    ):
+        window_attention(q[:, -6:], k, **{**options, "query_positions": positions[-5:]})
+    with pytest.raises(ValueError, match="blocks of at least 16, got 8 x 64"):
+        column_statistics_triton(q, k, scale=0.1, positions=positions, block_m=8)

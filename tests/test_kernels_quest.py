@@ -1,6 +1,7 @@
 """Quest: page bounds, the upper-bound property, page selection, sparse == dense attention."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from test_kernels_decode_attention import (  # noqa: E402
 from nanokv.kernels.decode_attention import (  # noqa: E402
     decode_attention_reference,
     decode_attention_triton,
+    triton_available,
 )
 from nanokv.kernels.quest import (  # noqa: E402
     page_bounds,
@@ -214,10 +216,45 @@ def test_triton_full_budget_sparse_equals_dense():
     torch.testing.assert_close(emitted.contribution, dense.contribution, **MASS_TOL)
 
 
-def test_dispatcher_runs_on_this_device():
+def test_dispatcher_equals_brute_force_and_takes_this_devices_path(monkeypatch):
+    """The public sparse dispatcher against the naive loops restricted to the listed pages (not
+    against either implementation), and the path it took: the paged Triton kernel on CUDA, the
+    torch reference elsewhere."""
+    import nanokv.kernels.quest as quest
+
+    calls = []
+    for name in ("sparse_decode_attention_reference", "decode_attention_triton"):
+        original = getattr(quest, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(quest, name, spy)
     case, table = selected_case(4, 64, torch.float32, None)
+    listed = {
+        (b, g, page)
+        for b in range(table.shape[0])
+        for g in range(KV_HEADS)
+        for page in table[b, g].tolist()
+        if page >= 0
+    }
     out, emitted = sparse_decode_attention(**case, page_table=table, emit=True)
-    ref_out, ref = sparse_decode_attention_reference(**case, page_table=table, emit=True)
-    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
-    torch.testing.assert_close(emitted.mass, ref.mass, **MASS_TOL)
     assert out.device.type == DEVICE
+    expected = brute_force_decode(**case, allowed=lambda b, g, j: (b, g, j // PS) in listed)
+    assert_matches(out, emitted, *expected, torch.float32)
+    assert (emitted.mass == 0).any()  # the page table really left slots unread
+    on_gpu = DEVICE == "cuda" and triton_available()
+    assert calls == ["decode_attention_triton" if on_gpu else "sparse_decode_attention_reference"]
+
+
+def test_sparse_shape_errors_name_the_tensor():
+    """The page table's shape is checked on every path (a ValueError, kept under python -O)."""
+    case, table = selected_case(3, 64, torch.float32, None)
+    bad = torch.zeros(2, 3, table.shape[2], dtype=torch.int32, device=table.device)
+    message = re.escape(f"page_table must have shape (2, 2, *), got (2, 3, {table.shape[2]})")
+    for attend in (sparse_decode_attention, sparse_decode_attention_reference):
+        with pytest.raises(ValueError, match=message):
+            attend(**case, page_table=bad)
+    with pytest.raises(ValueError, match=message):
+        decode_attention_triton(**case, page_table=bad)

@@ -94,19 +94,41 @@ def test_mistral_sliding_window_is_honoured(tmp_path):
     assert (ours - _hf_logits(unwindowed, prompt)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 512])
-def test_prefill_chunk_size_does_not_change_logits(tiny_llama_dir, chunk):
-    reference = _engine(tiny_llama_dir, prefill_chunk=512)
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_prefill_chunk_size_does_not_change_logits(tiny_llama_dir, monkeypatch, chunk):
+    """A prompt prefilled in chunks of 1, 4 or 7 queries (4 and 7 do not divide its 19 tokens)
+    gives the logits and the arena of one whole-prompt chunk; each engine really ran the
+    chunks it was given (counted at the attention call)."""
+    import nanokv.engine
+
+    prompt = PROMPTS[0]
+    whole = len(prompt)
+    assert chunk < whole  # two different chunkings are compared, never one with itself
+    calls = []
+    attention = nanokv.engine.prefill_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[0])  # queries in this chunk
+        return attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(nanokv.engine, "prefill_attention", counting)
+    reference = _engine(tiny_llama_dir, prefill_chunk=whole)
     engine = _engine(tiny_llama_dir, prefill_chunk=chunk)
     cfg = engine.cfg
     arenas = [
         KVArena(cfg.num_layers, 1, cfg.num_kv_heads, 32, cfg.head_dim, dtype=torch.float32)
         for _ in range(2)
     ]
-    ours = engine.prefill(arenas[0], 0, PROMPTS[0], all_logits=True)
-    theirs = reference.prefill(arenas[1], 0, PROMPTS[0], all_logits=True)
+    ours = engine.prefill(arenas[0], 0, prompt, all_logits=True)
+    sizes = [min(chunk, whole - start) for start in range(0, whole, chunk)]
+    assert calls == sizes * cfg.num_layers
+    calls.clear()
+    theirs = reference.prefill(arenas[1], 0, prompt, all_logits=True)
+    assert calls == [whole] * cfg.num_layers
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(arenas[0].k, arenas[1].k, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(arenas[0].v, arenas[1].v, atol=ATOL, rtol=1e-4)
+    assert torch.equal(arenas[0].lengths, arenas[1].lengths)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -240,7 +240,9 @@ def test_every_policy_runs_on_mistral_and_opt(tmp_path_factory, kind, policy):
     import nanokv
 
     path = save_checkpoint(make_hf_model(kind), tmp_path_factory.mktemp(kind))
-    llm = nanokv.LLM(path, policy=policy, budget=12.0, quest_dense_layers=1, decode_window=3)
+    llm = nanokv.LLM(
+        path, policy=policy, budget=12.0, quest_dense_layers=1, decode_window=3, min_cache=0
+    )
     state, logits = llm.engine.start(PROMPTS, 8)
     for _ in range(7):
         logits = llm.engine.step(state, logits.argmax(-1))

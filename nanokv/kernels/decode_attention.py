@@ -122,8 +122,10 @@ def decode_attention_reference(
 
     q: (B, H_q, D); k, v: (B, H_kv, C, D); lengths: (B, H_kv) int; slot_pos: (B, H_kv, C) int;
     query_pos: (B,) int; value_norms: (B, H_q, C) float32. Returns out (B, H_q, D) in q's dtype.
-    Every (b, kv head) must have at least one attended slot.
+    Every (b, kv head) must have at least one attended slot. Shapes are checked
+    (`check_layout`).
     """
+    check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms)
     mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
     return masked_attention_reference(
         q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit
@@ -374,20 +376,50 @@ def triton_available() -> bool:
     return triton is not None
 
 
-def _check_layout(q, k, v, lengths, slot_pos, value_norms, page_table) -> None:
+def expect_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...]) -> None:
+    """Raises ValueError unless `tensor` has shape `expected` (None: any size), naming the
+    tensor, the expected and the given shape. Real errors, not asserts: `python -O` keeps them."""
+    shape = tuple(tensor.shape)
+    if len(shape) == len(expected) and all(
+        want is None or want == got for want, got in zip(expected, shape, strict=True)
+    ):
+        return
+    wanted = ", ".join("*" if want is None else str(want) for want in expected)
+    wanted += "," if len(expected) == 1 else ""  # written as a tuple, like the given shape
+    raise ValueError(f"{name} must have shape ({wanted}), got {shape}")
+
+
+def check_layout(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    slot_pos: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
+    value_norms: torch.Tensor | None = None,
+    page_table: torch.Tensor | None = None,
+) -> None:
+    """Raises ValueError for arguments that do not fit the decode-attention contract: q
+    (B, H_q, D); k, v (B, H_kv, C, D) of one dtype with H_kv dividing H_q; lengths (B, H_kv);
+    slot_pos (B, H_kv, C); query_pos (B,); value_norms (B, H_q, C); page_table (B, H_kv, K)."""
+    expect_shape("q", q, (None, None, None))
     batch, q_heads, head_dim = q.shape
-    assert k.dim() == 4 and k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)}"
-    assert k.shape[0] == batch and k.shape[3] == head_dim, "q and k disagree on batch or head_dim"
-    assert q_heads % k.shape[1] == 0, f"{q_heads} query heads over {k.shape[1]} kv heads"
-    assert k.is_contiguous() and v.is_contiguous(), "the arena's layer views must be contiguous"
-    assert k.dtype == v.dtype, "k and v must share a dtype"
-    assert lengths.shape == k.shape[:2], f"lengths {tuple(lengths.shape)}"
+    expect_shape("k", k, (batch, None, None, head_dim))
+    expect_shape("v", v, tuple(k.shape))
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q's {q_heads} query heads do not split into k's {kv_heads} kv heads")
+    if k.dtype != v.dtype:
+        raise ValueError(f"k and v must share a dtype, got {k.dtype} and {v.dtype}")
+    expect_shape("lengths", lengths, (batch, kv_heads))
     if slot_pos is not None:
-        assert slot_pos.shape == k.shape[:3], f"slot_pos {tuple(slot_pos.shape)}"
+        expect_shape("slot_pos", slot_pos, (batch, kv_heads, capacity))
+    if query_pos is not None:
+        expect_shape("query_pos", query_pos, (batch,))
     if value_norms is not None:
-        assert value_norms.shape == (batch, q_heads, k.shape[2]), "value_norms is (B, H_q, C)"
+        expect_shape("value_norms", value_norms, (batch, q_heads, capacity))
     if page_table is not None:
-        assert page_table.dim() == 3 and page_table.shape[:2] == k.shape[:2], "page_table shape"
+        expect_shape("page_table", page_table, (batch, kv_heads, None))
 
 
 def decode_attention_triton(
@@ -413,8 +445,14 @@ def decode_attention_triton(
     (entries of -1 are skipped; pages must not repeat); the emitted mass is 0 on unread slots.
     ``block_n`` and ``split_size`` are exposed for the tests (small shapes, several splits).
     """
-    _check_layout(q, k, v, lengths, slot_pos, value_norms, page_table)
-    assert split_size % block_n == 0 and block_n >= 16, "split_size must be a multiple of block_n"
+    check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms, page_table)
+    if not (k.is_contiguous() and v.is_contiguous()):
+        raise ValueError("k and v must be contiguous (the arena's layer views are)")
+    if block_n < 16 or split_size % block_n:
+        raise ValueError(
+            f"block_n must be >= 16 and divide split_size, got block_n {block_n}, "
+            f"split_size {split_size}"
+        )
     if sliding_window is not None and (slot_pos is None or query_pos is None):
         raise ValueError("a sliding window needs slot_pos and query_pos")
     batch, q_heads, head_dim = q.shape

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanokv.kernels.decode_attention import interpreter_upcast
+from nanokv.kernels.decode_attention import expect_shape, interpreter_upcast
 
 try:
     import triton
@@ -38,6 +38,17 @@ class ColumnStats:
 
     sums: torch.Tensor  # (H_q, n) float32, sum_i a[i, j] over all queries (H2O)
     auv_means: torch.Tensor  # (H_q, n) float32, mean over the rows that see j of a[i, j] N_i/N_max
+
+
+def check_prompt(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+    """Raises ValueError unless q (H_q, n, D), k (H_kv, n, D) with H_kv dividing H_q, and
+    positions (n,) fit together (real errors: `python -O` keeps them)."""
+    expect_shape("q", q, (None, None, None))
+    q_heads, n, head_dim = q.shape
+    expect_shape("k", k, (None, n, head_dim))
+    if k.shape[0] == 0 or q_heads % k.shape[0]:
+        raise ValueError(f"q's {q_heads} query heads do not split into k's {k.shape[0]} kv heads")
+    expect_shape("positions", positions, (n,))
 
 
 def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -63,7 +74,13 @@ def window_attention(
     q_window: (H_q, w, D); k: (H_kv, n, D); query_positions: (w,); key_positions: (n,).
     A row that sees no key is all zeros.
     """
+    expect_shape("q_window", q_window, (None, None, None))
     q_heads, w, head_dim = q_window.shape
+    expect_shape("k", k, (None, None, head_dim))
+    if k.shape[0] == 0 or q_heads % k.shape[0]:
+        raise ValueError(f"q's {q_heads} query heads do not split into k's {k.shape[0]} kv heads")
+    expect_shape("query_positions", query_positions, (w,))
+    expect_shape("key_positions", key_positions, (k.shape[1],))
     kv_heads, n, _ = k.shape
     group = q_heads // kv_heads
     qg = q_window.float().view(kv_heads, group, w, head_dim)
@@ -106,6 +123,7 @@ def column_statistics_torch(
     q: (H_q, n, D); k: (H_kv, n, D); positions: (n,). Each step holds (G, chunk, keys) with keys
     limited to those the chunk can see (causal, window).
     """
+    check_prompt(q, k, positions)
     q_heads, n, _ = q.shape
     kv_heads = k.shape[0]
     group = q_heads // kv_heads
@@ -280,12 +298,11 @@ def column_statistics_triton(
     block_n: int = 64,
 ) -> ColumnStats:
     """Two-pass Triton column statistics (same result as ``column_statistics_torch``)."""
+    check_prompt(q, k, positions)
     q_heads, n, head_dim = q.shape
     kv_heads = k.shape[0]
-    assert k.shape == (kv_heads, n, head_dim), f"k {tuple(k.shape)} vs q {tuple(q.shape)}"
-    assert q_heads % kv_heads == 0, f"{q_heads} query heads over {kv_heads} kv heads"
-    assert positions.shape == (n,), f"positions {tuple(positions.shape)}"
-    assert min(block_m, block_n) >= 16, "tl.dot needs blocks of at least 16"
+    if min(block_m, block_n) < 16:
+        raise ValueError(f"tl.dot needs blocks of at least 16, got {block_m} x {block_n}")
     q, k = q.contiguous(), k.contiguous()
     pos = positions.to(torch.int64).contiguous()
     rows, cols = visible_counts(pos, sliding_window)

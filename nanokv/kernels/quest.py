@@ -19,6 +19,7 @@ import torch
 
 from nanokv.kernels.decode_attention import (
     Emitted,
+    check_layout,
     decode_attention_triton,
     masked_attention_reference,
     triton_available,
@@ -158,7 +159,9 @@ def sparse_decode_attention_reference(
     value_norms: torch.Tensor | None = None,
     emit: bool = False,
 ) -> tuple[torch.Tensor, Emitted | None]:
-    """Dense torch decode attention masked to the listed pages (the contract of the kernel)."""
+    """Dense torch decode attention masked to the listed pages (the contract of the kernel).
+    Shapes are checked as the kernel checks them (`check_layout`)."""
+    check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms, page_table)
     capacity = k.shape[2]
     mask = valid_slot_mask(lengths, capacity, slot_pos, query_pos, sliding_window)
     mask &= page_table_mask(page_table, capacity, page_size)

@@ -51,7 +51,9 @@ class AUV(Policy):
         count = seen_by.float().expand(prompt.k.shape[0], -1)
         return {"score_count": count, "usage": torch.zeros_like(count)}
 
-    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
+    def observe_decode(
+        self, layer: int, view: ArenaLayer, emitted: Emitted | None
+    ) -> dict[str, torch.Tensor]:
         valid = (view.pos >= 0) & (emitted.mass > 0)  # attended, not the reconstructed slot
         group_mass = emitted.mass.sum(dim=-1, keepdim=True)  # = group size: rows sum to 1
         attended = view.lengths.float().unsqueeze(-1)  # N_i
@@ -60,15 +62,18 @@ class AUV(Policy):
         row = emitted.mass / group_mass * attended / longest  # eq. 3's scaled row, group mean
         count = view.state["score_count"]
         updated = (row + view.score * count) / (count + 1)
-        view.score.copy_(torch.where(valid, updated, view.score))
-        count.add_(valid.float())
-        self._count_usage(view, emitted.mass.masked_fill(~valid, -1.0))
+        return {
+            "score": torch.where(valid, updated, view.score),
+            "score_count": count + valid.float(),
+            "usage": self._counted_usage(view, emitted.mass.masked_fill(~valid, -1.0)),
+        }
 
-    def _count_usage(self, view: ArenaLayer, mass: torch.Tensor) -> None:
+    def _counted_usage(self, view: ArenaLayer, mass: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, C) usage after this step: +1 for the `usage_top_k` most attended slots."""
         k = min(self.options.usage_top_k, mass.shape[-1])
         top = torch.topk(mass, k, dim=-1).indices  # (B, H_kv, k)
         hit = (mass.gather(-1, top) > 0).float()
-        view.state["usage"].scatter_add_(-1, top, hit)
+        return view.state["usage"].scatter_add(-1, top, hit)
 
     def eviction_scores(self, layer: int, view: ArenaLayer) -> torch.Tensor:
         usage, aas = view.state["usage"], view.score
@@ -76,14 +81,16 @@ class AUV(Policy):
         max_aas = aas.masked_fill(~real, float("-inf")).amax(dim=-1, keepdim=True).clamp_min(0)
         return usage * max_aas + aas  # eq. 5
 
-    def before_eviction(self, layer: int, view: ArenaLayer, victims: torch.Tensor) -> None:
+    def before_eviction(
+        self, layer: int, view: ArenaLayer, victims: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         usage = view.state["usage"]
         evicting = (victims >= 0).any(dim=-1, keepdim=True)  # (B, H_kv, 1)
         real = view.pos >= 0
         staying = real.scatter(-1, victims.clamp_min(0), False) | ~evicting
         low = usage.masked_fill(~staying, float("inf")).amin(dim=-1, keepdim=True)
         decayed = (usage - low).clamp_min(0) * self.options.usage_decay  # eq. 6
-        usage.copy_(torch.where(evicting & real, decayed, usage))
+        return {"usage": torch.where(evicting & real, decayed, usage)}
 
 
 __all__ = ["AUV", "RECONSTRUCTED_POS"]

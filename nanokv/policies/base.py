@@ -1,11 +1,17 @@
 """What the engine asks of an eviction policy.
 
-A policy produces scores, never mutations (kvpress's ScorerPress shape): per layer it scores the
-prompt tokens of each kv head once (`prefill_scores`), keeps a running per-slot statistic in the
-arena's `score` row from what the decode kernel emits (`observe_decode`), and when the decode
-window is full it ranks the candidate slots (`eviction_scores`). Shared code in `selection.py`
-turns scores into kept slots; only the engine and the arena move data. Policies know nothing of
-the model's architecture.
+A policy computes, it never writes the arena (kvpress's ScorerPress shape: scores in, shared code
+decides). Per layer it scores the prompt tokens of each kv head once (`prefill_scores`, plus the
+initial values of any extra per-slot statistic, `prefill_state`); after each decode step it
+returns the new values of its per-slot statistics from what the decode kernel emitted
+(`observe_decode`: a dict such as ``{"score": (B, H_kv, C)}``, or None); just before a
+multi-step eviction it may return more such rows (`before_eviction`, AUV's usage decay); and when
+the decode window is full it ranks the candidate slots (`eviction_scores`). The eviction stage
+(`eviction.py`) writes the returned rows into the arena, turns scores into kept slots with the
+shared code of `selection.py`, and has the arena move the data. The one state a policy updates
+itself is its per-call memory (`bind`: per-sequence values such as AUV's longest row or LaProx's
+layer normalisers), which belongs to the call, not to the arena. Policies know nothing of the
+model's architecture.
 """
 
 from __future__ import annotations
@@ -140,12 +146,21 @@ class Policy:
         """Initial values (H_kv, n) of the extra per-slot statistics (default: zeros)."""
         return {}
 
-    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
-        """Updates the running statistic in `view.score` after a decode step (default: none)."""
+    def observe_decode(
+        self, layer: int, view: ArenaLayer, emitted: Emitted | None
+    ) -> dict[str, torch.Tensor] | None:
+        """The slot statistics after a decode step: name ("score" or one of `slot_state`) ->
+        new (B, H_kv, C) values, which the eviction stage writes. `view` is read, never
+        written. Default: nothing changes (None)."""
+        return None
 
-    def before_eviction(self, layer: int, view: ArenaLayer, victims: torch.Tensor) -> None:
+    def before_eviction(
+        self, layer: int, view: ArenaLayer, victims: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
         """Sees the (B, H_kv, W) victim slots (-1 rows: that sequence is not evicting) before
-        they are overwritten (AUV folds them into its reconstructed slot). Default: nothing."""
+        they are overwritten and returns statistics to write first, as `observe_decode` does
+        (AUV decays its usage counts). Default: None."""
+        return None
 
     def eviction_scores(self, layer: int, view: ArenaLayer) -> torch.Tensor:
         """(B, H_kv, C) float32 ranking of the arena's slots when W must be freed."""

@@ -23,5 +23,7 @@ class H2O(Policy):
         scores = stats.sums.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)
         return self.smooth(scores)
 
-    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
-        view.score.add_(emitted.mass)
+    def observe_decode(
+        self, layer: int, view: ArenaLayer, emitted: Emitted | None
+    ) -> dict[str, torch.Tensor]:
+        return {"score": view.score + emitted.mass}  # accumulated attention

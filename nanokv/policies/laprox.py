@@ -54,12 +54,14 @@ class LaProx(Policy):
             self.memory["normaliser"] = table = grown
         table[layer, seq] = normaliser
 
-    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
+    def observe_decode(
+        self, layer: int, view: ArenaLayer, emitted: Emitted | None
+    ) -> dict[str, torch.Tensor]:
         contribution = emitted.contribution
         table = self.memory["normaliser"]
         if table.shape[0] > layer:
             contribution = contribution / table[layer].to(contribution.device).view(-1, 1, 1)
-        view.score.add_(contribution)
+        return {"score": view.score + contribution}
 
 
 def window_output(attn: torch.Tensor, prompt: PromptLayer) -> torch.Tensor:

@@ -24,5 +24,7 @@ class SnapKV(Policy):
         scores = per_query_head.view(kv_heads, -1, per_query_head.shape[-1]).mean(dim=1)
         return self.smooth(scores)
 
-    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
-        view.score.add_(emitted.mass)
+    def observe_decode(
+        self, layer: int, view: ArenaLayer, emitted: Emitted | None
+    ) -> dict[str, torch.Tensor]:
+        return {"score": view.score + emitted.mass}

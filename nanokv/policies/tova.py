@@ -21,5 +21,7 @@ class TOVA(Policy):
         scores = attn.view(prompt.k.shape[0], -1, attn.shape[-1]).mean(dim=1)
         return self.smooth(scores)
 
-    def observe_decode(self, layer: int, view: ArenaLayer, emitted: Emitted | None) -> None:
-        view.score.copy_(emitted.mass)
+    def observe_decode(
+        self, layer: int, view: ArenaLayer, emitted: Emitted | None
+    ) -> dict[str, torch.Tensor]:
+        return {"score": emitted.mass}  # replaced, not accumulated
