@@ -177,10 +177,10 @@ def test_triton_is_deterministic():
     assert torch.equal(first[1].contribution, second[1].contribution)
 
 
-def _spy_on_implementations(monkeypatch, module) -> list[str]:
-    """Wraps the module's reference and Triton entry points; returns the list of calls."""
+def spy_on(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
+    """Wraps the module's functions `names` (its implementations); returns the list of calls."""
     calls = []
-    for name in ("decode_attention_reference", "decode_attention_triton"):
+    for name in names:
         original = getattr(module, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -196,7 +196,7 @@ def test_dispatcher_equals_brute_force_and_takes_this_devices_path(monkeypatch):
     implementation), and the path it took: Triton on CUDA, the torch reference elsewhere."""
     import nanokv.kernels.decode_attention as module
 
-    calls = _spy_on_implementations(monkeypatch, module)
+    calls = spy_on(monkeypatch, module, ("decode_attention_reference", "decode_attention_triton"))
     case = make_case(3, 64, torch.float32, 40)
     out, emitted = decode_attention(**case, emit=True)
     assert out.device.type == DEVICE

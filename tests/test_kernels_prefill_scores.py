@@ -12,6 +12,8 @@ from torch.utils._pytree import tree_leaves
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are jitted, at first launch
 
+from test_kernels_decode_attention import spy_on  # noqa: E402
+
 from nanokv.kernels.decode_attention import triton_available  # noqa: E402
 from nanokv.kernels.prefill_scores import (  # noqa: E402
     column_statistics,
@@ -148,15 +150,7 @@ def test_column_statistics_dispatcher_equals_dense_on_this_device(monkeypatch):
     Triton passes on CUDA, the chunked torch loop elsewhere."""
     import nanokv.kernels.prefill_scores as module
 
-    calls = []
-    for name in ("column_statistics_torch", "column_statistics_triton"):
-        original = getattr(module, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, spy)
+    calls = spy_on(monkeypatch, module, ("column_statistics_torch", "column_statistics_triton"))
     q, k, positions = make_prompt(6, 2, 75, 64, seed=5)
     sums, auv = dense_column_statistics(q, k, positions, 0.1, 23)
     stats = column_statistics(

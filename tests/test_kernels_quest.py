@@ -21,6 +21,7 @@ from test_kernels_decode_attention import (  # noqa: E402
     brute_force_decode,
     make_case,
     needs_triton,
+    spy_on,
 )
 
 from nanokv.kernels.decode_attention import (  # noqa: E402
@@ -176,17 +177,22 @@ def test_full_budget_sparse_reference_equals_dense_exactly(group, window):
     assert torch.equal(emitted.contribution, dense.contribution)
 
 
-@pytest.mark.parametrize("group", [1, 3, 4])
-@pytest.mark.parametrize("window", [None, 40])
-def test_sparse_reference_equals_brute_force(group, window):
-    case, table = selected_case(group, 64, torch.float32, window)
-    listed = {
+def listed_pages(table: torch.Tensor) -> set[tuple[int, int, int]]:
+    """(sequence, kv head, page) of every page a (B, H_kv, P) page table lists (-1: none)."""
+    return {
         (b, g, page)
         for b in range(table.shape[0])
         for g in range(KV_HEADS)
         for page in table[b, g].tolist()
         if page >= 0
     }
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("window", [None, 40])
+def test_sparse_reference_equals_brute_force(group, window):
+    case, table = selected_case(group, 64, torch.float32, window)
+    listed = listed_pages(table)
     expected = brute_force_decode(**case, allowed=lambda b, g, j: (b, g, j // PS) in listed)
     out, emitted = sparse_decode_attention_reference(**case, page_table=table, emit=True)
     assert_matches(out, emitted, *expected, torch.float32)
@@ -222,23 +228,10 @@ def test_dispatcher_equals_brute_force_and_takes_this_devices_path(monkeypatch):
     torch reference elsewhere."""
     import nanokv.kernels.quest as quest
 
-    calls = []
-    for name in ("sparse_decode_attention_reference", "decode_attention_triton"):
-        original = getattr(quest, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(quest, name, spy)
+    names = ("sparse_decode_attention_reference", "decode_attention_triton")
+    calls = spy_on(monkeypatch, quest, names)
     case, table = selected_case(4, 64, torch.float32, None)
-    listed = {
-        (b, g, page)
-        for b in range(table.shape[0])
-        for g in range(KV_HEADS)
-        for page in table[b, g].tolist()
-        if page >= 0
-    }
+    listed = listed_pages(table)
     out, emitted = sparse_decode_attention(**case, page_table=table, emit=True)
     assert out.device.type == DEVICE
     expected = brute_force_decode(**case, allowed=lambda b, g, j: (b, g, j // PS) in listed)

@@ -10,10 +10,13 @@ cuts), the same cases for every policy.
   depths 0.25 / 0.75 x seed 0 (2 cases a cell), both settings; fidelity: the main policies,
   docs, 2k context, 32 tokens, seed 0 (1 window a cell); code: the main policies, 1k, seeds 0, 1
   (2 cases a cell). A smoke test of the pipeline, not a measurement.
-- full (for a GPU or a long afternoon): every policy, snapkv+quest and the diagnostics at 2 / 5 /
-  10 / 20%. NIAH: every task and filler, 1k / 2k / 4k, 5 depths x 2 seeds (10 cases a cell),
-  both settings; fidelity: docs and code, 2k / 4k, 64 tokens, 8 seeds (8 windows a cell); code:
-  1k / 2k / 4k, 10 seeds (10 cases a cell).
+- full (the README's tables; an afternoon on two CPU cores, timings in docs/eval.md): NIAH:
+  full, streaming, snapkv, tova, laprox, quest and the two diagnostics at 5% / 10%, single needle
+  in prose at 1k / 2k, 5 depths x 2 seeds (10 cases a cell), both settings (h2o and auv score
+  without the question and cost a second pass over every query: add them with --policies);
+  fidelity: every policy plus the SnapKV / LaProx variants of the defaults study at 5% / 10%,
+  docs and code, 2k, 32 tokens, 8 seeds (8 windows a cell); code: the main policies, 1k / 2k, 10
+  seeds (10 cases a cell). Other tasks, fillers, lengths and budgets are one flag away.
 
 Every preset keeps a cache floor of `min_cache` = 128 tokens: the engine keeps no head below it,
 and a prompt plus answer that fits under it is never evicted, so a small budget of a short prompt
@@ -117,20 +120,21 @@ QUICK = {
     "code": Grid(policies=_MAIN, budgets=(0.05, 0.1), lengths=(1024,), seeds=(0, 1)),
 }  # fmt: skip
 
-_ALL = ("full", "streaming", "h2o", "snapkv", "tova", "auv", "laprox", "quest", "snapkv+quest")
+_NIAH_FULL = ("full", "streaming", "snapkv", "tova", "laprox", "quest") + _DIAGNOSTICS
+_VARIANTS = ("snapkv:pool=31", "laprox:normalise=sum", "laprox:allocation=uniform")
+_FIDELITY_FULL = (
+    "full", "streaming", "h2o", "snapkv", "tova", "auv", "laprox", "quest", *_VARIANTS,
+)  # fmt: skip
 FULL = {
     "niah": Grid(
-        policies=_ALL + _DIAGNOSTICS, budgets=(0.02, 0.05, 0.1, 0.2),
-        lengths=(1024, 2048, 4096), seeds=(0, 1), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-        tasks=TASKS, fillers=FILLERS,
+        policies=_NIAH_FULL, budgets=(0.05, 0.1), lengths=(1024, 2048), seeds=(0, 1),
+        depths=(0.0, 0.25, 0.5, 0.75, 1.0),
     ),
     "fidelity": Grid(
-        policies=_ALL, budgets=(0.02, 0.05, 0.1, 0.2), lengths=(2048, 4096), seeds=tuple(range(8)),
-        tokens=64,
+        policies=_FIDELITY_FULL, budgets=(0.05, 0.1), lengths=(2048,), seeds=tuple(range(8)),
     ),
     "code": Grid(
-        policies=_ALL, budgets=(0.02, 0.05, 0.1, 0.2), lengths=(1024, 2048, 4096),
-        seeds=tuple(range(10)),
+        policies=_MAIN, budgets=(0.05, 0.1), lengths=(1024, 2048), seeds=tuple(range(10)),
     ),
 }  # fmt: skip
 
