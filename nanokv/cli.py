@@ -12,6 +12,7 @@ from nanokv.budget import Budget
 from nanokv.eval.cli import add_eval_parser
 from nanokv.policies import parse_policy, policy_names
 from nanokv.policies.allocation import ALLOCATIONS
+from nanokv.policies.base import OBSERVATIONS
 from nanokv.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -80,6 +81,11 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-head-share", type=float, help="layer/global: per-head cap (>= 1)")
     p.add_argument("--sinks", type=int, help="attention sinks always kept (default 4)")
     p.add_argument("--window", type=int, help="observation window, kept (default 32)")
+    p.add_argument(
+        "--observe", choices=OBSERVATIONS,
+        help="snapkv/laprox/tova: score with the last prompt queries (default) or with KVzip's "
+        "probe, the document repeated after it (query-agnostic)",
+    )  # fmt: skip
     p.add_argument("--pool", type=int, help="max-pool kernel along tokens (odd)")
     p.add_argument("--chunk", type=int, help="keep whole chunks of C tokens (default 1)")
     p.add_argument("--decode-window", type=int, help="W: slots freed per eviction (default 16)")
@@ -161,7 +167,7 @@ def _load_llm(args: argparse.Namespace, budget: Budget) -> LLM:
         min_cache=args.min_cache, sinks=args.sinks, observation_window=args.window,
         pool=args.pool, chunk=args.chunk, decode_window=args.decode_window,
         allocation=args.allocation, min_head_share=args.min_head_share,
-        max_head_share=args.max_head_share,
+        max_head_share=args.max_head_share, observe=args.observe,
     )  # fmt: skip
     return LLM(
         args.model, policy=args.policy, budget=budget.value, dtype=args.dtype,

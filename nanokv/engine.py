@@ -5,6 +5,11 @@ time and one layer at a time over the whole prompt (in query chunks), so that at
 prompt K/V exists outside the arena: after each layer the policy chooses the kept tokens and only
 those are copied into the arena. Decode runs the batch together, one token per sequence, against
 the arena through the decode-attention kernel.
+
+A policy that observes "repeat" scores from KVzip's probe (nanokv/probe.py): its segments run
+through each layer right after the document, in the same layer pass; their queries score the
+document's keys, their hidden states go on to the next layer, and their K/V are dropped before
+the arena is filled.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from nanokv.eviction import EvictionStage, SequencePlan
 from nanokv.kernels.decode_attention import decode_attention
 from nanokv.kernels.value_norms import output_gram, value_output_norms
 from nanokv.policies import Policy, PromptLayer
+from nanokv.probe import Probe, ProbeScores
 from nanokv.report import CacheReport
 from nanokv.sampling import Sampler, SamplingParams
 from nanokv.sparsity import QuestOptions, QuestSparsity
@@ -54,6 +60,16 @@ class PromptRecord:
     prompt: list[int]
     layers: list[PromptLayer]
     logits: torch.Tensor  # (1, vocab)
+    probe: Probe | None = None  # recorded with the pass: its statistics are in `layers`
+
+
+@dataclass
+class _ProbeRun:
+    """A probe on its way through the layer-major prefill of one sequence."""
+
+    probe: Probe
+    positions: torch.Tensor  # (n + longest,) the document's positions, then the probe's
+    hidden: list[torch.Tensor]  # per segment (m, hidden), updated layer by layer
 
 
 @dataclass
@@ -119,14 +135,19 @@ class Engine:
         max_new_tokens: int,
         decode_window: int | None = None,
         records: list[PromptRecord] | None = None,
+        probes: list[Probe | None] | None = None,
     ) -> tuple[DecodeState, torch.Tensor]:
         """Allocates the arena and prefills every prompt. Returns the state and (B, vocab) logits
         of each prompt's last token. `decode_window` overrides W; W >= max_new_tokens compresses
         the prompt once and evicts nothing while decoding (kvpress's setting). `records` (one
-        per prompt, from `record_prompt`) replace the prompts' forward passes."""
+        per prompt, from `record_prompt`) replace the prompts' forward passes. `probes` (one per
+        prompt, `nanokv.probe.repeat_probe`) are needed by, and only by, a policy that observes
+        "repeat"; with `records` the probe is the one recorded (`record_prompt(..., probe=)`),
+        and passing `probes` as well is a ValueError."""
         self.check_prompts(prompts, max_new_tokens)
         if records is not None and [r.prompt for r in records] != [list(p) for p in prompts]:
             raise ValueError("records must be the recorded passes of these prompts, in order")
+        probes = self._check_probes(prompts, records, probes)
         began = time.perf_counter()
         self.eviction.seconds = 0.0
         plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
@@ -136,7 +157,12 @@ class Engine:
         capacity = max(min(p.head_cap + window, p.prompt_length + max_new_tokens) for p in plans)
         arena = self._allocate(len(prompts), capacity)
         if records is None:
-            logits = [self.prefill(arena, seq, ids, plans[seq]) for seq, ids in enumerate(prompts)]
+            # a plan that keeps everything reads no score: its probe is skipped
+            probes = [None if p.keep_all else probe for p, probe in zip(plans, probes, strict=True)]
+            logits = [
+                self.prefill(arena, seq, ids, plans[seq], probe=probes[seq])
+                for seq, ids in enumerate(prompts)
+            ]
         else:
             logits = [
                 self._prefill_from_record(arena, seq, record, plans[seq])
@@ -148,6 +174,52 @@ class Engine:
         state.memory = memory
         state.prefill_seconds = time.perf_counter() - began
         return state, logits
+
+    def _check_probes(
+        self,
+        prompts: list[list[int]],
+        records: list[PromptRecord] | None,
+        probes: list[Probe | None] | None,
+    ) -> list[Probe | None]:
+        """One probe (or None) per prompt, checked against the policy: a "repeat" policy needs
+        one for every prompt (live or recorded), a "last" policy takes none, and a probe must
+        stay inside the model's context."""
+        repeat = self.policy.options.observe == "repeat"
+        if records is not None:
+            if probes is not None:
+                raise ValueError(
+                    "records carry their probe: record it with record_prompt(prompt, probe=...) "
+                    "instead of passing probes= to start"
+                )
+            if repeat and any(r.probe is None for r in records):
+                raise ValueError("observe='repeat' needs records made with a probe")
+            return [None] * len(prompts)
+        probes = [None] * len(prompts) if probes is None else list(probes)
+        if len(probes) != len(prompts):
+            raise ValueError(f"{len(probes)} probes for {len(prompts)} prompts: give one each")
+        if repeat and any(probe is None for probe in probes):
+            raise ValueError(
+                f"policy {self.policy.name!r} observes 'repeat': give a probe for every prompt "
+                "(nanokv.probe.repeat_probe, as nanokv.LLM does)"
+            )
+        if not repeat and any(probe is not None for probe in probes):
+            raise ValueError(
+                f"policy {self.policy.name!r} observes 'last' and would not read the probe: "
+                "use observe='repeat' or pass no probes"
+            )
+        for index, (prompt, probe) in enumerate(zip(prompts, probes, strict=True)):
+            self._check_probe_fits(index, prompt, probe)
+        return probes
+
+    def _check_probe_fits(self, index: int, prompt: list[int], probe: Probe | None) -> None:
+        """InputError when a probe segment would run past the model's context."""
+        context = self.cfg.max_position_embeddings
+        if probe is not None and len(prompt) + probe.longest > context:
+            raise InputError(
+                f"prompt {index} has {len(prompt)} tokens and its probe runs {probe.longest} "
+                f"more, past the model's {context}-token context: shorten the prompt or the "
+                "probe's span, or use observe='last'"
+            )
 
     def _decode_state(
         self,
@@ -215,34 +287,53 @@ class Engine:
         prompt: list[int],
         plan: SequencePlan | None = None,
         all_logits: bool = False,
+        probe: Probe | None = None,
     ) -> torch.Tensor:
         """Runs one prompt layer by layer, leaving the kept K/V in the arena's row `seq` (None
-        plan: keep everything). Returns (1, vocab) logits of the last token, or (n, vocab)
-        with `all_logits`."""
+        plan: keep everything), with the `probe`'s segments after it in every layer. Returns
+        (1, vocab) logits of the last token, or (n, vocab) with `all_logits`."""
         ids = torch.tensor(prompt, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)
         h = self.model.embed(ids, positions)  # (n, hidden)
+        run = self._probe_run(probe, len(prompt))
         for layer, block in enumerate(self.model.blocks):
-            prompt_layer = self._prefill_layer(layer, seq, block, h, positions)
+            prompt_layer = self._prefill_layer(layer, seq, block, h, positions, probe=run)
             self._keep_prompt_layer(arena, prompt_layer, plan)
         if plan is not None:
             self.eviction.finish_prefill(arena, seq, plan)
         return self.model.logits(h if all_logits else h[-1:])
 
     @torch.inference_mode()
-    def record_prompt(self, prompt: list[int]) -> PromptRecord:
+    def record_prompt(self, prompt: list[int], probe: Probe | None = None) -> PromptRecord:
         """Runs one prompt's forward pass once and keeps every layer's K/V, queries and value
-        norms: the pass does not depend on the policy, so `start(..., records=...)` can then
-        fill the arena of any policy and budget from it (an evaluation grid prefills a case
-        once). Holds all layers' prompt K/V and queries: for evaluation, not serving."""
+        norms (and, with a `probe`, its statistics): the pass does not depend on the policy, so
+        `start(..., records=...)` can then fill the arena of any policy and budget from it (an
+        evaluation grid prefills a case once). Holds all layers' prompt K/V and queries: for
+        evaluation, not serving."""
+        self._check_probe_fits(0, prompt, probe)
         ids = torch.tensor(prompt, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)
         h = self.model.embed(ids, positions)  # (n, hidden)
+        run = self._probe_run(probe, len(prompt))
         layers = [
-            self._prefill_layer(layer, 0, block, h, positions, every_statistic=True)
+            self._prefill_layer(layer, 0, block, h, positions, every_statistic=True, probe=run)
             for layer, block in enumerate(self.model.blocks)
         ]
-        return PromptRecord(list(prompt), layers, self.model.logits(h[-1:]))
+        return PromptRecord(list(prompt), layers, self.model.logits(h[-1:]), probe)
+
+    def _probe_run(self, probe: Probe | None, n: int) -> _ProbeRun | None:
+        """The probe's segments embedded at positions n, n+1, ... (each segment restarts there:
+        no segment sees another)."""
+        if probe is None:
+            return None
+        positions = torch.arange(n + probe.longest, device=self.device)
+        hidden = [
+            self.model.embed(
+                torch.tensor(segment.ids, device=self.device), positions[n : n + len(segment.ids)]
+            )
+            for segment in probe.segments
+        ]
+        return _ProbeRun(probe, positions, hidden)
 
     def _prefill_from_record(
         self, arena: KVArena, seq: int, record: PromptRecord, plan: SequencePlan
@@ -259,6 +350,7 @@ class Engine:
         n = queries.shape[1]
         window = min(self.policy.options.observation_window, n) or 1
         policy = self.policy
+        repeat = policy.options.observe == "repeat"
         return replace(
             recorded,
             seq=seq,
@@ -266,6 +358,8 @@ class Engine:
             queries=queries if policy.needs_all_queries else None,
             value_norms=recorded.value_norms if policy.needs_value_norms else None,
             o_proj_weight=recorded.o_proj_weight if policy.needs_value_norms else None,
+            probe_attention=recorded.probe_attention if repeat else None,
+            probe_output_norm=recorded.probe_output_norm if repeat else None,
         )
 
     def _keep_prompt_layer(
@@ -294,11 +388,14 @@ class Engine:
         h: torch.Tensor,
         positions: torch.Tensor,
         every_statistic: bool = False,
+        probe: _ProbeRun | None = None,
     ) -> PromptLayer:
-        """Runs `block` over the prompt in query chunks, updating h (n, hidden) in place.
-        `every_statistic` keeps what any policy could read (all queries, value norms)."""
+        """Runs `block` over the prompt in query chunks, updating h (n, hidden) in place, then
+        over the `probe`'s segments. `every_statistic` keeps what any policy could read (all
+        queries, value norms)."""
         n, cfg = h.shape[0], self.cfg
-        k_all = h.new_empty(n, cfg.num_kv_heads, cfg.head_dim)
+        extra = 0 if probe is None else probe.probe.longest
+        k_all = h.new_empty(n + extra, cfg.num_kv_heads, cfg.head_dim)  # document, then probe
         v_all = torch.empty_like(k_all)
         window = min(self.policy.options.observation_window, n) or 1
         window_queries = h.new_empty(window, cfg.num_heads, cfg.head_dim)
@@ -317,6 +414,10 @@ class Engine:
             if all_queries is not None:
                 all_queries[start:end] = q
         needs_norms = self.policy.needs_value_norms or every_statistic
+        scores = None
+        if probe is not None:
+            scores = self._probe_layer(block, k_all, v_all, probe, output=needs_norms)
+        k_all, v_all = k_all[:n], v_all[:n]  # the probe's K/V end here: never in the arena
         return PromptLayer(
             layer=layer,
             seq=seq,
@@ -329,7 +430,43 @@ class Engine:
             queries=None if all_queries is None else all_queries.transpose(0, 1),
             value_norms=self._value_norms(layer, v_all.transpose(0, 1), every_statistic),
             o_proj_weight=block.o_proj.weight if needs_norms else None,
+            probe_attention=None if scores is None else scores.attention,
+            probe_output_norm=None if scores is None else scores.output_norm(),
         )
+
+    def _probe_layer(
+        self,
+        block: torch.nn.Module,
+        k_all: torch.Tensor,
+        v_all: torch.Tensor,
+        run: _ProbeRun,
+        output: bool,
+    ) -> ProbeScores:
+        """Runs `block` over each probe segment in query chunks after the document, whose K/V
+        fill k_all, v_all (n + longest, H_kv, D) up to n; each segment writes its K/V after them
+        (overwriting the previous segment's), attends to the document and to itself, and leaves
+        only its running scores. Updates the segments' hidden states in place."""
+        n = k_all.shape[0] - run.probe.longest
+        pos, chunk = run.positions, self.prefill_chunk
+        scores = ProbeScores(
+            self.cfg.num_heads, n, self.device, sinks=run.probe.sinks, output=output
+        )
+        for segment, h in zip(run.probe.segments, run.hidden, strict=True):
+            for start in range(0, h.shape[0], chunk):
+                end = min(start + chunk, h.shape[0])
+                rows = slice(n + start, n + end)
+                q, k_all[rows], v_all[rows] = block.qkv(h[start:end], pos[rows])
+                attn = prefill_attention(
+                    q, k_all[: n + end], v_all[: n + end], pos[rows], pos[: n + end],
+                    scale=self.scale, sliding_window=self.cfg.sliding_window,
+                )  # fmt: skip
+                scores.add_rows(
+                    q, k_all[: n + end], pos[: n + end], segment, scale=self.scale,
+                    sliding_window=self.cfg.sliding_window,
+                )  # fmt: skip
+                scores.add_output(attn, block.o_proj.weight)
+                h[start:end] = block.finish(h[start:end], attn)
+        return scores
 
     def _value_norms(
         self, layer: int, v: torch.Tensor, always: bool = False
@@ -458,9 +595,11 @@ class Engine:
         params: SamplingParams,
         stopper: StopChecker,
         on_text: TextCallback | None = None,
+        probes: list[Probe | None] | None = None,
     ) -> list[Sequence]:
-        """Generates for every prompt until EOS, a stop string, or max_new_tokens."""
-        state, logits = self.start(prompts, params.max_new_tokens)
+        """Generates for every prompt until EOS, a stop string, or max_new_tokens (`probes`:
+        as for `start`)."""
+        state, logits = self.start(prompts, params.max_new_tokens, probes=probes)
         sequences = self.decode(state, logits, prompts, params, stopper, on_text)
         self.last_report = self.report(state, prompts, params.max_new_tokens)
         return sequences

@@ -12,7 +12,8 @@ from nanokv.budget import Budget
 from nanokv.context import CompressedContext, split_context
 from nanokv.engine import Engine, InputError, TextCallback
 from nanokv.loader import load_config, load_model, resolve_model_dir
-from nanokv.policies import make_policy, parse_policy
+from nanokv.policies import POLICIES, Policy, make_policy, parse_policy
+from nanokv.probe import Probe, repeat_probe
 from nanokv.report import CacheReport
 from nanokv.sampling import SamplingParams
 from nanokv.sparsity import QuestOptions
@@ -63,8 +64,9 @@ class LLM:
         """`policy` is a name ('snapkv'), 'quest', or '<name>+quest'. `min_cache` is the cache
         floor in tokens (0: the budget is exact, even on a short prompt). `policy_options` are
         PolicyOptions fields (sinks, observation_window, pool, chunk, decode_window, allocation,
-        min_head_share, max_head_share, normalise, usage_top_k, usage_decay, reconstruct);
-        unset ones take the policy's defaults."""
+        min_head_share, max_head_share, normalise, usage_top_k, usage_decay, reconstruct,
+        observe); unset ones take the policy's defaults. `compress` scores with KVzip's probe
+        (observe="repeat") unless `observe` is given; `generate` and `chat` use the policy's."""
         self.min_cache = min_cache
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -92,7 +94,8 @@ class LLM:
         """Switches policy and budget without reloading the model (what an evaluation grid
         needs). A number `budget` takes the cache floor `min_cache` (default: the LLM's); a
         Budget is used as given. A Quest read budget defaults to the budget for plain 'quest'
-        and to half the eviction budget for '<name>+quest'."""
+        and to half the eviction budget for '<name>+quest'. Also builds the query-agnostic
+        policy that `compress` runs (see `_compress_policy`)."""
         if min_cache is not None:
             self.min_cache = min_cache
         if isinstance(budget, Budget):
@@ -101,6 +104,7 @@ class LLM:
             self.budget = Budget(budget, floor=self.min_cache)
         name, uses_quest = parse_policy(policy)
         self.policy = make_policy(name, **policy_options)
+        self.compress_policy = self._compress_policy(name, policy_options)
         self.quest = None
         if uses_quest:
             read = quest_budget
@@ -114,11 +118,36 @@ class LLM:
         if hasattr(self, "model"):
             self._build_engine()
 
+    def _compress_policy(self, name: str, options: dict[str, object]) -> Policy:
+        """What `compress` runs: the question is unknown there, so a policy with an observation
+        window observes KVzip's probe ("repeat", with REPEAT_DEFAULTS for the options not
+        given) unless `observe` was given explicitly; any other policy is the configured one."""
+        if options.get("observe") is not None or not POLICIES[name].observes_window:
+            return self.policy
+        return make_policy(name, **{**options, "observe": "repeat"})
+
     def _build_engine(self) -> None:
-        self.engine = Engine(
-            self.model, self.config, self.policy, budget=self.budget, quest=self.quest,
+        self.engine = self._engine(self.policy)
+        self.compress_engine = self.engine
+        if self.compress_policy is not self.policy:
+            self.compress_engine = self._engine(self.compress_policy)
+
+    def _engine(self, policy: Policy) -> Engine:
+        return Engine(
+            self.model, self.config, policy, budget=self.budget, quest=self.quest,
             prefill_chunk=self.prefill_chunk,
         )  # fmt: skip
+
+    def _probes(self, engine: Engine, ids: list[list[int]]) -> list[Probe | None] | None:
+        """KVzip's probe of every prompt when the engine's policy observes "repeat"."""
+        options = engine.policy.options
+        if options.observe != "repeat":
+            return None
+        context = self.config.max_position_embeddings
+        return [
+            repeat_probe(self.tokenizer, prompt, sinks=options.sinks, context=context)
+            for prompt in ids
+        ]
 
     @property
     def last_report(self) -> CacheReport | None:
@@ -151,12 +180,17 @@ class LLM:
     ) -> CompressedContext:  # fmt: skip
         """Prefills and compresses a document once with the current policy and budget; then
         `generate(questions, context=...)` answers each question from a copy of it. Nothing is
-        evicted while a question and its answer are processed."""
+        evicted while a question and its answer are processed. The question is unknown here, so
+        a policy with an observation window scores with KVzip's probe (observe="repeat") unless
+        `observe` was configured explicitly."""
         ids, suffix = split_context(self.tokenizer, text, chat)
         reserve = max_question_tokens + max_new_tokens
-        state, _ = self.engine.start([ids], reserve, decode_window=reserve)
-        self.engine.last_report = self.engine.report(state, [ids], reserve)
-        return CompressedContext(state, ids, suffix, reserve, self.engine.last_report.policy)
+        engine = self.compress_engine
+        probes = self._probes(engine, [ids])
+        state, _ = engine.start([ids], reserve, decode_window=reserve, probes=probes)
+        report = engine.report(state, [ids], reserve)
+        self.engine.last_report = engine.last_report = report
+        return CompressedContext(state, ids, suffix, reserve, report.policy)
 
     def _ask(
         self,
@@ -175,10 +209,11 @@ class LLM:
                     f"tokens exceed the {context.reserve} tokens reserved by compress()"
                 )
             state = context.state.clone()
-            logits = self.engine.extend(state, ids)
+            engine = self.compress_engine  # the policy that compressed the context
+            logits = engine.extend(state, ids)
             stream = None if on_text is None else lambda _, text, i=index: on_text(i, text)
             stopper = self._stopper(params)
-            (seq,) = self.engine.decode(state, logits, [ids], params, stopper, stream)
+            (seq,) = engine.decode(state, logits, [ids], params, stopper, stream)
             outputs.append(
                 GenerationOutput(question, ids, seq.text, seq.token_ids, seq.finish_reason)
             )
@@ -218,7 +253,8 @@ class LLM:
         for index, prompt_ids in enumerate(ids):
             if not prompt_ids:
                 raise InputError(f"prompt {index} is empty: give at least one token of text")
-        sequences = self.engine.generate(ids, params, self._stopper(params), on_text)
+        probes = self._probes(self.engine, ids)
+        sequences = self.engine.generate(ids, params, self._stopper(params), on_text, probes)
         return [
             GenerationOutput(p, s.prompt_token_ids, s.text, s.token_ids, s.finish_reason)
             for p, s in zip(prompts, sequences, strict=True)

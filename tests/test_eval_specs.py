@@ -87,6 +87,7 @@ def test_eval_answers_equal_the_public_llm_calls(long_tiny_llm, case, policy):
         kept = float(llm.last_report.kept_after_prefill.float().mean())
         assert kept <= 0.2 * len(question.prefill) + 1
     context = build_prompt(tokenizer, "context", case.document, case.question, case.answer_prefix)
+    engine, _ = engine_for(llm, parse_spec(policy), 0.2, setting="context")  # compress's policy
     mine = answer(engine, tokenizer, eos, context, params).text
     compressed = llm.compress(
         case.document, max_question_tokens=len(context.follow), max_new_tokens=new

@@ -20,6 +20,7 @@ import torch
 
 from nanokv.context import split_context
 from nanokv.engine import DecodeState, Engine, PromptRecord
+from nanokv.probe import Probe, repeat_probe
 from nanokv.sampling import SamplingParams
 from nanokv.stopping import StopChecker
 from nanokv.tokenizer import Tokenizer
@@ -85,11 +86,14 @@ def answer(
     began = time.perf_counter()
     new = params.max_new_tokens
     records = None if record is None else [record]
+    probes = None if record is not None else probes_for(engine, tokenizer, prompt)
     if prompt.follow:
         reserve = len(prompt.follow) + new
-        state, _ = engine.start([prompt.prefill], reserve, decode_window=reserve, records=records)
+        state, _ = engine.start(
+            [prompt.prefill], reserve, decode_window=reserve, records=records, probes=probes
+        )
     else:
-        state, logits = engine.start([prompt.prefill], new, records=records)
+        state, logits = engine.start([prompt.prefill], new, records=records, probes=probes)
     kept = float(state.arena.lengths[:, 0].float().mean())
     tracked = None if track is None else kept_share(state, track)
     if prompt.follow:
@@ -98,6 +102,19 @@ def answer(
         stopper = StopChecker(tokenizer.decode, eos_token_ids, params.stop, params.ignore_eos)
     (seq,) = engine.decode(state, logits, [prompt.prefill + prompt.follow], params, stopper)
     return Outcome(seq.text, kept, tracked, time.perf_counter() - began)
+
+
+def probe_for(engine: Engine, tokenizer: Tokenizer, prompt: Prompt) -> Probe:
+    """KVzip's probe of the prompt's prefilled part, as `LLM` builds it."""
+    context = engine.cfg.max_position_embeddings
+    return repeat_probe(tokenizer, prompt.prefill, context=context)
+
+
+def probes_for(engine: Engine, tokenizer: Tokenizer, prompt: Prompt) -> list[Probe] | None:
+    """The probe when the engine's policy observes KVzip's "repeat", else None."""
+    if engine.policy.options.observe != "repeat":
+        return None
+    return [probe_for(engine, tokenizer, prompt)]
 
 
 def kept_share(state: DecodeState, positions: list[int]) -> list[float]:

@@ -97,16 +97,18 @@ def _label(text: str) -> str:
 
 
 def engine_for(
-    llm: LLM, spec: PolicySpec, budget: float, min_cache: int = 0
+    llm: LLM, spec: PolicySpec, budget: float, min_cache: int = 0, setting: str = "question"
 ) -> tuple[Engine, Policy | None]:
     """An engine for `spec` at `budget` (with the cache floor `min_cache`, 0: exact) on the
     loaded model; with the needle oracle, also the wrapper whose `forced` positions the caller
-    sets per case."""
+    sets per case. The context-only setting runs what `LLM.compress` runs (KVzip's probe for
+    the policies with an observation window, unless the spec sets `observe`)."""
     chosen = Budget(1.0) if spec.is_full else Budget(budget, floor=min_cache)
     llm.configure(spec.policy, chosen, **spec.quest, **spec.options)
+    context = setting == "context"
     if not spec.needle_oracle:
-        return llm.engine, None
-    oracle = needle_forcing(llm.policy)
+        return (llm.compress_engine if context else llm.engine), None
+    oracle = needle_forcing(llm.compress_policy if context else llm.policy)
     engine = Engine(
         llm.model,
         llm.config,

@@ -17,7 +17,7 @@ from itertools import product
 import torch
 
 from nanokv.engine import Engine, PromptRecord
-from nanokv.eval.ask import Prompt, answer, build_prompt
+from nanokv.eval.ask import Prompt, answer, build_prompt, probe_for
 from nanokv.eval.code import CodeSpec, FirstLine, edit_similarity, first_line, make_code_case
 from nanokv.eval.fidelity import FidelitySpec, compare, make_fidelity_case, teacher_force
 from nanokv.eval.grid import Grid
@@ -70,7 +70,9 @@ def niah_jobs(llm: LLM, grid: Grid) -> list[Job]:
         case = case_for(spec)
         doc, question, prefix = case.document, case.question, case.answer_prefix
         prompt = build_prompt(llm.tokenizer, setting, doc, question, prefix)
-        return prompt, llm.engine.record_prompt(prompt.prefill)
+        # context-only compresses as LLM.compress does: the record holds KVzip's probe too
+        probe = probe_for(llm.engine, llm.tokenizer, prompt) if setting == "context" else None
+        return prompt, llm.engine.record_prompt(prompt.prefill, probe=probe)
 
     jobs = []
     for spec in niah_specs(grid):
@@ -97,7 +99,7 @@ def _niah_run(
         case, tokenizer = case_for(spec), llm.tokenizer
         prompt, record = prompt_for(spec, setting)  # shared by the case's jobs
         values = _positions(tokenizer, prompt, case.expected)
-        engine, oracle = engine_for(llm, policy, budget, min_cache)
+        engine, oracle = engine_for(llm, policy, budget, min_cache, setting)
         if oracle is not None:
             # the value's digits and the period that ends them: without it the model runs on
             # past the last digit ("87874411")

@@ -26,13 +26,19 @@ from nanokv.kernels.prefill_scores import ColumnStats, column_statistics, window
 from nanokv.policies.allocation import ALLOCATIONS
 from nanokv.policies.selection import chunk_scores, pool_scores
 
+OBSERVATIONS = ("last", "repeat")  # where an observation-window policy takes its queries from
+# PolicyOptions overrides that hold with observe="repeat" unless given explicitly: the one place
+# to change them. KVzip keeps only sinks (no recent window) and does not pool (DESIGN.md,
+# "Context-only": a max-pool hurt KVzip's scores on the default model).
+REPEAT_DEFAULTS: dict[str, object] = {"pool": 1, "observation_window": 0}
+
 
 @dataclass(frozen=True)
 class PolicyOptions:
     """Knobs shared by the score-based policies (defaults: DESIGN.md, "Policies")."""
 
     sinks: int = 4  # first tokens always kept (StreamingLLM's attention sinks)
-    observation_window: int = 32  # last prompt queries used for scoring; these tokens are kept
+    observation_window: int = 32  # last prompt tokens kept; with observe="last" also the queries
     pool: int = 7  # max-pool kernel along tokens (SnapKV); 1 disables pooling
     chunk: int = 1  # rank chunks of this many consecutive tokens and keep whole chunks
     decode_window: int = 16  # W: new tokens written before a multi-step eviction frees W slots
@@ -43,6 +49,7 @@ class PolicyOptions:
     usage_top_k: int = 8  # AUV: most attended slots of a step whose usage count grows
     usage_decay: float = 0.5  # AUV: alpha of eq. 6
     reconstruct: bool = True  # AUV: keep evicted tokens' weighted mean in one extra slot
+    observe: str = "last"  # snapkv/laprox/tova: "last" w prompt queries or KVzip's "repeat" probe
 
     def __post_init__(self) -> None:
         for name in ("sinks", "observation_window", "decode_window"):
@@ -64,6 +71,11 @@ class PolicyOptions:
             raise ValueError("usage_top_k must be >= 1 and usage_decay in [0, 1]")
         if self.max_head_share < 1.0:
             raise ValueError(f"max_head_share must be >= 1, got {self.max_head_share}")
+        if self.observe not in OBSERVATIONS:
+            raise ValueError(
+                f"observe must be 'last' (the last prompt queries) or 'repeat' (KVzip's probe), "
+                f"got {self.observe!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,11 @@ class PromptLayer:
     queries: torch.Tensor | None = None  # (H_q, n, D), only for policies that need every query
     value_norms: torch.Tensor | None = None  # (H_q, n) ||v_j W_O^h||, for output-aware policies
     o_proj_weight: torch.Tensor | None = None  # (hidden, H_q * D), for output-aware policies
+    # observe="repeat" (nanokv/probe.py): per query head, the max over the probe's rows of each
+    # key's attention (0 outside the repeated spans), and the RMS over those rows of the
+    # attention output's norm (for output-aware policies)
+    probe_attention: torch.Tensor | None = None  # (H_q, n) float32
+    probe_output_norm: torch.Tensor | None = None  # () float32
 
 
 def observation_attention(prompt: PromptLayer, last: int | None = None) -> torch.Tensor:
@@ -92,6 +109,22 @@ def observation_attention(prompt: PromptLayer, last: int | None = None) -> torch
         queries, prompt.k, scale=prompt.scale, query_positions=prompt.positions[-window:],
         key_positions=prompt.positions, sliding_window=prompt.sliding_window,
     )  # fmt: skip
+
+
+def probe_scores(prompt: PromptLayer, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(H_kv, n) float32 KVzip's score of each key: the probe's attention to it, max over the
+    probe's rows (the engine reduced those) and over the query heads of its GQA group. `weights`
+    (H_q, n) multiply each query head's attention first (LaProx: ``||v_j W_O^h||``)."""
+    if prompt.probe_attention is None:
+        raise ValueError(
+            "observe='repeat' needs the probe's attention: pass probes= to Engine.start "
+            "(nanokv.probe.repeat_probe) or run through nanokv.LLM"
+        )
+    attn = prompt.probe_attention.float()  # (H_q, n)
+    if weights is not None:
+        attn = attn * weights.float()
+    kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
+    return attn.view(kv_heads, -1, n).amax(dim=1)
 
 
 def prompt_column_statistics(prompt: PromptLayer) -> ColumnStats:
@@ -112,12 +145,23 @@ class Policy:
     needs_decode_mass = False  # the decode kernel's emitted attention mass
     needs_value_norms = False  # ||v_j W_O^h|| per slot, and emitted output contributions
     reconstructs = False  # keeps a reconstructed K/V slot per head (AUV)
+    observes_window = False  # scores from observation queries, so observe="repeat" applies
     slot_state: tuple[str, ...] = ()  # extra per-slot statistics the arena keeps for it
     defaults: dict[str, object] = {}  # PolicyOptions overrides that suit this policy
 
     def __init__(self, **options: object) -> None:
-        """`options` are PolicyOptions fields; unset ones take this policy's defaults."""
-        self.options = PolicyOptions(**{**self.defaults, **options})
+        """`options` are PolicyOptions fields; unset ones take this policy's defaults (and, with
+        observe="repeat", REPEAT_DEFAULTS). A policy without an observation window rejects
+        observe="repeat": there are no observation queries for the probe to replace."""
+        observe = options.get("observe", self.defaults.get("observe", "last"))
+        repeat = REPEAT_DEFAULTS if observe == "repeat" else {}
+        self.options = PolicyOptions(**{**self.defaults, **repeat, **options})
+        if self.options.observe == "repeat" and not self.observes_window:
+            raise ValueError(
+                f"policy {self.name!r} does not score from an observation window, so "
+                "observe='repeat' has nothing to replace: use observe='last' or a policy with "
+                "a window (snapkv, laprox, tova)"
+            )
         self.bind({}, batch=1)
 
     def bind(self, memory: dict[str, torch.Tensor], batch: int | None = None) -> None:

@@ -11,6 +11,13 @@ The paper's exact normalisation and window are not public: the normaliser (``fro
 a 31-wide max-pool) are the ones the reference study in DESIGN.md measured best on the default
 model. Decode steps add the kernel's emitted output contribution ``sum_h a[h, j] c[h, j]``,
 divided by the same layer normaliser.
+
+With observe="repeat" the observation rows are KVzip's probe (nanokv/probe.py) and the score is
+KVzip+'s output-aware form without its row normalisation: ``max_h max_i a[h, i, j] ||v_j W_O^h||``
+over the probe's rows i and the query heads h of the group (the probe is a copy of the whole
+document: a max, not LaProx's L2 norm over a few window rows, is what KVzip keeps). The ``fro``
+normaliser is then the RMS over the probe's rows of the attention output's norm (a per-row scale,
+like the max). The model-wide selection is unchanged.
 """
 
 from __future__ import annotations
@@ -19,31 +26,42 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.policies.base import Policy, PromptLayer, observation_attention
+from nanokv.policies.base import Policy, PromptLayer, observation_attention, probe_scores
 
 
 class LaProx(Policy):
     name = "laprox"
     needs_value_norms = True
+    observes_window = True
     defaults = {"allocation": "global", "pool": 31}
 
     def initial_memory(self, batch: int) -> dict[str, torch.Tensor]:
         return {"normaliser": torch.ones(0, batch)}  # (L, B), grown as layers are prefilled
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
-        attn = observation_attention(prompt)  # (H_q, w, n)
-        kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
-        per_query_head = attn.norm(dim=1) * prompt.value_norms  # (H_q, n)
-        scores = per_query_head.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)
+        attn = None
+        if self.options.observe == "repeat":
+            scores = probe_scores(prompt, prompt.value_norms)  # (H_kv, n)
+        else:
+            attn = observation_attention(prompt)  # (H_q, w, n)
+            kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
+            per_query_head = attn.norm(dim=1) * prompt.value_norms  # (H_q, n)
+            scores = per_query_head.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)
         normaliser = self._normaliser(prompt, attn, scores)
         self._remember(prompt.layer, prompt.seq, normaliser)
         return self.smooth(scores / normaliser)
 
-    def _normaliser(self, prompt: PromptLayer, attn: torch.Tensor, scores: torch.Tensor) -> float:
+    def _normaliser(
+        self, prompt: PromptLayer, attn: torch.Tensor | None, scores: torch.Tensor
+    ) -> float:
+        """The layer's scale: 1, the scores' sum, or the attention output's norm (``||O||_F`` of
+        the window `attn`; without one, the probe's RMS row output norm)."""
         if self.options.normalise == "none":
             return 1.0
         if self.options.normalise == "sum":
             return max(float(scores.sum()), 1e-30)
+        if attn is None:
+            return max(float(prompt.probe_output_norm), 1e-30)
         return max(float(window_output(attn, prompt).norm()), 1e-30)
 
     def _remember(self, layer: int, seq: int, normaliser: float) -> None:
