@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 class ArenaFullError(RuntimeError):
@@ -285,3 +286,18 @@ class KVArena:
         self.score = self.slot_state["score"]
         if self.value_norms is not None:
             self.value_norms = self.value_norms[..., :capacity].clone()
+
+    def grow(self, capacity: int) -> None:
+        """Reallocates every buffer with `capacity` slots, keeping every slot and marking the new
+        ones empty: `shrink`'s counterpart, for an arena that must take more tokens than it was
+        sized for (a conversation grows it at most once a turn, before the turn is written)."""
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        self.k = F.pad(self.k, (0, 0, 0, extra))  # (L, B, H_kv, C + extra, D)
+        self.v = F.pad(self.v, (0, 0, 0, extra))
+        self.pos = F.pad(self.pos, (0, extra), value=-1)
+        self.slot_state = {name: F.pad(t, (0, extra)) for name, t in self.slot_state.items()}
+        self.score = self.slot_state["score"]
+        if self.value_norms is not None:
+            self.value_norms = F.pad(self.value_norms, (0, extra))

@@ -1,10 +1,14 @@
-"""`nanokv generate | convert`: the command line. Bad input gets one line and exit status 2."""
+"""`nanokv generate | chat | eval | bench | convert`: the command line. Bad input gets one line
+and exit status 2 (in `chat`, a bad turn gets one line and the chat goes on)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +20,7 @@ from nanokv.policies.base import OBSERVATIONS
 from nanokv.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from nanokv.conversation import Conversation
     from nanokv.llm import LLM
 
 EXIT_BAD_INPUT = 2
@@ -47,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanokv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands.add_parser("generate", help="generate text from prompts"))
+    chat = commands.add_parser(
+        "chat", help="a multi-turn chat in one compressed arena (a turn a line of stdin)"
+    )
+    _add_chat(chat)
     add_eval_parser(commands)
     bench = commands.add_parser("bench", help="run a benchmark script from bench/")
     bench.add_argument("name", choices=BENCHMARKS, help="kernels, e2e or policies")
@@ -61,6 +70,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="+", help="one or more prompts (a batch); '-' reads stdin")
+    _add_model_options(p)
+    p.add_argument(
+        "--document", metavar="PATH",
+        help="a file whose text goes before every prompt, a blank line between ('-' reads stdin)",
+    )  # fmt: skip
+    p.add_argument("--verbose", action="store_true", help="report what was kept, to stderr")
+    _add_sampling_options(p)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.set_defaults(run=_run_generate)
+
+
+def _add_chat(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.set_defaults(run=_run_chat)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """The model, its policy and budget: what `generate` and `chat` share."""
     p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument(
         "--policy", default="full",
@@ -71,10 +99,6 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         "--min-cache", type=int, metavar="N",
         help="cache floor in tokens: no head keeps fewer, a prompt+answer that fits is never "
         "evicted (default 128; 0 = exact budget)",
-    )  # fmt: skip
-    p.add_argument(
-        "--document", metavar="PATH",
-        help="a file whose text goes before every prompt, a blank line between ('-' reads stdin)",
     )  # fmt: skip
     p.add_argument("--allocation", choices=ALLOCATIONS, help="budget split across heads/layers")
     p.add_argument("--min-head-share", type=float, help="layer/global: per-head floor (0-1)")
@@ -91,35 +115,41 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-window", type=int, help="W: slots freed per eviction (default 16)")
     p.add_argument("--quest-budget", type=float, help="Quest read budget (fraction or tokens)")
     p.add_argument("--quest-oracle", action="store_true", help="rank pages by true attention")
-    p.add_argument("--verbose", action="store_true", help="report what was kept, to stderr")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """How answers are sampled: what `generate` and `chat` share."""
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     """`nanokv generate`: checks the cheap inputs before loading the model, then streams the
     answer. The policy name is parsed by `parse_policy`, the one parser LLM uses too."""
     prompts = _prompts(args.prompts, args.document)
+    llm = _load_llm(args, _budget(args))
+    use_chat = not args.raw and llm.tokenizer.chat_template is not None
+    _print_outputs(llm.chat if use_chat else llm.generate, prompts, _sampling_params(args))
+    if args.verbose:
+        print(llm.last_report.summary(), file=sys.stderr)
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    """--budget, checked against --policy before the model loads."""
     budget = Budget.parse(args.budget)
     name, uses_quest = parse_policy(args.policy)
     if name == "full" and not uses_quest and budget.value != 1.0:
         raise UsageError(
             f"--budget {args.budget} needs an eviction policy: 'full' keeps all tokens"
         )
-    llm = _load_llm(args, budget)
-    use_chat = not args.raw and llm.tokenizer.chat_template is not None
-    _print_outputs(llm.chat if use_chat else llm.generate, prompts, _sampling_params(args))
-    if args.verbose:
-        print(llm.last_report.summary(), file=sys.stderr)
-    return 0
+    return budget
 
 
 def _prompts(texts: list[str], document: str | None) -> list[str]:
@@ -184,6 +214,76 @@ def _print_outputs(run: Callable, prompts: list[str], params: SamplingParams) ->
         return
     for index, output in enumerate(run(prompts, params)):
         print(f"--- [{index}] ---\n{output.text}")
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    """`nanokv chat`: one conversation in one arena (nanokv/conversation.py), a turn a line;
+    /stats, /reset, /exit (or end of input). A bad turn gets one line and the chat goes on."""
+    llm = _load_llm(args, _budget(args))
+    conversation = llm.conversation(_sampling_params(args))
+    if sys.stdin.isatty():
+        print("nanokv chat: a turn a line; /stats, /reset, /exit", file=sys.stderr)
+    for line in _chat_lines():
+        command = line.strip()
+        if command == "/exit":
+            break
+        if command == "/stats":
+            print(conversation.stats().line(), flush=True)
+        elif command == "/reset":
+            conversation.reset()
+            print("nanokv: a new conversation", file=sys.stderr)
+        else:
+            _chat_turn(conversation, line)
+    return 0
+
+
+def _chat_lines() -> Iterator[str]:
+    """The turns: typed after a `> ` prompt on a terminal, else stdin's lines, until EOF."""
+    if not sys.stdin.isatty():
+        yield from (line.rstrip("\r\n") for line in sys.stdin)
+        return
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            print()
+            return
+
+
+def _chat_turn(conversation: Conversation, text: str) -> None:
+    """Streams the answer to one turn; Ctrl-C stops it and the chat goes on."""
+    from nanokv.engine import InputError
+
+    stop = threading.Event()
+
+    def show(piece: str) -> None:
+        print(piece, end="", flush=True)
+        if stop.is_set():
+            raise KeyboardInterrupt  # between two decode steps: the conversation keeps it
+
+    try:
+        with _ctrl_c_sets(stop):
+            output = conversation.send(text, on_text=show)
+    except InputError as exc:
+        print(f"nanokv: error: {_one_line(exc)}", file=sys.stderr)
+        return
+    print(flush=True)
+    if output.finish_reason == "interrupted":
+        print("nanokv: answer stopped; the conversation goes on", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
+    """While an answer is written, Ctrl-C sets `stop` instead of raising wherever it lands, so
+    that the stream raises it at the next piece of text, never half-way through a step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from nanokv.arena import KVArena
+from nanokv.arena import ArenaLayer, KVArena
 from nanokv.attention import arena_chunk_attention, prefill_attention
 from nanokv.budget import Budget
 from nanokv.config import ModelConfig
@@ -29,7 +29,8 @@ from nanokv.eviction import EvictionStage, SequencePlan
 from nanokv.kernels.decode_attention import decode_attention
 from nanokv.kernels.value_norms import output_gram, value_output_norms
 from nanokv.policies import Policy, PromptLayer
-from nanokv.probe import Probe, ProbeScores
+from nanokv.probe import Probe, ProbeScores, ProbeSegment
+from nanokv.recompress import arena_probe_attention, kept_to_budget
 from nanokv.report import CacheReport
 from nanokv.sampling import Sampler, SamplingParams
 from nanokv.sparsity import QuestOptions, QuestSparsity
@@ -628,6 +629,97 @@ class Engine:
                 break
             logits = self.step(state, tokens)
         return sequences
+
+    # --- a live arena (a conversation): appended to, then compressed back to a budget --------
+
+    def empty_state(self, capacity: int) -> DecodeState:
+        """One sequence's empty arena of `capacity` slots that never evicts while it decodes
+        (W = 0): its owner appends with `extend` and `step` and compresses it with `recompress`
+        (nanokv/conversation.py)."""
+        layers, kv_heads = self.cfg.num_layers, self.cfg.num_kv_heads
+        arena = self._allocate(1, capacity)
+        memory: dict[str, torch.Tensor] = {}
+        self.policy.bind(memory, batch=1)
+        cache = torch.zeros(layers, 1, kv_heads, dtype=torch.long, device=self.device)
+        positions = torch.zeros(1, dtype=torch.long, device=self.device)
+        filled = torch.zeros(layers, 1, dtype=torch.long)  # on the host, as _decode_state's
+        state = DecodeState(arena, positions, cache, 0, filled, memory)
+        state.kept_after_prefill = arena.lengths.clone()
+        return state
+
+    @torch.inference_mode()
+    def recompress(self, state: DecodeState, cache: int, probe: Probe | None = None) -> None:
+        """Compacts every (layer, kv head) of a one-sequence arena to at most `cache` slots,
+        ranked by KVzip's `probe` run against the arena (`probe_arena`) or, without one, by the
+        policy's `eviction_scores`; the sinks and the policy's observation window (the last
+        positions seen) are protected (nanokv/recompress.py). Nothing is re-prefilled."""
+        arena = state.arena
+        if int(arena.lengths.max()) <= cache:
+            return
+        began = time.perf_counter()
+        options, seen = self.policy.options, int(state.positions[0])
+        scores = None if probe is None else self.probe_arena(state, probe)  # (L, H_kv, C)
+        for layer in range(self.cfg.num_layers):
+            view = arena.layer(layer)
+            if scores is None:
+                ranked = self.policy.eviction_scores(layer, view)[0]  # (H_kv, C)
+            else:
+                ranked = scores[layer]
+            kept, counts = kept_to_budget(
+                ranked, view.pos[0], view.lengths[0], cache, sinks=options.sinks,
+                window=options.observation_window, seen=seen,
+            )  # fmt: skip
+            arena.compact_sequence(layer, 0, kept, counts)
+        self.eviction.seconds += time.perf_counter() - began
+
+    @torch.inference_mode()
+    def probe_arena(
+        self, state: DecodeState, probe: Probe, chunk: int | None = None
+    ) -> torch.Tensor:
+        """KVzip's score of every slot of a one-sequence arena (nanokv/recompress.py): each
+        segment of `probe` runs through every layer at the positions after the arena's last
+        token, in chunks of `chunk` rows (default: the prefill chunk), against the arena's slots
+        and itself. Returns (L, H_kv, C) float32. The arena is only read: the probe's K/V are
+        one layer's temporaries."""
+        cfg, arena = self.cfg, state.arena
+        scores = torch.zeros(cfg.num_layers, cfg.num_kv_heads, arena.capacity, device=self.device)
+        first = int(state.positions[0])
+        for segment in probe.segments:
+            positions = torch.arange(first, first + len(segment.ids), device=self.device)
+            h = self.model.embed(torch.tensor(segment.ids, device=self.device), positions)
+            for layer, block in enumerate(self.model.blocks):
+                self._probe_arena_layer(
+                    block, arena.layer(layer), h, positions, segment, probe.sinks,
+                    scores[layer], chunk or self.prefill_chunk,
+                )  # fmt: skip
+        return scores
+
+    def _probe_arena_layer(
+        self,
+        block: torch.nn.Module,
+        view: ArenaLayer,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        segment: ProbeSegment,
+        sinks: int,
+        scores: torch.Tensor,
+        chunk: int,
+    ) -> None:
+        """Runs `block` over one probe segment h (m, hidden) in query chunks, updating h in
+        place, and folds each chunk's slot scores into `scores` (H_kv, C) by max."""
+        m, cfg = h.shape[0], self.cfg
+        own_k = h.new_empty(m, cfg.num_kv_heads, cfg.head_dim)  # the segment's, this layer only
+        own_v = torch.empty_like(own_k)
+        for start in range(0, m, chunk):
+            end = min(start + chunk, m)
+            q, own_k[start:end], own_v[start:end] = block.qkv(h[start:end], positions[start:end])
+            attn, seen = arena_probe_attention(
+                q, view.k[0], view.v[0], view.pos[0], view.lengths[0], own_k[:end],
+                own_v[:end], positions[:end], segment, sinks=sinks, scale=self.scale,
+                sliding_window=cfg.sliding_window,
+            )  # fmt: skip
+            torch.maximum(scores, seen, out=scores)
+            h[start:end] = block.finish(h[start:end], attn)
 
     def report(self, state: DecodeState, prompts: list[list[int]], max_new: int) -> CacheReport:
         """What the call kept and what it cost."""

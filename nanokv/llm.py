@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from nanokv.sampling import SamplingParams
 from nanokv.sparsity import QuestOptions
 from nanokv.stopping import StopChecker
 from nanokv.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from nanokv.conversation import Conversation
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -191,6 +195,13 @@ class LLM:
         report = engine.report(state, [ids], reserve)
         self.engine.last_report = engine.last_report = report
         return CompressedContext(state, ids, suffix, reserve, report.policy)
+
+    def conversation(self, params: SamplingParams | None = None) -> Conversation:
+        """A multi-turn chat in one arena, compressed back to the budget after each answer
+        with the query-agnostic scorer (nanokv/conversation.py); `params` sample its answers."""
+        from nanokv.conversation import Conversation
+
+        return Conversation(self, params)
 
     def _ask(
         self,

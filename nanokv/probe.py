@@ -95,12 +95,24 @@ def repeat_probe(
     return Probe(tuple(segments), sinks)
 
 
+def segment_overhead(tokenizer: Tokenizer, document_ids: list[int]) -> int:
+    """Positions a segment of `document_ids`'s probe takes past the document besides its span:
+    the longest instruction and the template's tail. A caller that keeps appending to the
+    document (a conversation) keeps this many positions, plus some span, free in the context."""
+    prefix, tail = _template_parts(tokenizer)
+    chat = prefix is not None and document_ids[: len(prefix)] == prefix
+    return _instruction_length(tokenizer) + len(_encode(tokenizer, tail if chat else RAW_TAIL))
+
+
+def _instruction_length(tokenizer: Tokenizer) -> int:
+    """Tokens of the longest instruction: the first segment's, or a later one's with its quote."""
+    first = len(_encode(tokenizer, REPEAT))
+    return max(first, len(_encode(tokenizer, REPEAT_PART)) + OVERLAP_TOKENS)
+
+
 def _room(tokenizer: Tokenizer, n: int, tail: int, context: int) -> int:
     """The longest span whose segment, after n document tokens, stays inside `context`."""
-    instruction = max(
-        len(_encode(tokenizer, REPEAT)), len(_encode(tokenizer, REPEAT_PART)) + OVERLAP_TOKENS
-    )
-    room = context - n - instruction - tail
+    room = context - n - _instruction_length(tokenizer) - tail
     if room < 1:
         raise ValueError(
             f"the document has {n} tokens and leaves no room for KVzip's probe in the model's "

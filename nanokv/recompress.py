@@ -1,0 +1,134 @@
+"""Recompressing a live arena: KVzip's probe scored against the arena's kept slots, and the
+selection that brings every (layer, kv head) back to a budget.
+
+A conversation (nanokv/conversation.py) holds its turns in one arena and, after each answer,
+compresses it again without re-prefilling anything: nothing of the evicted tokens is left to
+run a document pass over. The probe of nanokv/probe.py (the instruction, then the conversation's
+own tokens teacher-forced) therefore runs *against the arena*: its rows attend to each head's
+kept slots and, causally, to the segment's own keys, exactly as the next tokens of the
+conversation would; their hidden states go on to the next layer. The score of a slot follows
+`ProbeScores`: the max, over the segment's rows and the query heads of the slot's GQA group, of
+the softmax probability of the slot, the softmax running over the slots that hold a sink
+(position < sinks), the slots whose position lies in the segment's span, and the segment's own
+keys up to the row. Slots outside every span score 0 (the selection protects the sinks). The
+probe's K/V live in per-layer temporaries and never reach the arena.
+
+These functions compute; the engine runs the model and the arena moves the data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanokv.policies.selection import keep_order, protection_rank
+from nanokv.probe import ProbeSegment
+
+
+def arena_probe_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_pos: torch.Tensor,
+    lengths: torch.Tensor,
+    own_k: torch.Tensor,
+    own_v: torch.Tensor,
+    own_pos: torch.Tensor,
+    segment: ProbeSegment,
+    *,
+    sinks: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of probe rows against one layer of one sequence's arena.
+
+    q: (c, H_q, D) the rows, the last c of the segment seen so far; k, v: (H_kv, C, D) the
+    arena's slots; slot_pos: (H_kv, C); lengths: (H_kv,) valid slots of each head; own_k, own_v:
+    (r, H_kv, D) the segment's keys up to the rows' own; own_pos: (r,). Returns the rows'
+    attention output (c, H_q * D) in q's dtype (over every valid slot and the segment's keys,
+    causal: what the model computes) and (H_kv, C) float32 scores of the slots (the module's
+    rule; 0 for slots outside the span and the sinks, and for empty slots)."""
+    c, q_heads, head_dim = q.shape
+    kv_heads, capacity, _ = k.shape
+    group = q_heads // kv_heads
+    query_pos = own_pos[-c:]
+    qg = q.float().view(c, kv_heads, group, head_dim).permute(1, 2, 0, 3)  # (H_kv, G, c, D)
+    logits = torch.cat(
+        [
+            torch.einsum("hgcd,hsd->hgcs", qg, k.float()),  # (H_kv, G, c, C)
+            torch.einsum("hgcd,rhd->hgcr", qg, own_k.float()),  # (H_kv, G, c, r)
+        ],
+        dim=-1,
+    ) * scale  # fmt: skip
+    seen_slots, scored_slots = _slot_masks(slot_pos, lengths, query_pos, segment, sinks)
+    seen_own = _visible(query_pos.view(-1, 1), own_pos.view(1, -1), sliding_window)  # (c, r)
+    if sliding_window is not None:
+        seen_slots &= _visible(query_pos.view(1, -1, 1), slot_pos.unsqueeze(1), sliding_window)
+    visible = torch.cat([seen_slots, seen_own.expand(kv_heads, -1, -1)], dim=-1)  # (H_kv, c, K)
+    probs = _softmax(logits, visible)
+    values = torch.cat([v.float(), own_v.float().transpose(0, 1)], dim=1)  # (H_kv, K, D)
+    out = probs @ values.unsqueeze(1)  # (H_kv, G, c, D)
+    out = out.permute(2, 0, 1, 3).reshape(c, q_heads * head_dim).to(q.dtype)
+    scored = torch.cat([seen_slots & scored_slots, seen_own.expand(kv_heads, -1, -1)], dim=-1)
+    scores = _softmax(logits, scored)[..., :capacity].amax(dim=(1, 2))  # (H_kv, C)
+    return out, scores
+
+
+def _slot_masks(
+    slot_pos: torch.Tensor,
+    lengths: torch.Tensor,
+    query_pos: torch.Tensor,
+    segment: ProbeSegment,
+    sinks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool (H_kv, c, C) slots each row sees (valid and not after it), and (H_kv, 1, C) slots in
+    the score's softmax (a sink, or in the segment's span)."""
+    capacity = slot_pos.shape[-1]
+    valid = torch.arange(capacity, device=slot_pos.device) < lengths.view(-1, 1)  # (H_kv, C)
+    pos = slot_pos.long()
+    seen = valid.unsqueeze(1) & (pos.unsqueeze(1) <= query_pos.view(1, -1, 1))
+    sink = min(sinks, segment.start)
+    in_span = (pos >= segment.start) & (pos < segment.end)
+    return seen, (((pos >= 0) & (pos < sink)) | in_span).unsqueeze(1)
+
+
+def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Bool, broadcast: the query sees the key (causal by position, and Mistral's window)."""
+    diff = query_pos - key_pos
+    mask = diff >= 0
+    return mask & (diff < window) if window is not None else mask
+
+
+def _softmax(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax of (H_kv, G, c, K) logits over the keys `visible` (H_kv, c, K) shows."""
+    masked = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    return torch.softmax(masked, dim=-1).nan_to_num(0.0)
+
+
+def kept_to_budget(
+    scores: torch.Tensor,
+    slot_pos: torch.Tensor,
+    lengths: torch.Tensor,
+    cache: int,
+    *,
+    sinks: int,
+    window: int,
+    seen: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots each kv head keeps: (H_kv, m) slot indices, ascending, valid up to (H_kv,)
+    counts, for `KVArena.compact_sequence`.
+
+    scores, slot_pos: (H_kv, C); lengths: (H_kv,). A head keeps min(cache, length) slots: the
+    protected ones first (the sinks, then the last `window` of the `seen` positions, most recent
+    first: selection.protection_rank), then the highest scores, ties by slot (= by position: a
+    conversation's slots stay in position order)."""
+    capacity = scores.shape[-1]
+    slots = torch.arange(capacity, device=scores.device)
+    valid = slots < lengths.view(-1, 1)
+    rank = torch.where(valid, protection_rank(slot_pos, seen, sinks, window), -1)
+    ranked = scores.float().masked_fill(~valid, float("-inf"))
+    counts = lengths.long().clamp(max=cache)
+    width = max(int(counts.max()), 1)
+    chosen = keep_order(ranked, rank)[:, :width]  # (H_kv, m) in keep order
+    padding = slots[:width] >= counts.view(-1, 1)
+    kept = chosen.masked_fill(padding, capacity).sort(dim=-1).values  # padding sorts last
+    return kept.clamp(max=capacity - 1), counts
