@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8064])
     p.add_argument("--policies", nargs="+", default=list(POLICIES))
     p.add_argument("--budget", type=float, default=0.05)
+    p.add_argument(
+        "--min-cache", type=int, default=0,
+        help="cache floor in tokens (default 0: the budget is exact at every length)",
+    )  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    llm = nanokv.LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = nanokv.LLM(args.model, dtype=args.dtype, device=args.device, min_cache=args.min_cache)
     if max(args.lengths) + args.new_tokens > llm.config.max_position_embeddings:
         sys.exit("policies.py: error: prompt + new tokens exceed the model's context")
     stream = stdlib_token_stream(llm.tokenizer.encode, max(args.lengths), args.seed)
