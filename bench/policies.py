@@ -10,6 +10,11 @@ Why: the point of eviction is memory and decode speed at equal quality; the qual
 
     python bench/policies.py                        # default model, 2k 4k 8k (8064 + 64 new), 5%
     python bench/policies.py --lengths 512 --new-tokens 8 --policies full snapkv   # quick check
+    python bench/policies.py --policies full laprox laprox:observe=repeat --new-tokens 8
+                                                    # the cost of KVzip's probe in prefill
+
+A policy is an eval spec (`NAME[:key=value,...]`, see docs/eval.md), so any option is one flag
+away; a policy that observes "repeat" runs KVzip's probe (nanokv/probe.py) in its prefill.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 from e2e import copy_bandwidth_gb_s, emit, machine_info, stdlib_token_stream, sync
 
 import nanokv
+from nanokv.eval.specs import PolicySpec, parse_spec
+from nanokv.probe import repeat_probe
 
 POLICIES = ("full", "streaming", "h2o", "snapkv", "tova", "auv", "laprox", "quest", "laprox+quest")
 
@@ -49,9 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_policy(llm: nanokv.LLM, prompt: list[int], new_tokens: int) -> dict:
     """One prefill + greedy decode under the LLM's current policy."""
     engine, device = llm.engine, llm.device
+    probes = None
+    if engine.policy.options.observe == "repeat":
+        context = llm.config.max_position_embeddings
+        probes = [repeat_probe(llm.tokenizer, prompt, context=context)]
     sync(device)
     start = time.perf_counter()
-    state, logits = engine.start([prompt], new_tokens)
+    state, logits = engine.start([prompt], new_tokens, probes=probes)
     sync(device)
     prefill = time.perf_counter() - start
     eviction_at_prefill = engine.eviction.seconds
@@ -74,8 +85,8 @@ def run_policy(llm: nanokv.LLM, prompt: list[int], new_tokens: int) -> dict:
     }
 
 
-def configure(llm: nanokv.LLM, policy: str, budget: float) -> None:
-    llm.configure(policy, budget=1.0 if policy == "full" else budget)
+def configure(llm: nanokv.LLM, spec: PolicySpec, budget: float) -> None:
+    llm.configure(spec.policy, budget=1.0 if spec.is_full else budget, **spec.quest, **spec.options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if max(args.lengths) + args.new_tokens > llm.config.max_position_embeddings:
         sys.exit("policies.py: error: prompt + new tokens exceed the model's context")
     stream = stdlib_token_stream(llm.tokenizer.encode, max(args.lengths), args.seed)
-    configure(llm, args.policies[0], args.budget)
+    specs = [parse_spec(text) for text in args.policies]  # a bad spec fails before any run
+    configure(llm, specs[0], args.budget)
     run_policy(llm, stream[:64], 4)  # warm-up
     meta = {
         "model": str(llm.model_dir), "dtype": args.dtype, "budget": args.budget,
@@ -96,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     sink, lines = [], []
     for n in args.lengths:
         results = {}
-        for policy in args.policies:
-            configure(llm, policy, args.budget)
-            results[policy] = run_policy(llm, stream[:n], args.new_tokens)
+        for spec in specs:
+            configure(llm, spec, args.budget)
+            results[spec.label] = run_policy(llm, stream[:n], args.new_tokens)
         full = results.get("full")
         for policy, result in results.items():
             if full is not None:
