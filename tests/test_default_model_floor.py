@@ -12,24 +12,13 @@ pytestmark = pytest.mark.default_model
 QUESTION = "Explain what a KV cache is."
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    from nanokv.default_model import ensure_default_model, find_default_gguf
-
-    try:
-        find_default_gguf()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    return ensure_default_model()
-
-
 def _generate(capsys, *argv: str) -> tuple[str, str]:
     assert main(["generate", "--device", "cpu", *argv]) == 0
     captured = capsys.readouterr()
     return captured.out, captured.err
 
 
-def test_quick_start_short_question_is_the_full_cache(default_model, capsys):
+def test_quick_start_short_question_is_the_full_cache(default_model_dir, capsys):
     args = ("--max-new-tokens", "64", "--verbose", QUESTION)
     evicted, report = _generate(capsys, "--budget", "0.05", "--policy", "laprox", *args)
     full, _ = _generate(capsys, "--budget", "1.0", *args)
@@ -37,7 +26,7 @@ def test_quick_start_short_question_is_the_full_cache(default_model, capsys):
     assert "floor 128" in report and "nothing evicted" in report
 
 
-def test_readme_library_example_is_the_full_cache(default_model):
+def test_readme_library_example_is_the_full_cache(default_model_dir):
     import nanokv
 
     prompts = ["The capital of France is", "KV caches are"]

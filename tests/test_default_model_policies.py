@@ -15,15 +15,10 @@ POLICIES = ["streaming", "h2o", "snapkv", "tova", "auv", "laprox", "quest", "lap
 
 
 @pytest.fixture(scope="module")
-def llm():
+def llm(default_model_dir):
     import nanokv
-    from nanokv.default_model import find_default_gguf
 
-    try:
-        find_default_gguf()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    return nanokv.LLM(None, dtype="float32", device="cpu")
+    return nanokv.LLM(default_model_dir, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -55,15 +55,10 @@ def test_prompt_length_and_needle_depth(tiny_tokenizer, task, filler, depth):
 
 
 @pytest.fixture(scope="module")
-def default_tokenizer():
-    from nanokv.default_model import ensure_default_model, find_default_gguf
+def default_tokenizer(default_model_dir):
     from nanokv.tokenizer import Tokenizer
 
-    try:
-        find_default_gguf()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    return Tokenizer(ensure_default_model())
+    return Tokenizer(default_model_dir)
 
 
 @pytest.mark.default_model

@@ -46,9 +46,14 @@ def check_prompt(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> N
     expect_shape("q", q, (None, None, None))
     q_heads, n, head_dim = q.shape
     expect_shape("k", k, (None, n, head_dim))
-    if k.shape[0] == 0 or q_heads % k.shape[0]:
-        raise ValueError(f"q's {q_heads} query heads do not split into k's {k.shape[0]} kv heads")
+    _check_groups(q_heads, k.shape[0])
     expect_shape("positions", positions, (n,))
+
+
+def _check_groups(q_heads: int, kv_heads: int) -> None:
+    """Raises ValueError unless the query heads split evenly into GQA groups of kv heads."""
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q's {q_heads} query heads do not split into k's {kv_heads} kv heads")
 
 
 def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -77,8 +82,7 @@ def window_attention(
     expect_shape("q_window", q_window, (None, None, None))
     q_heads, w, head_dim = q_window.shape
     expect_shape("k", k, (None, None, head_dim))
-    if k.shape[0] == 0 or q_heads % k.shape[0]:
-        raise ValueError(f"q's {q_heads} query heads do not split into k's {k.shape[0]} kv heads")
+    _check_groups(q_heads, k.shape[0])
     expect_shape("query_positions", query_positions, (w,))
     expect_shape("key_positions", key_positions, (k.shape[1],))
     kv_heads, n, _ = k.shape
