@@ -85,23 +85,75 @@ def answer(
     check; `record` (Engine.record_prompt of `prompt.prefill`) replaces its forward pass."""
     began = time.perf_counter()
     new = params.max_new_tokens
-    records = None if record is None else [record]
-    probes = None if record is not None else probes_for(engine, tokenizer, prompt)
     if prompt.follow:
-        reserve = len(prompt.follow) + new
-        state, _ = engine.start(
-            [prompt.prefill], reserve, decode_window=reserve, records=records, probes=probes
-        )
+        state = compress(engine, tokenizer, prompt, len(prompt.follow) + new, record)
     else:
+        records = None if record is None else [record]
+        probes = None if record is not None else probes_for(engine, tokenizer, prompt)
         state, logits = engine.start([prompt.prefill], new, records=records, probes=probes)
-    kept = float(state.arena.lengths[:, 0].float().mean())
+    kept = kept_tokens(state)
     tracked = None if track is None else kept_share(state, track)
     if prompt.follow:
         logits = engine.extend(state, prompt.follow)
+    text = _decode(engine, tokenizer, eos_token_ids, state, logits, prompt, params, stopper)
+    return Outcome(text, kept, tracked, time.perf_counter() - began)
+
+
+def compress(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    reserve: int,
+    record: PromptRecord | None = None,
+) -> DecodeState:
+    """Context-only: prefills and compresses `prompt.prefill` (the document) once, as
+    `LLM.compress` does, with `reserve` slots kept free so that nothing is evicted while a
+    question and its answer (at most `reserve` tokens together) run; `record` (of the prefill)
+    replaces its forward pass. Ask it with `ask`, as many questions as needed."""
+    records = None if record is None else [record]
+    probes = None if record is not None else probes_for(engine, tokenizer, prompt)
+    state, _ = engine.start(
+        [prompt.prefill], reserve, decode_window=reserve, records=records, probes=probes
+    )
+    return state
+
+
+def ask(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    eos_token_ids: set[int],
+    compressed: DecodeState,
+    prompt: Prompt,
+    params: SamplingParams,
+) -> str:
+    """Context-only: the answer to `prompt.follow` (question, template tail, answer prefix)
+    from a copy of the `compressed` document (what `LLM.chat(..., context=)` does), which is
+    left as it was for the next question."""
+    state = compressed.clone()
+    logits = engine.extend(state, prompt.follow)
+    return _decode(engine, tokenizer, eos_token_ids, state, logits, prompt, params)
+
+
+def _decode(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    eos_token_ids: set[int],
+    state: DecodeState,
+    logits: torch.Tensor,
+    prompt: Prompt,
+    params: SamplingParams,
+    stopper: StopChecker | None = None,
+) -> str:
+    """The answer's text, decoded from the prompt's last `logits` (B=1, vocab)."""
     if stopper is None:
         stopper = StopChecker(tokenizer.decode, eos_token_ids, params.stop, params.ignore_eos)
     (seq,) = engine.decode(state, logits, [prompt.prefill + prompt.follow], params, stopper)
-    return Outcome(seq.text, kept, tracked, time.perf_counter() - began)
+    return seq.text
+
+
+def kept_tokens(state: DecodeState) -> float:
+    """Slots a (layer, kv head) of sequence 0 holds, on average."""
+    return float(state.arena.lengths[:, 0].float().mean())
 
 
 def probe_for(engine: Engine, tokenizer: Tokenizer, prompt: Prompt) -> Probe:

@@ -1,4 +1,5 @@
-"""`nanokv eval niah|fidelity|code|all`: run a grid, write results JSONL, summary.md and PNGs.
+"""`nanokv eval niah|fidelity|code|chat|all`: run a grid, write results JSONL, summary.md and PNGs
+(`all`: niah, fidelity and code; chat, minutes a conversation, runs on its own).
 
 Bad input raises ValueError with one line (nanokv/cli.py prints it and exits with status 2)
 before any model is loaded or anything is written.
@@ -11,15 +12,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from nanokv.eval.grid import SUITES, Grid, resolve
+from nanokv.eval.grid import ALL, SUITES, Grid, resolve
+from nanokv.eval.specs import NEEDLE_ORACLE, parse_spec
+from nanokv.policies import parse_policy
 
 
 def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     """Adds `nanokv eval` to the command line."""
     p = commands.add_parser(
-        "eval", help="evaluate policies (niah, fidelity, code)", description=__doc__
+        "eval", help="evaluate policies (niah, fidelity, code, chat)", description=__doc__
     )
-    p.add_argument("suite", choices=[*SUITES, "all"], help="which suite to run (all: the three)")
+    p.add_argument(
+        "suite", choices=[*SUITES, "all"], help="which suite to run (all: niah, fidelity, code)"
+    )
     p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument(
         "--policies", nargs="+", metavar="SPEC",
@@ -27,14 +32,28 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
         "needle-oracle (default: the preset's)",
     )  # fmt: skip
     p.add_argument("--budgets", nargs="+", type=float, help="fractions in (0,1] or token counts")
-    p.add_argument("--lengths", nargs="+", type=int, help="prompt / context lengths in tokens")
+    p.add_argument(
+        "--lengths", nargs="+", type=int,
+        help="prompt / context lengths in tokens (chat: the ten user messages' tokens)",
+    )  # fmt: skip
     p.add_argument("--depths", nargs="+", type=float, help="niah: needle depths in [0, 1]")
-    p.add_argument("--seeds", nargs="+", type=int, help="case seeds (each seed is a case)")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="case seeds (each seed is a case; chat: a conversation)",
+    )
     p.add_argument("--tasks", nargs="+", help="niah: single, multikey, multivalue")
     p.add_argument("--fillers", nargs="+", help="niah: neutral, prose")
     p.add_argument(
         "--setting", choices=["question", "context", "both"],
         help="niah: question-aware, context-only or both (default both)",
+    )  # fmt: skip
+    p.add_argument(
+        "--needles", type=int, metavar="K",
+        help="niah: K needles a document (K different keys at K evenly spaced depths, 0 to 1, "
+        "instead of --depths), each asked in its own question: context-only compresses the "
+        "document once and asks it all K; question-aware prompts it K times (default 1)",
     )  # fmt: skip
     p.add_argument("--texts", nargs="+", help="fidelity: docs, code")
     p.add_argument("--tokens", type=int, help="fidelity: teacher-forced continuation tokens")
@@ -62,18 +81,33 @@ def grids(args: argparse.Namespace) -> dict[str, Grid]:
         policies=_tuple(args.policies), budgets=_tuple(args.budgets),
         lengths=_tuple(args.lengths), depths=_tuple(args.depths), seeds=_tuple(args.seeds),
         tasks=_tuple(args.tasks), fillers=_tuple(args.fillers), settings=settings,
-        texts=_tuple(args.texts), tokens=args.tokens, cases=_tuple(args.cases),
-        min_cache=args.min_cache,
+        needles=args.needles, texts=_tuple(args.texts), tokens=args.tokens,
+        cases=_tuple(args.cases), min_cache=args.min_cache,
     )  # fmt: skip
-    suites = SUITES if args.suite == "all" else (args.suite,)
+    if args.needles is not None and args.needles > 1 and args.depths:
+        raise ValueError(
+            f"--needles {args.needles} puts the needles at {args.needles} evenly spaced depths: "
+            "drop --depths"
+        )
+    suites = ALL if args.suite == "all" else (args.suite,)
     if args.suite == "all" and args.cases:  # only the suites the ids name
         suites = tuple(s for s in SUITES if any(c.startswith(f"{s}/") for c in args.cases))
     chosen = {suite: resolve(suite, args.quick, overrides) for suite in suites}
-    if args.suite == "all":  # the needle oracle only makes sense where there is a needle
-        for suite in set(chosen) - {"niah"}:
-            kept = tuple(p for p in chosen[suite].policies if not p.startswith("needle-oracle"))
-            chosen[suite] = replace(chosen[suite], policies=kept)
+    if args.suite == "all":  # one --policies list for every suite: each keeps what it runs
+        for suite, grid in chosen.items():
+            chosen[suite] = replace(grid, policies=_runnable(suite, grid.policies))
     return chosen
+
+
+def _runnable(suite: str, policies: tuple[str, ...]) -> tuple[str, ...]:
+    """The policy specs `suite` can run: the needle oracle only where there is a needle (niah),
+    Quest not in a conversation (chat)."""
+    kept = policies
+    if suite != "niah":
+        kept = tuple(p for p in kept if not p.startswith(NEEDLE_ORACLE))
+    if suite == "chat":
+        kept = tuple(p for p in kept if not parse_policy(parse_spec(p).policy)[1])
+    return kept
 
 
 def _tuple(values: list | None) -> tuple | None:
@@ -102,6 +136,8 @@ def run_eval(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     for suite, grid in chosen.items():
         grid.validate(suite, llm.config.max_position_embeddings)
+    if "chat" in chosen and llm.tokenizer.chat_template is None:
+        raise ValueError(f"the chat suite needs a model with a chat template: {llm.model_dir.name}")
     out = args.out.resolve()
     meta = {"model": str(llm.model_dir.name), "corpus": corpus_fingerprint()}
     check_meta(out, meta | {"min_cache": _min_cache(chosen)})

@@ -120,6 +120,13 @@ def engine_for(
     return engine, oracle
 
 
+def floor_fields(engine: Engine, policy: PolicySpec, length: int, min_cache: int) -> dict:
+    """A row's `min_cache` and whether the floor, not the budget, set its cache (`floored`) for
+    `length` tokens (the prompt, or a conversation's tokens seen)."""
+    floored = not policy.is_full and engine.eviction.is_floored(length)
+    return {"min_cache": min_cache, "floored": floored}
+
+
 def needle_forcing(policy: Policy) -> Policy:
     """A copy of `policy` whose prompt scores put the positions in `.forced` above every other
     token, so the selection keeps them in every layer and head (their score also outranks

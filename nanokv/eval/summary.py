@@ -55,6 +55,8 @@ def write_summary(out: Path, rows: dict[str, list[dict]]) -> Path:
         parts.append(fidelity_section(rows["fidelity"]))
     if rows.get("code"):
         parts.append(code_section(rows["code"]))
+    if rows.get("chat"):
+        parts.append(chat_section(rows["chat"]))
     parts.append(sources_section(rows))
     path = out / "summary.md"
     path.write_text("\n".join(parts))
@@ -190,11 +192,17 @@ def spread_cell(field: str, scale: float = 1.0, digits: int = 0) -> Cell:
     return cell
 
 
-def _kept_share(chosen: list[dict]) -> str:
-    curve = mean_curve(chosen, "needle_kept")
-    if curve is None:
-        return "—"
-    return f"{100 * sum(curve) / len(curve):.0f} (min {100 * min(curve):.0f})"
+def kept_share(field: str) -> Cell:
+    """`88 (min 40)`: the per-layer share in `field` (e.g. a needle's tokens held), mean over
+    the cases and layers, and its lowest layer, in %."""
+
+    def cell(chosen: list[dict]) -> str:
+        curve = mean_curve(chosen, field)
+        if curve is None:
+            return "—"
+        return f"{100 * sum(curve) / len(curve):.0f} (min {100 * min(curve):.0f})"
+
+    return cell
 
 
 def niah_section(rows: list[dict]) -> str:
@@ -208,22 +216,36 @@ def niah_section(rows: list[dict]) -> str:
         parts.append(f"### {SETTING_TITLES.get(setting, setting)}\n")
         for task in ordered(in_setting, "task"):
             for filler in ordered(in_setting, "filler"):
-                chosen = select(in_setting, task=task, filler=filler)
-                if chosen:
-                    parts += niah_tables(chosen, task, filler)
+                for needles, chosen in _by_needles(select(in_setting, task=task, filler=filler)):
+                    parts += niah_tables(chosen, task, filler, needles)
         parts.append(
             "Needle kept after compression — share of the asked value's tokens still held, "
             "mean over layers and kv heads (minimum layer) in %; Quest evicts nothing, it "
             "reads a subset of the pages at each step:\n"
         )
-        parts.append(grid_table(in_setting, _kept_share))
+        parts.append(grid_table(in_setting, kept_share("needle_kept")))
     return "\n".join(parts)
 
 
-def niah_tables(rows: list[dict], task: str, filler: str) -> list[str]:
-    """The hits table of one task and filler (and, for multivalue, the mean share found)."""
+def _by_needles(rows: list[dict]) -> list[tuple[int, list[dict]]]:
+    """(needles a document, its rows) for each count present, one needle first (rows without
+    the field predate `--needles`: one needle)."""
+    counts = sorted({row.get("needles", 1) for row in rows})
+    return [(k, [row for row in rows if row.get("needles", 1) == k]) for k in counts]
+
+
+def niah_tables(rows: list[dict], task: str, filler: str, needles: int = 1) -> list[str]:
+    """The hits table of one task and filler (and, for multivalue, the mean share found);
+    `needles` > 1: documents of that many needles, each case one of their questions."""
     phrase = cases_phrase(rows, "case", ("depth", "seed"))
-    parts = [f"**{task} needle, {filler} filler** — {HITS}, {phrase}:\n"]
+    title = f"{task} needle"
+    if needles > 1:
+        documents = _counted(len(ordered(rows, "document")), "document")
+        title = (
+            f"{needles} single needles a document, each asked in its own question "
+            f"({documents}; context-only compresses a document once for all its questions)"
+        )
+    parts = [f"**{title}, {filler} filler** — {HITS}, {phrase}:\n"]
     parts.append(grid_table(rows, hits("correct")))
     if task == "multivalue":
         parts.append("Share of the asked values found (%, mean ± standard deviation):\n")
@@ -286,13 +308,44 @@ def code_section(rows: list[dict]) -> str:
     )
 
 
+def chat_section(rows: list[dict]) -> str:
+    """Recall across a conversation: hits of every policy, then the same among the
+    conversations the full cache recalled (paired with it), then what was held of the fact."""
+    recalled = {r["case"] for r in rows if r["policy"] == FULL and r.get("correct")}
+    references = len({r["case"] for r in rows if r["policy"] == FULL})
+    paired = [r for r in rows if r["case"] in recalled]
+    parts = [
+        "## Recall across a conversation (chat)\n",
+        "A fact (a name's 7-digit code) stated in turn 1, eight filler turns the model answers "
+        "(a task on a passage of prose each), the fact asked in turn 10; after every answer "
+        "the arena is compressed back to the budget of the tokens seen with the query-agnostic "
+        "scorer (`Conversation`, what `nanokv chat` runs). Length: the ten user messages' "
+        f"tokens. {cases_phrase(rows, 'conversation', ('seed',))}. Cells: {HITS}; a hit is a "
+        "last answer that holds the code.\n",
+        grid_table(rows, hits("correct")),
+        f"Among the conversations where the full cache recalled the fact ({len(recalled)} of "
+        f"{references}), paired with it: {HITS}.\n",
+    ]
+    if paired:
+        parts.append(grid_table(paired, hits("correct")))
+    parts += [
+        "Fact held when asked — share of the code's tokens in the arena just before turn 10, "
+        "mean over layers and kv heads (minimum layer) in %:\n",
+        grid_table(rows, kept_share("fact_kept")),
+    ]
+    return "\n".join(parts)
+
+
 def sources_section(rows: dict[str, list[dict]]) -> str:
     """Where every text came from, and the time the cases took."""
-    sources = ordered([{"s": s} for r in rows.get("niah", []) for s in r.get("sources", [])], "s")
     files = ordered(rows.get("fidelity", []) + rows.get("code", []), "file")
     lines = ["## Sources and time\n"]
-    if sources:
-        lines.append("Haystack filler: " + "; ".join(f"`{s}`" for s in sources) + ".\n")
+    for suite, what in (("niah", "Haystack filler"), ("chat", "Chat passages")):
+        sources = ordered(
+            [{"s": s} for r in rows.get(suite, []) for s in r.get("sources", [])], "s"
+        )
+        if sources:
+            lines.append(f"{what}: " + "; ".join(f"`{s}`" for s in sources) + ".\n")
     if files:
         lines.append("Fidelity and code texts: " + ", ".join(f"`{f}`" for f in files) + ".\n")
     for suite, suite_rows in rows.items():

@@ -34,3 +34,13 @@ def _first_prefix_longer_than(tokenizer: Tokenizer, ids: list[int], chars: int) 
         else:
             low = mid + 1
     return low
+
+
+def token_positions(tokenizer: Tokenizer, ids: list[int], texts: tuple[str, ...]) -> list[int]:
+    """Indices of the tokens of `ids` that cover each of `texts` (e.g. a needle's value), each
+    of which occurs exactly once in their decoded string."""
+    positions: list[int] = []
+    for text in texts:
+        start, end = token_span(tokenizer, ids, text)
+        positions += range(start, end)
+    return positions
