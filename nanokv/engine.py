@@ -29,8 +29,9 @@ from nanokv.eviction import EvictionStage, SequencePlan
 from nanokv.kernels.decode_attention import decode_attention
 from nanokv.kernels.value_norms import output_gram, value_output_norms
 from nanokv.policies import Policy, PromptLayer
+from nanokv.policies.base import ProbedKeys
 from nanokv.probe import Probe, ProbeScores, ProbeSegment
-from nanokv.recompress import arena_probe_attention, kept_to_budget
+from nanokv.recompress import arena_probe_attention
 from nanokv.report import CacheReport
 from nanokv.sampling import Sampler, SamplingParams
 from nanokv.sparsity import QuestOptions, QuestSparsity
@@ -649,40 +650,41 @@ class Engine:
 
     @torch.inference_mode()
     def recompress(self, state: DecodeState, cache: int, probe: Probe | None = None) -> None:
-        """Compacts every (layer, kv head) of a one-sequence arena to at most `cache` slots,
-        ranked by KVzip's `probe` run against the arena (`probe_arena`) or, without one, by the
-        policy's `eviction_scores`; the sinks and the policy's observation window (the last
-        positions seen) are protected (nanokv/recompress.py). Nothing is re-prefilled."""
+        """Brings a one-sequence arena back to `cache` slots a (layer, kv head) on average
+        under the policy's allocation (`EvictionStage.reselect`), ranked by the policy's own
+        scoring of KVzip's `probe` run against the arena (`probe_arena`) or, without one, by
+        its `eviction_scores`; the sinks and the policy's observation window (the last
+        positions seen) are protected. Nothing is re-prefilled."""
         arena = state.arena
         if int(arena.lengths.max()) <= cache:
             return
         began = time.perf_counter()
-        options, seen = self.policy.options, int(state.positions[0])
-        scores = None if probe is None else self.probe_arena(state, probe)  # (L, H_kv, C)
-        for layer in range(self.cfg.num_layers):
-            view = arena.layer(layer)
-            if scores is None:
-                ranked = self.policy.eviction_scores(layer, view)[0]  # (H_kv, C)
-            else:
-                ranked = scores[layer]
-            kept, counts = kept_to_budget(
-                ranked, view.pos[0], view.lengths[0], cache, sinks=options.sinks,
-                window=options.observation_window, seen=seen,
-            )  # fmt: skip
-            arena.compact_sequence(layer, 0, kept, counts)
+        if probe is None:
+            layers = range(self.cfg.num_layers)
+            scores = torch.stack(
+                [self.policy.eviction_scores(layer, arena.layer(layer))[0] for layer in layers]
+            )  # (L, H_kv, C)
+        else:
+            scores = self.probe_arena(state, probe)
         self.eviction.seconds += time.perf_counter() - began
+        self.eviction.reselect(arena, 0, scores, cache, int(state.positions[0]))
 
     @torch.inference_mode()
     def probe_arena(
         self, state: DecodeState, probe: Probe, chunk: int | None = None
     ) -> torch.Tensor:
-        """KVzip's score of every slot of a one-sequence arena (nanokv/recompress.py): each
-        segment of `probe` runs through every layer at the positions after the arena's last
-        token, in chunks of `chunk` rows (default: the prefill chunk), against the arena's slots
-        and itself. Returns (L, H_kv, C) float32. The arena is only read: the probe's K/V are
-        one layer's temporaries."""
+        """The policy's score (L, H_kv, C) float32 of every slot of a one-sequence arena from
+        KVzip's `probe` (nanokv/recompress.py): each segment runs through every layer at the
+        positions after the arena's last token, in chunks of `chunk` rows (default: the prefill
+        chunk), against the arena's slots and itself; the policy reduces what the rows saw
+        (`Policy.score_probe`). The arena is only read: the probe's K/V are one layer's
+        temporaries."""
         cfg, arena = self.cfg, state.arena
-        scores = torch.zeros(cfg.num_layers, cfg.num_kv_heads, arena.capacity, device=self.device)
+        output = self.policy.needs_value_norms
+        seen = [
+            ProbeScores(cfg.num_heads, arena.capacity, self.device, sinks=0, output=output)
+            for _ in range(cfg.num_layers)
+        ]  # per layer: (H_q, C) max attention of the rows, and their output norms
         first = int(state.positions[0])
         for segment in probe.segments:
             positions = torch.arange(first, first + len(segment.ids), device=self.device)
@@ -690,9 +692,19 @@ class Engine:
             for layer, block in enumerate(self.model.blocks):
                 self._probe_arena_layer(
                     block, arena.layer(layer), h, positions, segment, probe.sinks,
-                    scores[layer], chunk or self.prefill_chunk,
+                    seen[layer], chunk or self.prefill_chunk,
                 )  # fmt: skip
-        return scores
+        return torch.stack(
+            [self._probed_slots(arena, layer, seen[layer]) for layer in range(cfg.num_layers)]
+        )
+
+    def _probed_slots(self, arena: KVArena, layer: int, seen: ProbeScores) -> torch.Tensor:
+        """(H_kv, C) the policy's scores of one layer's slots from what the probe saw."""
+        norms = None if arena.value_norms is None else arena.value_norms[layer, 0]
+        keys = ProbedKeys(
+            layer, 0, self.cfg.num_kv_heads, seen.attention, norms, seen.output_norm()
+        )
+        return self.policy.score_probe(keys)
 
     def _probe_arena_layer(
         self,
@@ -702,23 +714,24 @@ class Engine:
         positions: torch.Tensor,
         segment: ProbeSegment,
         sinks: int,
-        scores: torch.Tensor,
+        seen: ProbeScores,
         chunk: int,
     ) -> None:
         """Runs `block` over one probe segment h (m, hidden) in query chunks, updating h in
-        place, and folds each chunk's slot scores into `scores` (H_kv, C) by max."""
+        place, and folds each chunk's slot attention (max) and output norms into `seen`."""
         m, cfg = h.shape[0], self.cfg
         own_k = h.new_empty(m, cfg.num_kv_heads, cfg.head_dim)  # the segment's, this layer only
         own_v = torch.empty_like(own_k)
         for start in range(0, m, chunk):
             end = min(start + chunk, m)
             q, own_k[start:end], own_v[start:end] = block.qkv(h[start:end], positions[start:end])
-            attn, seen = arena_probe_attention(
+            attn, slot_attention = arena_probe_attention(
                 q, view.k[0], view.v[0], view.pos[0], view.lengths[0], own_k[:end],
                 own_v[:end], positions[:end], segment, sinks=sinks, scale=self.scale,
                 sliding_window=cfg.sliding_window,
             )  # fmt: skip
-            torch.maximum(scores, seen, out=scores)
+            torch.maximum(seen.attention, slot_attention, out=seen.attention)
+            seen.add_output(attn, block.o_proj.weight)
             h[start:end] = block.finish(h[start:end], attn)
 
     def report(self, state: DecodeState, prompts: list[list[int]], max_new: int) -> CacheReport:

@@ -15,6 +15,7 @@ from nanokv.budget import Budget
 from nanokv.policies import Policy, PromptLayer
 from nanokv.policies.allocation import kept_slots, pyramid_budgets, select_across_rows
 from nanokv.policies.selection import protection_rank, select_prompt_tokens, select_victims
+from nanokv.recompress import kept_to_budget
 from nanokv.reconstruct import fold_victims, reconstruct_prefill
 
 
@@ -182,19 +183,55 @@ class EvictionStage:
         if n <= mean:
             return
         start = time.perf_counter()
-        lengths = arena.lengths[:, seq].long()  # (L, H_kv)
-        pos, scores = arena.pos[:, seq], arena.score[:, seq]  # (L, H_kv, C)
+        self._select_across(arena, seq, arena.score[:, seq], plan, range(arena.k.shape[0]))
+        self.seconds += time.perf_counter() - start
+
+    def reselect(
+        self, arena: KVArena, seq: int, scores: torch.Tensor, cache: int, seen: int
+    ) -> None:
+        """Brings a live sequence (a conversation) back to `cache` slots a head on average,
+        ranked by `scores` (L, H_kv, C) under the policy's allocation: `global` picks across
+        every layer and head, `layer` across the heads of each layer, otherwise every head keeps
+        its own best `cache` (pyramid too: a conversation has no prompt to slope). The sinks and
+        the last `observation_window` of the `seen` positions are protected."""
+        start = time.perf_counter()
+        options, num_layers = self.options, arena.k.shape[0]
+        cap = max(math.ceil(options.max_head_share * cache), cache)
+        plan = SequencePlan(seen, False, (cache,) * num_layers, cap)
+        if options.allocation == "global":
+            self._select_across(arena, seq, scores, plan, range(num_layers))
+        elif options.allocation == "layer":
+            for layer in range(num_layers):
+                self._select_across(arena, seq, scores, plan, range(layer, layer + 1))
+        else:
+            for layer in range(num_layers):
+                view = arena.layer(layer)
+                kept, counts = kept_to_budget(
+                    scores[layer], view.pos[seq], view.lengths[seq], cache, sinks=options.sinks,
+                    window=options.observation_window, seen=seen,
+                )  # fmt: skip
+                arena.compact_sequence(layer, seq, kept, counts)
+        self.seconds += time.perf_counter() - start
+
+    def _select_across(
+        self, arena: KVArena, seq: int, scores: torch.Tensor, plan: SequencePlan, layers: range
+    ) -> None:
+        """One top-k of the plan's mean count a head over every head of `layers` of `seq`,
+        ranked by scores (L, H_kv, C); each head is compacted to what it won."""
+        mean, n = plan.layer_counts[0], plan.prompt_length
+        chosen = slice(layers.start, layers.stop)
+        lengths = arena.lengths[chosen, seq].long()  # (l, H_kv)
+        pos = arena.pos[chosen, seq]  # (l, H_kv, C)
         slots = torch.arange(arena.capacity, device=pos.device)
         valid = slots < lengths.unsqueeze(-1)
         keep = select_across_rows(
-            scores.flatten(0, 1), self._protection_rank(pos, n).flatten(0, 1), valid.flatten(0, 1),
-            total=mean * lengths.numel(), floor=self._floor(mean, plan), cap=plan.head_cap,
-            protect_limit=mean,
+            scores[chosen].flatten(0, 1), self._protection_rank(pos, n).flatten(0, 1),
+            valid.flatten(0, 1), total=mean * lengths.numel(), floor=self._floor(mean, plan),
+            cap=plan.head_cap, protect_limit=mean,
         ).view_as(valid)  # fmt: skip
-        for layer in range(arena.k.shape[0]):
-            kept, counts = kept_slots(keep[layer])
+        for index, layer in enumerate(layers):
+            kept, counts = kept_slots(keep[index])
             arena.compact_sequence(layer, seq, kept, counts)
-        self.seconds += time.perf_counter() - start
 
     def cache_tokens(self, plan: SequencePlan, lengths: torch.Tensor) -> torch.Tensor:
         """(L, H_kv) tokens each head holds after every decode-time eviction, given the

@@ -7,8 +7,9 @@ run a document pass over. The probe of nanokv/probe.py (the instruction, then th
 own tokens teacher-forced) therefore runs *against the arena*: its rows attend to each head's
 kept slots and, causally, to the segment's own keys, exactly as the next tokens of the
 conversation would; their hidden states go on to the next layer. The score of a slot follows
-`ProbeScores`: the max, over the segment's rows and the query heads of the slot's GQA group, of
-the softmax probability of the slot, the softmax running over the slots that hold a sink
+`ProbeScores`: per query head, the max over the segment's rows of the softmax probability of the
+slot (the policy then reduces the GQA group, weighting by value norms if it is output-aware, as
+at prefill), the softmax running over the slots that hold a sink
 (position < sinks), the slots whose position lies in the segment's span, and the segment's own
 keys up to the row. Slots outside every span score 0 (the selection protects the sinks). The
 probe's K/V live in per-layer temporaries and never reach the arena.
@@ -45,8 +46,9 @@ def arena_probe_attention(
     arena's slots; slot_pos: (H_kv, C); lengths: (H_kv,) valid slots of each head; own_k, own_v:
     (r, H_kv, D) the segment's keys up to the rows' own; own_pos: (r,). Returns the rows'
     attention output (c, H_q * D) in q's dtype (over every valid slot and the segment's keys,
-    causal: what the model computes) and (H_kv, C) float32 scores of the slots (the module's
-    rule; 0 for slots outside the span and the sinks, and for empty slots)."""
+    causal: what the model computes) and (H_q, C) float32 scores of the slots per query head,
+    max over the rows (the module's rule before the GQA reduction, which is the policy's; 0 for
+    slots outside the span and the sinks, and for empty slots)."""
     c, q_heads, head_dim = q.shape
     kv_heads, capacity, _ = k.shape
     group = q_heads // kv_heads
@@ -69,8 +71,8 @@ def arena_probe_attention(
     out = probs @ values.unsqueeze(1)  # (H_kv, G, c, D)
     out = out.permute(2, 0, 1, 3).reshape(c, q_heads * head_dim).to(q.dtype)
     scored = torch.cat([seen_slots & scored_slots, seen_own.expand(kv_heads, -1, -1)], dim=-1)
-    scores = _softmax(logits, scored)[..., :capacity].amax(dim=(1, 2))  # (H_kv, C)
-    return out, scores
+    scores = _softmax(logits, scored)[..., :capacity].amax(dim=2)  # (H_kv, G, C)
+    return out, scores.reshape(q_heads, capacity)
 
 
 def _slot_masks(

@@ -156,8 +156,9 @@ def test_compressed_arena_holds_the_budget_of_real_tokens(
     word_dir, monkeypatch, policy, options, budget, floor
 ):
     writes = _Writes(monkeypatch)
-    llm = nanokv.LLM(word_dir, policy=policy, budget=budget, min_cache=floor, **options)
-    full = nanokv.LLM(word_dir)
+    exact = {"dtype": "float32"}  # K/V compared across two computations at 1e-5
+    llm = nanokv.LLM(word_dir, policy=policy, budget=budget, min_cache=floor, **options, **exact)
+    full = nanokv.LLM(word_dir, **exact)
     conversation = llm.conversation(PARAMS)
     cfg = llm.config
     for index, turn in enumerate(TURNS):
@@ -165,11 +166,16 @@ def test_compressed_arena_holds_the_budget_of_real_tokens(
         seen = conversation.tokens_seen
         cache = max(round(budget * seen) if budget <= 1 else int(budget), floor)
         arena = conversation.state.arena
-        assert (arena.lengths == min(cache, seen)).all()
+        if policy == "laprox":  # global allocation: the heads share layers x heads x cache
+            assert int(arena.lengths.sum()) == min(cache, seen) * arena.lengths.numel()
+            assert int(arena.lengths.max()) <= 4 * cache  # max_head_share
+            assert int(arena.lengths.min()) >= 4  # the sinks
+        else:
+            assert (arena.lengths == min(cache, seen)).all()
         state, _ = full.engine.start([conversation._ids[:seen]], 1)  # slot j: position j
         for layer in range(cfg.num_layers):
             for head in range(cfg.num_kv_heads):
-                pos = arena.pos[layer, 0, head, : min(cache, seen)].long()
+                pos = arena.pos[layer, 0, head, : int(arena.lengths[layer, 0, head])].long()
                 assert len(set(pos.tolist())) == len(pos) and int(pos.max()) < seen
                 assert pos[:4].tolist() == [0, 1, 2, 3]  # the sinks
                 if policy in ("streaming", "h2o"):  # the observation window, most recent
@@ -231,8 +237,9 @@ def test_stats_count_what_the_arena_holds(word_dir):
     seen = len(first.prompt_token_ids) + len(first.token_ids) - 1  # the last one is pending
     assert stats.tokens_seen == seen and stats.turns == 1
     assert (stats.kept_mean, stats.kept_min, stats.kept_max) == (12.0, 12, 12)
-    assert stats.kv_bytes == 2 * cfg.num_layers * cfg.num_kv_heads * 12 * cfg.head_dim * 4
-    assert stats.full_cache_bytes == 2 * cfg.num_layers * cfg.num_kv_heads * seen * cfg.head_dim * 4
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * llm.dtype.itemsize
+    assert stats.kv_bytes == 12 * per_token
+    assert stats.full_cache_bytes == seen * per_token
     assert stats.arena_bytes == conversation.state.arena.nbytes
     assert f"tokens seen {seen}; kept per head: mean 12.0, min 12, max 12" in stats.line()
 
@@ -240,14 +247,16 @@ def test_stats_count_what_the_arena_holds(word_dir):
 # --- (3) the probe against the arena equals a dense reference --------------------------------
 
 
-def dense_arena_probe(llm, arena: KVArena, first: int, probe) -> torch.Tensor:
-    """(L, H_kv, C): every segment runs with explicit softmax, head by head, against the
+def dense_arena_probe(llm, arena: KVArena, first: int, probe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, H_q, C), (L,): every segment runs with explicit softmax, head by head, against the
     arena's valid slots of that head and itself (causal by position, Mistral's window); a slot's
-    score is the max over the segment's rows and the group of its probability among the sinks,
-    the span's slots and the segment's keys."""
+    score for a query head is the max over the segment's rows of its probability among the
+    sinks, the span's slots and the segment's keys. Second: per layer the RMS over every row
+    of the attention output's norm after W_O."""
     net, cfg = llm.model, llm.config
     kv_heads, group = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-    scores = torch.zeros(cfg.num_layers, kv_heads, arena.capacity)
+    scores = torch.zeros(cfg.num_layers, cfg.num_heads, arena.capacity)
+    square, rows = torch.zeros(cfg.num_layers), 0
     for seg in probe.segments:
         m = len(seg.ids)
         pos = torch.arange(first, first + m)
@@ -273,9 +282,11 @@ def dense_arena_probe(llm, arena: KVArena, first: int, probe) -> torch.Tensor:
                     logits = q[:, qh] @ keys.T * cfg.head_dim**-0.5  # (m, n + m)
                     out[:, qh] = _explicit_softmax(logits, visible) @ values
                     seen = _explicit_softmax(logits, scored)[:, :n].amax(dim=0)
-                    scores[layer, head, :n] = torch.maximum(scores[layer, head, :n], seen)
+                    scores[layer, qh, :n] = torch.maximum(scores[layer, qh, :n], seen)
+            square[layer] += (out.reshape(m, -1) @ block.o_proj.weight.T).square().sum()
             h = block.finish(h, out.reshape(m, -1))
-    return scores
+        rows += m
+    return scores, (square / rows).sqrt()
 
 
 def _explicit_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -289,15 +300,18 @@ def mistral_dir(tmp_path_factory) -> Path:
     return save_checkpoint(make_hf_model("mistral"), tmp_path_factory.mktemp("mistral"))
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "laprox"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 @pytest.mark.parametrize("chunk", [3, 7, 512])
 def test_probe_scores_against_the_arena_equal_the_dense_reference(
-    request, tiny_llama_dir, kind, chunk
+    request, tiny_llama_dir, kind, chunk, policy
 ):
     """A ragged arena (heads hold different slots), a probe in several segments whose lengths
-    the chunks do not divide; Mistral's window (7) is shorter than a segment."""
+    the chunks do not divide; Mistral's window (7) is shorter than a segment. SnapKV's score is
+    KVzip's (max over the GQA group); LaProx weights each query head by ||v_j W_O^h|| first and
+    divides by the layer's RMS probe output norm, as at prefill."""
     model_dir = tiny_llama_dir if kind == "llama" else request.getfixturevalue("mistral_dir")
-    llm = nanokv.LLM(model_dir, policy="snapkv", budget=12.0, min_cache=0)
+    llm = nanokv.LLM(model_dir, policy=policy, budget=12.0, min_cache=0, dtype="float32")
     engine = llm.compress_engine
     ids = llm.tokenizer.encode_chat([{"role": "user", "content": "the quick brown fox " * 4}])
     state = engine.empty_state(len(ids) + 4)
@@ -311,7 +325,13 @@ def test_probe_scores_against_the_arena_equal_the_dense_reference(
     assert len(probe.segments) >= 2 and any(len(s.ids) % chunk for s in probe.segments)
     before = [t.clone() for t in (arena.k, arena.v, arena.pos, arena.lengths)]
     scores = engine.probe_arena(state, probe, chunk=chunk)
-    expected = dense_arena_probe(llm, arena, len(ids), probe)
+    per_query_head, output_norm = dense_arena_probe(llm, arena, len(ids), probe)
+    if policy == "laprox":
+        per_query_head = per_query_head * arena.value_norms[:, 0]
+    group = cfg.num_heads // cfg.num_kv_heads
+    expected = per_query_head.view(cfg.num_layers, cfg.num_kv_heads, group, -1).amax(dim=2)
+    if policy == "laprox":
+        expected = expected / output_norm.view(-1, 1, 1)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
     assert scores.amax() > 0 and (scores[..., int(arena.lengths.max()) :] == 0).all()
     for old, new in zip(before, (arena.k, arena.v, arena.pos, arena.lengths), strict=True):

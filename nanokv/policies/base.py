@@ -111,20 +111,36 @@ def observation_attention(prompt: PromptLayer, last: int | None = None) -> torch
     )  # fmt: skip
 
 
-def probe_scores(prompt: PromptLayer, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """(H_kv, n) float32 KVzip's score of each key: the probe's attention to it, max over the
-    probe's rows (the engine reduced those) and over the query heads of its GQA group. `weights`
-    (H_q, n) multiply each query head's attention first (LaProx: ``||v_j W_O^h||``)."""
+@dataclass(frozen=True)
+class ProbedKeys:
+    """What KVzip's probe saw of one layer's keys of one sequence: a prompt's tokens at prefill
+    (`probed_keys`), or a live arena's held slots when a conversation is recompressed."""
+
+    layer: int
+    seq: int
+    kv_heads: int
+    attention: torch.Tensor  # (H_q, n) float32, per query head the max over the probe's rows
+    value_norms: torch.Tensor | None = None  # (H_q, n) ||v_j W_O^h||, output-aware policies
+    output_norm: torch.Tensor | None = None  # () RMS over the probe's rows of ||o_i||
+
+
+def probed_keys(prompt: PromptLayer) -> ProbedKeys:
+    """The probe's view of a prompt layer (observe="repeat")."""
     if prompt.probe_attention is None:
         raise ValueError(
             "observe='repeat' needs the probe's attention: pass probes= to Engine.start "
             "(nanokv.probe.repeat_probe) or run through nanokv.LLM"
         )
-    attn = prompt.probe_attention.float()  # (H_q, n)
-    if weights is not None:
-        attn = attn * weights.float()
-    kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
-    return attn.view(kv_heads, -1, n).amax(dim=1)
+    return ProbedKeys(
+        prompt.layer, prompt.seq, prompt.k.shape[0], prompt.probe_attention,
+        prompt.value_norms, prompt.probe_output_norm,
+    )  # fmt: skip
+
+
+def group_max(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(H_kv, n) float32: the max of (H_q, n) scores over each kv head's GQA group (KVzip)."""
+    n = per_query_head.shape[-1]
+    return per_query_head.float().view(kv_heads, -1, n).amax(dim=1)
 
 
 def prompt_column_statistics(prompt: PromptLayer) -> ColumnStats:
@@ -181,6 +197,12 @@ class Policy:
         """(H_kv, n) float32: higher keeps. Sinks and the observation window are protected by
         the selection code, not here."""
         raise NotImplementedError
+
+    def score_probe(self, keys: ProbedKeys) -> torch.Tensor:
+        """(H_kv, n) scores from KVzip's probe (observe="repeat"): the probe's attention to each
+        key, max over its rows and over the GQA group, then the shared smoothing. Output-aware
+        policies weight it first (LaProx)."""
+        return self.smooth(group_max(keys.attention, keys.kv_heads))
 
     def smooth(self, scores: torch.Tensor) -> torch.Tensor:
         """The shared selection options applied to (H_kv, n) scores: max-pool, then chunks."""

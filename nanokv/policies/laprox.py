@@ -22,11 +22,20 @@ like the max). The model-wide selection is unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.policies.base import Policy, PromptLayer, observation_attention, probe_scores
+from nanokv.policies.base import (
+    Policy,
+    ProbedKeys,
+    PromptLayer,
+    group_max,
+    observation_attention,
+    probed_keys,
+)
 
 
 class LaProx(Policy):
@@ -39,30 +48,37 @@ class LaProx(Policy):
         return {"normaliser": torch.ones(0, batch)}  # (L, B), grown as layers are prefilled
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
-        attn = None
         if self.options.observe == "repeat":
-            scores = probe_scores(prompt, prompt.value_norms)  # (H_kv, n)
-        else:
-            attn = observation_attention(prompt)  # (H_q, w, n)
-            kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
-            per_query_head = attn.norm(dim=1) * prompt.value_norms  # (H_q, n)
-            scores = per_query_head.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)
-        normaliser = self._normaliser(prompt, attn, scores)
-        self._remember(prompt.layer, prompt.seq, normaliser)
-        return self.smooth(scores / normaliser)
+            return self.score_probe(probed_keys(prompt))
+        attn = observation_attention(prompt)  # (H_q, w, n)
+        kv_heads, n = prompt.k.shape[0], prompt.k.shape[1]
+        per_query_head = attn.norm(dim=1) * prompt.value_norms  # (H_q, n)
+        scores = per_query_head.view(kv_heads, -1, n).sum(dim=1)  # (H_kv, n)
 
-    def _normaliser(
-        self, prompt: PromptLayer, attn: torch.Tensor | None, scores: torch.Tensor
-    ) -> float:
-        """The layer's scale: 1, the scores' sum, or the attention output's norm (``||O||_F`` of
-        the window `attn`; without one, the probe's RMS row output norm)."""
+        def window_norm() -> torch.Tensor:  # ||O||_F, computed only when the normaliser is fro
+            return window_output(attn, prompt).norm()
+
+        return self._normalised(prompt.layer, prompt.seq, scores, window_norm)
+
+    def score_probe(self, keys: ProbedKeys) -> torch.Tensor:
+        """KVzip+'s output-aware form: ``max_h max_i a[h, i, j] ||v_j W_O^h||``, normalised by
+        the probe's RMS row output norm (``fro``)."""
+        scores = group_max(keys.attention * keys.value_norms.float(), keys.kv_heads)
+        return self._normalised(keys.layer, keys.seq, scores, lambda: keys.output_norm)
+
+    def _normalised(
+        self, layer: int, seq: int, scores: torch.Tensor, output: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """scores (H_kv, n) divided by the layer's scale -- 1, their sum, or the attention
+        output's norm `output()` -- which decode-time contributions are divided by too."""
         if self.options.normalise == "none":
-            return 1.0
-        if self.options.normalise == "sum":
-            return max(float(scores.sum()), 1e-30)
-        if attn is None:
-            return max(float(prompt.probe_output_norm), 1e-30)
-        return max(float(window_output(attn, prompt).norm()), 1e-30)
+            normaliser = 1.0
+        elif self.options.normalise == "sum":
+            normaliser = max(float(scores.sum()), 1e-30)
+        else:
+            normaliser = max(float(output()), 1e-30)
+        self._remember(layer, seq, normaliser)
+        return self.smooth(scores / normaliser)
 
     def _remember(self, layer: int, seq: int, normaliser: float) -> None:
         table = self.memory["normaliser"]

@@ -13,7 +13,7 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.policies.base import Policy, PromptLayer, observation_attention, probe_scores
+from nanokv.policies.base import Policy, PromptLayer, observation_attention, probed_keys
 
 
 class SnapKV(Policy):
@@ -23,7 +23,7 @@ class SnapKV(Policy):
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
         if self.options.observe == "repeat":
-            return self.smooth(probe_scores(prompt))  # (H_kv, n)
+            return self.score_probe(probed_keys(prompt))  # (H_kv, n)
         attn = observation_attention(prompt)  # (H_q, w, n)
         kv_heads = prompt.k.shape[0]
         per_query_head = attn.mean(dim=1)  # (H_q, n)

@@ -10,7 +10,7 @@ import torch
 
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
-from nanokv.policies.base import Policy, PromptLayer, observation_attention, probe_scores
+from nanokv.policies.base import Policy, PromptLayer, observation_attention, probed_keys
 
 
 class TOVA(Policy):
@@ -20,7 +20,7 @@ class TOVA(Policy):
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
         if self.options.observe == "repeat":
-            return self.smooth(probe_scores(prompt))  # (H_kv, n)
+            return self.score_probe(probed_keys(prompt))  # (H_kv, n)
         attn = observation_attention(prompt, last=1)[:, 0]  # (H_q, n)
         scores = attn.view(prompt.k.shape[0], -1, attn.shape[-1]).mean(dim=1)
         return self.smooth(scores)
