@@ -14,6 +14,7 @@ Keys are stored after RoPE with their original position, so a kept token never n
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,15 @@ class ArenaLayer:
     lengths: torch.Tensor  # (B, H_kv) int32
     value_norms: torch.Tensor | None  # (B, H_q, C) float32
     state: dict[str, torch.Tensor]  # name -> (B, H_kv, C) float32, policy-owned extras
+
+
+@functools.cache
+def _append_index(batch: int, kv_heads: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(sequence, kv head) index tensors (B, H_kv) and a float32 zero for `append`: made once per
+    shape and device and shared (read only), so that a decode step does not rebuild them."""
+    seq_index = torch.arange(batch, device=device).unsqueeze(1).expand(-1, kv_heads)
+    head_index = torch.arange(kv_heads, device=device).unsqueeze(0).expand(batch, -1)
+    return seq_index, head_index, torch.zeros((), device=device)
 
 
 class KVArena:
@@ -67,6 +77,7 @@ class KVArena:
         }
         self.score = self.slot_state["score"]
         self.lengths = torch.zeros(shape[:3], dtype=torch.int32, device=device)
+        self._views: list[ArenaLayer] | None = None
         self.value_norms = None
         if q_heads is not None:
             norms_shape = (num_layers, batch, q_heads, capacity)
@@ -84,6 +95,16 @@ class KVArena:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def layer(self, index: int) -> ArenaLayer:
+        """Views of one layer. Made once per buffer allocation (a decode step asks for every
+        layer's), rebuilt after `shrink` / `grow` and in a copy of the arena."""
+        if self._views is None:
+            self._views = [self._layer_views(layer) for layer in range(self.k.shape[0])]
+        return self._views[index]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_views": None}  # a deep copy rebuilds views of its own buffers
+
+    def _layer_views(self, index: int) -> ArenaLayer:
         norms = None if self.value_norms is None else self.value_norms[index]
         return ArenaLayer(
             self.k[index],
@@ -155,17 +176,15 @@ class KVArena:
         slots = self.lengths[layer].long()  # (B, H_kv)
         if not slots.is_cuda and int(slots.max()) >= self.capacity:  # CUDA indexing checks itself
             raise ArenaFullError(f"layer {layer} is full ({self.capacity} slots): evict first")
-        batch, kv_heads = slots.shape
-        seq_index = torch.arange(batch, device=k.device).unsqueeze(1).expand(-1, kv_heads)
-        head_index = torch.arange(kv_heads, device=k.device).unsqueeze(0).expand(batch, -1)
-        where = (layer, seq_index, head_index, slots)
-        self.k[where] = k
-        self.v[where] = v
-        self.pos[where] = positions.to(torch.int32).unsqueeze(1).expand(-1, kv_heads)
+        seq_index, head_index, zero = _append_index(*slots.shape, slots.device)
+        where = (seq_index, head_index, slots)  # (B, H_kv) each
+        self.k[layer].index_put_(where, k)
+        self.v[layer].index_put_(where, v)
+        self.pos[layer].index_put_(where, positions.to(torch.int32).unsqueeze(1).expand_as(slots))
         for buffer in self.slot_state.values():
-            buffer[where] = 0
+            buffer[layer].index_put_(where, zero)
         if value_norms is not None and self.value_norms is not None:
-            group = value_norms.shape[1] // kv_heads
+            group = value_norms.shape[1] // slots.shape[1]
             q_slots = slots.repeat_interleave(group, dim=1).unsqueeze(-1)  # (B, H_q, 1)
             self.value_norms[layer].scatter_(2, q_slots, value_norms.float().unsqueeze(-1))
         self.lengths[layer] += 1
@@ -286,6 +305,7 @@ class KVArena:
         self.score = self.slot_state["score"]
         if self.value_norms is not None:
             self.value_norms = self.value_norms[..., :capacity].clone()
+        self._views = None
 
     def grow(self, capacity: int) -> None:
         """Reallocates every buffer with `capacity` slots, keeping every slot and marking the new
@@ -301,3 +321,4 @@ class KVArena:
         self.score = self.slot_state["score"]
         if self.value_norms is not None:
             self.value_norms = F.pad(self.value_norms, (0, extra))
+        self._views = None

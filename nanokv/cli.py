@@ -115,7 +115,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-window", type=int, help="W: slots freed per eviction (default 16)")
     p.add_argument("--quest-budget", type=float, help="Quest read budget (fraction or tokens)")
     p.add_argument("--quest-oracle", action="store_true", help="rank pages by true attention")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto (default): bf16 where the CPU or GPU does bf16 natively, else fp32",
+    )  # fmt: skip
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
@@ -138,6 +141,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     _print_outputs(llm.chat if use_chat else llm.generate, prompts, _sampling_params(args))
     if args.verbose:
         print(llm.last_report.summary(), file=sys.stderr)
+        dtype = str(llm.dtype).removeprefix("torch.")
+        print(f"dtype: {dtype} ({llm.dtype_reason})", file=sys.stderr)
     return 0
 
 

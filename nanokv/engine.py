@@ -526,8 +526,11 @@ class Engine:
     def _evict_if_full(self, state: DecodeState, layer: int) -> None:
         """Runs a multi-step eviction for the sequences whose decode window is full. The check
         uses host-side counters, so the decode loop never waits on the device for it."""
+        if state.window == 0:  # never evicts while decoding
+            state.filled[layer] += 1
+            return
         full = state.filled[layer] >= state.window  # (B,) on the host
-        if state.window == 0 or not bool(full.any()):
+        if not bool(full.any()):
             state.filled[layer] += 1
             return
         self.eviction.evict(

@@ -11,6 +11,7 @@ import torch
 
 from nanokv.budget import Budget
 from nanokv.context import CompressedContext, split_context
+from nanokv.dtypes import resolve_dtype
 from nanokv.engine import Engine, InputError, TextCallback
 from nanokv.loader import load_config, load_model, resolve_model_dir
 from nanokv.policies import POLICIES, Policy, make_policy, parse_policy
@@ -24,11 +25,6 @@ from nanokv.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from nanokv.conversation import Conversation
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}  # fmt: skip
 DEFAULT_MIN_CACHE = 128  # tokens: no head is cut below this, short prompts are never evicted
 
 
@@ -47,7 +43,9 @@ class LLM:
     """A loaded model, its tokenizer and an engine with an eviction policy.
 
     `model` is an HF-layout directory (Llama, Mistral or OPT); None uses the embedded default
-    model (SmolLM2-135M-Instruct), converting it into `weights/` on first use.
+    model (SmolLM2-135M-Instruct), converting it into `weights/` on first use. `dtype` None or
+    "auto" picks bf16 where the device does bf16 natively and fp32 elsewhere (nanokv/dtypes.py);
+    `dtype_reason` says why.
     """
 
     def __init__(
@@ -73,7 +71,7 @@ class LLM:
         (observe="repeat") unless `observe` is given; `generate` and `chat` use the policy's."""
         self.min_cache = min_cache
         self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.dtype, self.dtype_reason = resolve_dtype(dtype, self.device)
         self.prefill_chunk = prefill_chunk
         self.model_dir = _model_dir(model)
         self.config = load_config(self.model_dir)
@@ -291,16 +289,6 @@ def _model_dir(model: str | Path | None) -> Path:
     from nanokv.default_model import ensure_default_model
 
     return ensure_default_model()
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
-    return DTYPES[dtype]
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

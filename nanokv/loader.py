@@ -125,7 +125,9 @@ def _shard_files(model_dir: Path, index_path: Path) -> list[Path]:
 def load_model(
     model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
-    """Builds the model for `cfg` and fills it from the checkpoint, checked tensor by tensor."""
+    """Builds the model for `cfg` and fills it from the checkpoint, checked tensor by tensor,
+    then fuses its projections and keeps its LM head in fp32 (models/linear.py; the checkpoint's
+    names and layout do not change)."""
     with torch.device("meta"):
         model = build_model(cfg)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
@@ -138,6 +140,7 @@ def load_model(
         for name, tensor in _read_tensors(file, names).items():
             state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True)
+    model.prepare_weights()
     for module in model.modules():
         if isinstance(module, Rotary):
             module.materialize(device)

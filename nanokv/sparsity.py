@@ -5,8 +5,10 @@ kept up to date. Each decode step ranks pages by the upper bound ``sum_i max(q_i
 q_i kmin_i)`` of any key's logit in the page, and attention reads only the top pages that fit the
 token budget (plus the page being written). The first two layers stay dense, as in the paper.
 Quest reduces the bytes read per step, not the memory held: it composes with any eviction policy
-on the same arena. `oracle=True` ranks pages by their true attention mass instead (a diagnostic
-that separates the bound's ranking from the page granularity).
+on the same arena. On CPU the selected pages are gathered and attended alone
+(`sparse_decode_attention_torch`), so the K/V read per step is the read budget's. `oracle=True`
+ranks pages by their true attention mass instead (a diagnostic that separates the bound's
+ranking from the page granularity).
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import torch
 
 from nanokv.arena import KVArena
 from nanokv.budget import Budget
-from nanokv.kernels.decode_attention import Emitted, decode_attention_reference
+from nanokv.kernels.decode_attention import Emitted, decode_attention_torch
 from nanokv.kernels.quest import (
     PAGE_SIZE,
+    merge_page_bounds,
     page_bounds,
     page_upper_bound,
     select_pages,
     sparse_decode_attention,
-    update_page_bounds,
 )
 
 
@@ -46,8 +48,17 @@ class QuestSparsity:
         read = budget.tokens(prompt_length) if budget.is_fraction else int(budget.value)
         self.token_budget = read
         self.bounds: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.pages_read = 0
-        self.pages_held = 0
+        self._pages = torch.zeros(2, dtype=torch.long)  # read, held: summed on the device
+
+    @property
+    def pages_read(self) -> int:
+        """Pages read by the sparse layers' decode steps so far (all sequences, kv heads)."""
+        return int(self._pages[0])
+
+    @property
+    def pages_held(self) -> int:
+        """Valid pages those steps could have read."""
+        return int(self._pages[1])
 
     def is_sparse(self, layer: int) -> bool:
         return layer >= self.options.dense_layers
@@ -55,26 +66,22 @@ class QuestSparsity:
     def refresh(self, arena: KVArena, layer: int) -> None:
         """Recomputes a layer's page bounds from the arena (after prefill or an eviction)."""
         if self.is_sparse(layer):
-            self.bounds[layer] = page_bounds(
-                arena.k[layer], arena.lengths[layer], self.options.page_size
-            )
+            kmin, kmax = page_bounds(arena.k[layer], arena.lengths[layer], self.options.page_size)
+            self.bounds[layer] = (kmin.float(), kmax.float())  # ranked in fp32 every step
 
     def written(self, arena: KVArena, layer: int, slots: torch.Tensor) -> None:
-        """Updates the pages that received new keys at `slots` (B, H_kv)."""
+        """Folds the keys a decode step appended at `slots` (B, H_kv) into their pages' bounds
+        (an eviction moves keys and calls `refresh` instead)."""
         if not self.is_sparse(layer):
             return
         if self.bounds[layer] is None:
             self.refresh(arena, layer)
             return
         kmin, kmax = self.bounds[layer]
-        update_page_bounds(
-            kmin,
-            kmax,
-            arena.k[layer],
-            arena.lengths[layer],
-            slots.unsqueeze(-1),
-            self.options.page_size,
-        )
+        seq = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
+        heads = torch.arange(slots.shape[1], device=slots.device)
+        k_new = arena.k[layer][seq, heads, slots.long()]  # (B, H_kv, D)
+        merge_page_bounds(kmin, kmax, k_new, slots, self.options.page_size)
 
     def attend(
         self, layer: int, q: torch.Tensor, arena: KVArena, **attention
@@ -83,10 +90,9 @@ class QuestSparsity:
         view = arena.layer(layer)
         page_scores = self._page_scores(layer, q, arena, attention)
         table = select_pages(page_scores, view.lengths, self.token_budget, self.options.page_size)
-        self.pages_read += int((table >= 0).sum())
-        self.pages_held += int(
-            ((view.lengths.long() + self.options.page_size - 1) // self.options.page_size).sum()
-        )
+        held = (view.lengths + self.options.page_size - 1) // self.options.page_size
+        counts = torch.stack(((table >= 0).sum(), held.sum()))
+        self._pages = self._pages.to(counts.device) + counts  # no wait on the device
         return sparse_decode_attention(
             q, view.k, view.v, view.lengths, table, page_size=self.options.page_size, **attention
         )
@@ -101,7 +107,7 @@ class QuestSparsity:
         dense = {
             key: value for key, value in attention.items() if key not in ("emit", "value_norms")
         }
-        _, emitted = decode_attention_reference(q, view.k, view.v, view.lengths, emit=True, **dense)
+        _, emitted = decode_attention_torch(q, view.k, view.v, view.lengths, emit=True, **dense)
         mass = emitted.mass  # (B, H_kv, C)
         pages = -(-mass.shape[-1] // self.options.page_size)
         padded = torch.nn.functional.pad(mass, (0, pages * self.options.page_size - mass.shape[-1]))

@@ -127,3 +127,26 @@ def test_shrink_keeps_the_held_slots():
     _assert_consistent(arena)
     arena.shrink(3)  # below what is held: refused silently, nothing lost
     assert arena.capacity == 6
+
+
+def test_layer_views_follow_the_buffers_through_shrink_grow_and_copies():
+    """`layer` views are made once, but always of the arena's current buffers: after a shrink,
+    a grow, and in a deep copy (a cloned decode state), never of the old ones."""
+    import copy
+
+    arena = _arena(batch=1, capacity=8)
+    k, v, positions = _prompt(4)
+    arena.fill(0, 0, k, v, positions)
+    assert arena.layer(0) is arena.layer(0)  # made once
+    for change in (lambda a: a.shrink(6), lambda a: a.grow(10)):
+        change(arena)
+        view = arena.layer(0)
+        assert view.k.data_ptr() == arena.k.data_ptr() and view.k.shape[1:] == arena.k.shape[2:]
+        assert view.value_norms.shape[-1] == arena.capacity
+    twin = copy.deepcopy(arena)
+    twin.append(
+        0, torch.full((1, KV_HEADS, DIM), 9.0), torch.zeros(1, KV_HEADS, DIM), positions[:1]
+    )
+    assert twin.layer(0).k.data_ptr() == twin.k.data_ptr()
+    assert int(twin.layer(0).lengths[0, 0]) == 5 and int(arena.layer(0).lengths[0, 0]) == 4
+    assert (arena.k[0, 0, :, 4] == 0).all()  # the original never saw the copy's write

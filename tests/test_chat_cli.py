@@ -69,7 +69,7 @@ def test_scripted_chat_with_stats_reset_and_exit(word_dir, llm, monkeypatch, cap
         r"cache of the tokens seen \(.* \(([\d,]+) bytes\)\)",
         out.splitlines()[1],
     ).groups()  # fmt: skip
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, float32
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * llm.dtype.itemsize  # K, V
     slots = len(first.prompt_token_ids) + NEW  # the first turn's arena: the turn and its answer
     heads = cfg.num_layers * cfg.num_kv_heads
     arena = slots * per_token + heads * (2 * slots + 1) * 4  # + pos, score (a slot), lengths

@@ -119,7 +119,7 @@ def test_chunked_extension_equals_one_step_a_token(tmp_path_factory, kind, polic
 
     path = save_checkpoint(make_hf_model(kind), tmp_path_factory.mktemp(kind))
     budget = 1.0 if policy == "full" else 14.0
-    llm = nanokv.LLM(path, policy=policy, budget=budget, min_cache=0)
+    llm = nanokv.LLM(path, policy=policy, budget=budget, min_cache=0, dtype="float32")
     context = llm.compress(DOC, chat=False, max_question_tokens=16, max_new_tokens=4)
     question = context.question_ids(llm.tokenizer, " the lazy dog jumps over the fox")
     chunked, stepped = context.state.clone(), context.state.clone()

@@ -370,6 +370,7 @@ def test_cli_convert_and_generate(converted, tmp_path, capsys, monkeypatch):
     assert main(["convert"]) == 0
     out_dir = Path(capsys.readouterr().out.strip())
     assert out_dir == tmp_path / DEFAULT_MODEL_NAME and (out_dir / "model.safetensors").is_file()
-    code = main(["generate", "--max-new-tokens", "12", "What is the capital of France?"])
+    argv = ["generate", "--max-new-tokens", "12", "--dtype", "float32"]  # greedy text: fp32
+    code = main([*argv, "What is the capital of France?"])
     out, _ = capsys.readouterr()
     assert code == 0 and "Paris" in out

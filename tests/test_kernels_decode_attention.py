@@ -16,9 +16,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are jitted, at first launch
 
+import nanokv.kernels.decode_attention as decode_module  # noqa: E402
 from nanokv.kernels.decode_attention import (  # noqa: E402
     decode_attention,
     decode_attention_reference,
+    decode_attention_torch,
     decode_attention_triton,
     triton_available,
 )
@@ -134,6 +136,49 @@ def test_reference_equals_brute_force(group, head_dim, dtype, window):
     assert_matches(out, emitted, *expected, dtype)
 
 
+HALF_GRID = [
+    pytest.param(group, dtype, window, emit, id=f"G{group}-{name}-w{window}-emit{emit}")
+    for group in (1, 3)
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
+    for window in (None, 40)
+    for emit in (False, True)
+]
+
+
+@pytest.mark.parametrize("group, dtype, window, emit", HALF_GRID)
+def test_torch_path_equals_reference_in_half_precision(monkeypatch, group, dtype, window, emit):
+    """The half-precision torch path (SDPA, or blocked fp32 logits when emitting; blocks of 16
+    slots here, so five blocks a head) against the fp32 reference and the brute force."""
+    monkeypatch.setattr(decode_module, "LOGIT_BLOCK", 16)
+    case = make_case(group, 64, dtype, window)
+    out, emitted = decode_attention_torch(**case, emit=emit)
+    ref_out, ref = decode_attention_reference(**case, emit=True)
+    if emit:
+        assert_matches(out, emitted, ref_out, ref.mass, ref.contribution, dtype)
+        assert_matches(out, emitted, *brute_force_decode(**case), dtype)
+    else:
+        assert emitted is None and out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref_out.float(), **TOL[dtype])
+
+
+def test_half_precision_output_does_not_depend_on_emission():
+    """The output is the same bits with and without emission (a policy that keeps every token
+    then decodes exactly as the full cache, which emits nothing)."""
+    case = make_case(3, 64, torch.bfloat16, 40)
+    plain, _ = decode_attention_torch(**case)
+    emitting, _ = decode_attention_torch(**case, emit=True)
+    assert torch.equal(plain, emitting)
+
+
+def test_torch_path_is_the_reference_in_fp32():
+    """fp32 runs the reference itself: the same bits, emitted statistics included."""
+    case = make_case(3, 64, torch.float32, 40)
+    out, emitted = decode_attention_torch(**case, emit=True)
+    ref_out, ref = decode_attention_reference(**case, emit=True)
+    assert torch.equal(out, ref_out) and torch.equal(emitted.mass, ref.mass)
+    assert torch.equal(emitted.contribution, ref.contribution)
+
+
 @needs_triton
 @pytest.mark.parametrize("group, head_dim, dtype, window", GRID)
 def test_triton_equals_reference(group, head_dim, dtype, window):
@@ -193,27 +238,25 @@ def spy_on(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
 
 def test_dispatcher_equals_brute_force_and_takes_this_devices_path(monkeypatch):
     """The public dispatcher against the naive float64 loops (not against either
-    implementation), and the path it took: Triton on CUDA, the torch reference elsewhere."""
-    import nanokv.kernels.decode_attention as module
-
-    calls = spy_on(monkeypatch, module, ("decode_attention_reference", "decode_attention_triton"))
+    implementation), and the path it took: Triton on CUDA, the torch path elsewhere."""
+    names = ("decode_attention_torch", "decode_attention_triton")
+    calls = spy_on(monkeypatch, decode_module, names)
     case = make_case(3, 64, torch.float32, 40)
     out, emitted = decode_attention(**case, emit=True)
     assert out.device.type == DEVICE
     assert_matches(out, emitted, *brute_force_decode(**case), torch.float32)
     on_gpu = DEVICE == "cuda" and triton_available()
-    assert calls == ["decode_attention_triton" if on_gpu else "decode_attention_reference"]
+    assert calls == ["decode_attention_triton" if on_gpu else "decode_attention_torch"]
 
 
 def test_dispatcher_never_takes_triton_for_cpu_tensors(monkeypatch):
-    """CPU tensors go to the torch reference even where Triton imports (the interpreter is a
+    """CPU tensors go to the torch path even where Triton imports (the interpreter is a
     test device, not a production path)."""
-    import nanokv.kernels.decode_attention as module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the Triton kernel ran on CPU tensors")
 
-    monkeypatch.setattr(module, "decode_attention_triton", forbidden)
+    monkeypatch.setattr(decode_module, "decode_attention_triton", forbidden)
     case = {
         name: t.cpu() if torch.is_tensor(t) else t
         for name, t in make_case(1, 64, torch.float32, None).items()
@@ -241,15 +284,17 @@ SHAPE_ERRORS = [
 
 
 @pytest.mark.parametrize("name, shape, message", SHAPE_ERRORS, ids=[e[0] for e in SHAPE_ERRORS])
-@pytest.mark.parametrize("run", ["dispatcher", "reference", "triton"])
+@pytest.mark.parametrize("run", ["dispatcher", "reference", "torch-bf16", "triton"])
 def test_shape_errors_name_the_tensor_and_both_shapes(name, shape, message, run):
     """A ValueError (not an assert: `python -O` keeps it) before any kernel runs."""
     attend = {
         "dispatcher": decode_attention,
         "reference": decode_attention_reference,
+        "torch-bf16": decode_attention_torch,
         "triton": decode_attention_triton,
     }[run]
-    case = _bad(make_case(3, 64, torch.float32, 40), name, shape)
+    dtype = torch.bfloat16 if run == "torch-bf16" else torch.float32
+    case = _bad(make_case(3, 64, dtype, 40), name, shape)
     with pytest.raises(ValueError, match=re.escape(message)):
         attend(**case, emit=True)
 

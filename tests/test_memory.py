@@ -177,7 +177,8 @@ def test_verbose_reports_the_arenas_real_bytes(tiny_llama_dir, monkeypatch, caps
     assert arena_mib == f"{held / 2**20:.2f}"
     cfg = load_config(tiny_llama_dir)
     tokens = prompt_tokens + NEW  # the prompt and the new tokens the run was sized for
-    want_full = 2 * cfg.num_layers * tokens * cfg.num_kv_heads * cfg.head_dim * 4  # float32
+    element = state.arena.k.element_size()  # the run's dtype (auto)
+    want_full = 2 * cfg.num_layers * tokens * cfg.num_kv_heads * cfg.head_dim * element
     assert int(full_bytes.replace(",", "")) == want_full
     assert full_mib == f"{want_full / 2**20:.2f}"
     assert f"{held / want_full:.1%}" in line

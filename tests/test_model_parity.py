@@ -146,3 +146,58 @@ def test_half_precision_runs_close_to_float32(tiny_llama_dir, dtype):
     scale = logits32.abs().max()
     assert (logits16 - logits32).abs().max() < 0.1 * scale
     assert (step16 - step32).abs().max() < 0.1 * scale
+
+
+def test_fused_projections_keep_the_checkpoint_names_and_hold_nothing_twice(checkpoint):
+    """q/k/v (and gate/up) are read as one fused weight, yet the parameters keep the checkpoint's
+    names and are views of the fused tensor, equal to what was loaded."""
+    from nanokv.loader import checkpoint_tensors
+
+    kind, hf_model, path = checkpoint
+    model = _engine(path).model
+    assert set(model.state_dict()) <= set(checkpoint_tensors(path))
+    reference = hf_model.state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], atol=0, rtol=0)
+    attn = model.blocks[0].self_attn
+    fused = [(attn.qkv_weight, (attn.q_proj, attn.k_proj, attn.v_proj))]
+    if hasattr(model.blocks[0], "mlp"):
+        mlp = model.blocks[0].mlp
+        fused.append((mlp.gate_up_weight, (mlp.gate_proj, mlp.up_proj)))
+    for weight, parts in fused:
+        assert all(p.weight.untyped_storage().data_ptr() == weight.data_ptr() for p in parts)
+        assert torch.equal(weight, torch.cat([p.weight for p in parts]))
+
+
+def test_lm_head_is_read_in_fp32(tiny_llama_dir):
+    """fp32: the head is the checkpoint's tensor's memory. bf16: an fp32 copy, so the logits are
+    fp32 dot products of bf16 weights, not a GEMM output rounded to bf16."""
+    cfg = load_config(tiny_llama_dir)
+    model32 = load_model(tiny_llama_dir, cfg, torch.float32, torch.device("cpu"))
+    assert model32.head.data_ptr() == model32.lm_head.weight.data_ptr()
+    assert "head" not in model32.state_dict()
+    model16 = load_model(tiny_llama_dir, cfg, torch.bfloat16, torch.device("cpu"))
+    assert model16.head.dtype == torch.float32
+    assert torch.equal(model16.head, model16.lm_head.weight.float())
+    h = torch.randn(3, cfg.hidden_size, dtype=torch.bfloat16)
+    logits = model16.logits(h)
+    expected = model16.model.norm(h).float() @ model16.lm_head.weight.float().T
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert (logits != logits.bfloat16().float()).any()  # not rounded to bf16
+
+
+def test_rotary_tables_are_reused_only_for_the_same_positions(tiny_llama_dir):
+    """Every layer of a step asks for the same tables; a step later the positions changed in
+    place (the engine's `positions += 1`) and the tables must be recomputed."""
+    from nanokv.models.rope import Rotary
+
+    cfg = load_config(tiny_llama_dir)
+    rotary = Rotary(cfg.rope, cfg.head_dim)
+    positions = torch.tensor([3, 7])
+    first = rotary.cos_sin(positions, torch.float32)
+    assert rotary.cos_sin(positions, torch.float32)[0] is first[0]
+    positions += 1
+    again = rotary.cos_sin(positions, torch.float32)
+    fresh = Rotary(cfg.rope, cfg.head_dim).cos_sin(torch.tensor([4, 8]), torch.float32)
+    assert torch.equal(again[0], fresh[0]) and torch.equal(again[1], fresh[1])
+    assert rotary.cos_sin(positions, torch.bfloat16)[0].dtype == torch.bfloat16

@@ -13,7 +13,7 @@ PROMPTS = ["the quick brown fox jumps over the lazy dog " * 8, "hello world, a k
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return nanokv.LLM(tiny_llama_dir, prefill_chunk=32, min_cache=0)
+    return nanokv.LLM(tiny_llama_dir, prefill_chunk=32, min_cache=0, dtype="float32")
 
 
 def _logits(llm, steps=10):

@@ -69,7 +69,10 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("nanokv-eval"), help="results directory")
     p.add_argument("--quick", action="store_true", help="the small grid (< 10 min on 2 cores)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+        help="default float32: the results in docs/ were measured in it (auto: bf16 where native)",
+    )  # fmt: skip
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(run=run_eval)
 

@@ -6,9 +6,15 @@ valid slots ``0 .. lengths[b, g] - 1`` of its kv head ``g``; GQA groups share a 
 the attention mass ``sum_h a[h, j]`` and the output contribution ``sum_h a[h, j] * c[h, j]`` where
 ``c[h, j] = ||v_j W_O^h||`` is stored in the arena when token ``j`` is written.
 
-Two implementations of the same contract live here:
+Three implementations of the same contract live here:
 
-- ``decode_attention_reference``: dense torch, obviously right, what runs on CPU;
+- ``decode_attention_reference``: dense torch in fp32, obviously right, what the others are
+  tested against;
+- ``decode_attention_torch``: what runs on CPU (and wherever Triton does not). fp32 is the
+  reference itself (its ``.float()`` are no-ops); bf16 / fp16 never copy the arena to fp32: the
+  output comes from torch's fused SDPA kernel (fp32 logits and softmax, P.V in the cache's dtype
+  with fp32 accumulation, as in the Triton kernel), and emission adds fp32 logits over blocks of
+  slots;
 - ``decode_attention_triton``: split-K ("flash-decoding") Triton kernels, what runs on CUDA.
   Stage 1 reduces fixed-size splits of slots to a partial (max, sum-exp, output); stage 2 merges
   the splits and stores the log-sum-exp; the emission pass recomputes q.k for each slot block and
@@ -29,6 +35,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -40,6 +47,7 @@ except ImportError:  # the torch reference still works
 LOG2E = 1.4426950408889634
 BLOCK_N = 32  # slots per inner block of the Triton kernels
 SPLIT_SIZE = 256  # slots per split-K partition: fixed, so the same input gives the same result
+LOGIT_BLOCK = 1024  # slots converted to fp32 at a time by the torch path's half-precision emission
 
 
 @dataclass
@@ -88,21 +96,22 @@ def masked_attention_reference(
     Shared by the dense and the page-sparse references, which differ only in the mask.
     """
     batch, q_heads, head_dim = q.shape
-    kv_heads, capacity = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
-    qg = q.float().view(batch, kv_heads, group, head_dim)
+    kv_heads = k.shape[1]
+    qg = q.float().view(batch, kv_heads, q_heads // kv_heads, head_dim)
     logits = torch.einsum("bgqd,bgcd->bgqc", qg, k.float()) * scale  # (B, H_kv, G, C)
     logits = logits.masked_fill(~mask.unsqueeze(2), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bgqc,bgcd->bgqd", probs, v.float()).reshape(batch, q_heads, head_dim)
-    if not emit:
-        return out.to(q.dtype), None
-    mass = probs.sum(dim=2)
+    return out.to(q.dtype), (_emitted(probs, value_norms) if emit else None)
+
+
+def _emitted(probs: torch.Tensor, value_norms: torch.Tensor | None) -> Emitted:
+    """Per-slot mass and output contribution from probabilities (B, H_kv, G, C) float32."""
     contribution = None
     if value_norms is not None:
-        norms = value_norms.float().view(batch, kv_heads, group, capacity)
+        norms = value_norms.float().reshape(probs.shape)  # (B, H_q, C) -> (B, H_kv, G, C)
         contribution = (probs * norms).sum(dim=2)
-    return out.to(q.dtype), Emitted(mass=mass, contribution=contribution)
+    return Emitted(mass=probs.sum(dim=2), contribution=contribution)
 
 
 def decode_attention_reference(
@@ -130,6 +139,72 @@ def decode_attention_reference(
     return masked_attention_reference(
         q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit
     )
+
+
+def decode_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+    slot_pos: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    value_norms: torch.Tensor | None = None,
+    emit: bool = False,
+) -> tuple[torch.Tensor, Emitted | None]:
+    """The contract in torch ops that read the arena in its own dtype (see the module docstring).
+
+    Same arguments and outputs as ``decode_attention_reference``, which it is for fp32.
+    """
+    check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms)
+    mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
+    return masked_attention_torch(q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit)
+
+
+def masked_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    scale: float,
+    value_norms: torch.Tensor | None = None,
+    emit: bool = False,
+) -> tuple[torch.Tensor, Emitted | None]:
+    """``masked_attention_reference`` without fp32 copies of k and v (same shapes): the reference
+    itself for fp32; for bf16 / fp16 the output comes from SDPA whether or not statistics are
+    emitted (so a policy that keeps every token decodes exactly as the full cache does), and
+    emission adds fp32 logits over blocks of slots, as the Triton kernel's emission pass
+    recomputes q.k. Shared by the dense and the page-gathered (Quest) torch paths."""
+    if k.dtype == torch.float32:
+        return masked_attention_reference(
+            q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit
+        )
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # a group's heads: G queries
+    mask = mask.unsqueeze(2)  # (B, H_kv, 1, C)
+    out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v, attn_mask=mask, scale=scale)
+    out = out.reshape(batch, q_heads, head_dim).to(q.dtype)
+    if not emit:
+        return out, None
+    logits = _blocked_logits(qg, k, scale).masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (B, H_kv, G, C) float32
+    return out, _emitted(probs, value_norms)
+
+
+def _blocked_logits(qg: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 logits (B, H_kv, G, C) of queries qg (B, H_kv, G, D) against k (B, H_kv, C, D) of a
+    half dtype, converting LOGIT_BLOCK slots of k at a time (never the whole layer)."""
+    q32 = qg.float()
+    blocks = [
+        torch.matmul(q32, k[:, :, start : start + LOGIT_BLOCK].float().transpose(-1, -2))
+        for start in range(0, k.shape[2], LOGIT_BLOCK)
+    ]
+    logits = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+    return logits.mul_(scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,10 +623,8 @@ def decode_attention(
     value_norms: torch.Tensor | None = None,
     emit: bool = False,
 ) -> tuple[torch.Tensor, Emitted | None]:
-    """Public dispatcher: the Triton kernel on CUDA, the torch reference elsewhere."""
-    run = (
-        decode_attention_triton if q.is_cuda and triton_available() else decode_attention_reference
-    )
+    """Public dispatcher: the Triton kernel on CUDA, the torch path elsewhere."""
+    run = decode_attention_triton if q.is_cuda and triton_available() else decode_attention_torch
     return run(
         q,
         k,

@@ -8,7 +8,9 @@ them. Quest reduces the bytes read per step, not the memory held.
 
 Bounds, ranking and selection are small torch ops; the attention reuses the split-K Triton kernels
 of ``decode_attention`` in their page-table mode (``sparse_decode_attention``), with a torch
-reference that is the dense reference restricted to the selected pages.
+reference that is the dense reference restricted to the selected pages. Without Triton (CPU),
+``sparse_decode_attention_torch`` copies the listed pages out of the arena and attends over them
+only, so reading 10% of the pages reads ~10% of the K/V (the reference reads it all).
 
 Empty pages (no valid slot) hold ``kmin = +inf, kmax = -inf``, the identities of min / max.
 """
@@ -22,6 +24,7 @@ from nanokv.kernels.decode_attention import (
     check_layout,
     decode_attention_triton,
     masked_attention_reference,
+    masked_attention_torch,
     triton_available,
     valid_slot_mask,
 )
@@ -64,7 +67,8 @@ def update_page_bounds(
 
     Call after writing or scattering keys into those slots (and after any change of ``lengths``
     that touches them). A touched page is recomputed from all its valid slots, not merged with the
-    new key: a scatter replaces an evicted key, which may have been the page's min or max.
+    new key: a scatter replaces an evicted key, which may have been the page's min or max. The
+    bounds may be held in a wider dtype than k (fp32 bounds of a bf16 arena).
     """
     batch, kv_heads, capacity, head_dim = k.shape
     pages = slots.long() // page_size  # (B, H_kv, T)
@@ -77,8 +81,26 @@ def update_page_bounds(
     new_min = keys.masked_fill(~valid, float("inf")).amin(dim=3)  # (B, H_kv, T, D)
     new_max = keys.masked_fill(~valid, float("-inf")).amax(dim=3)
     index = pages.unsqueeze(-1).expand(-1, -1, -1, head_dim)
-    kmin.scatter_(2, index, new_min)  # a page listed twice gets the same value twice
-    kmax.scatter_(2, index, new_max)
+    kmin.scatter_(2, index, new_min.to(kmin.dtype))  # a page listed twice: same value twice
+    kmax.scatter_(2, index, new_max.to(kmax.dtype))
+
+
+def merge_page_bounds(
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    k_new: torch.Tensor,
+    slots: torch.Tensor,
+    page_size: int = PAGE_SIZE,
+) -> None:
+    """Folds keys just appended, k_new (B, H_kv, D) at `slots` (B, H_kv), into their pages'
+    bounds in place. Exact for an append (the page's other keys did not change; a page that was
+    empty holds (+inf, -inf), the identities), and a handful of ops where `update_page_bounds`
+    recomputes the page: what a decode step needs. After a scatter use `update_page_bounds`."""
+    index = (slots.long() // page_size).unsqueeze(-1)  # (B, H_kv, 1)
+    index = index.unsqueeze(-1).expand(-1, -1, 1, kmin.shape[-1])  # (B, H_kv, 1, D)
+    new = k_new.unsqueeze(2).to(kmin.dtype)  # (B, H_kv, 1, D)
+    kmin.scatter_(2, index, torch.minimum(kmin.gather(2, index), new))
+    kmax.scatter_(2, index, torch.maximum(kmax.gather(2, index), new))
 
 
 def page_upper_bound(
@@ -170,6 +192,83 @@ def sparse_decode_attention_reference(
     )
 
 
+def page_slots(
+    page_table: torch.Tensor, capacity: int, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, listed), each (B, H_kv, K * page_size): the slot of every entry of the listed
+    pages (clamped into the arena, for gathering) and whether it is a real slot of a listed page
+    (page >= 0, inside the arena)."""
+    offsets = torch.arange(page_size, device=page_table.device)
+    slots = (page_table.long().unsqueeze(-1) * page_size + offsets).flatten(2)
+    listed = (slots >= 0) & (slots < capacity)  # page -1 gives negative slots
+    return slots.clamp(0, capacity - 1), listed
+
+
+def sparse_decode_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    page_table: torch.Tensor,
+    *,
+    scale: float,
+    page_size: int = PAGE_SIZE,
+    slot_pos: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    value_norms: torch.Tensor | None = None,
+    emit: bool = False,
+) -> tuple[torch.Tensor, Emitted | None]:
+    """The reference's contract reading only the listed pages: their K/V (and slot positions,
+    value norms) are gathered into (B, H_kv, K * page_size, D) and attended under the mask of
+    the valid entries; emitted statistics are scattered back to (B, H_kv, C), 0 where unread."""
+    check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms, page_table)
+    capacity = k.shape[2]
+    slots, listed = page_slots(page_table, capacity, page_size)  # (B, H_kv, E)
+    mask = listed & (slots < lengths.unsqueeze(-1))
+    if sliding_window is not None:
+        if slot_pos is None or query_pos is None:
+            raise ValueError("a sliding window needs slot_pos and query_pos")
+        mask &= slot_pos.gather(2, slots) > query_pos.view(-1, 1, 1) - sliding_window
+    norms = None
+    if value_norms is not None:
+        group = q.shape[1] // k.shape[1]
+        norms = value_norms.gather(2, slots.repeat_interleave(group, dim=1))  # (B, H_q, E)
+    rows = _rows(slots, capacity)
+    out, emitted = masked_attention_torch(
+        q, _gather_rows(k, rows), _gather_rows(v, rows), mask, scale=scale, value_norms=norms,
+        emit=emit,
+    )  # fmt: skip
+    if emitted is None:
+        return out, None
+    return out, Emitted(
+        mass=_scatter_slots(emitted.mass, slots, capacity),
+        contribution=None
+        if emitted.contribution is None
+        else _scatter_slots(emitted.contribution, slots, capacity),
+    )
+
+
+def _rows(slots: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Flat row index (B * H_kv * E,) of slots (B, H_kv, E) in a (B * H_kv * C, D) view."""
+    heads = torch.arange(slots.shape[0] * slots.shape[1], device=slots.device)
+    return (heads.view(*slots.shape[:2], 1) * capacity + slots).flatten()
+
+
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, H_kv, C, D) at `_rows` -> (B, H_kv, E, D): one row copy per slot (index_select,
+    ~15x faster on CPU than gather's per-element index)."""
+    batch, kv_heads, _, head_dim = x.shape
+    return x.reshape(-1, head_dim).index_select(0, rows).view(batch, kv_heads, -1, head_dim)
+
+
+def _scatter_slots(values: torch.Tensor, slots: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, H_kv, E) per-entry values -> (B, H_kv, C), 0 on slots no entry read. Added, not
+    assigned: a masked entry (value 0) may share its clamped slot with a real one."""
+    full = values.new_zeros(*values.shape[:2], capacity)
+    return full.scatter_add_(2, slots, values)
+
+
 def sparse_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,7 +287,7 @@ def sparse_decode_attention(
     """Decode attention reading only the pages of ``page_table`` (B, H_kv, K) from ``select_pages``.
 
     Same arguments and outputs as ``decode_attention``; emitted mass and contribution are 0 on the
-    slots that were not read. Triton on CUDA, the torch reference elsewhere.
+    slots that were not read. Triton on CUDA, the gathering torch path elsewhere.
     """
     options = dict(
         scale=scale,
@@ -201,4 +300,4 @@ def sparse_decode_attention(
     )
     if q.is_cuda and triton_available():
         return decode_attention_triton(q, k, v, lengths, page_table=page_table, **options)
-    return sparse_decode_attention_reference(q, k, v, lengths, page_table, **options)
+    return sparse_decode_attention_torch(q, k, v, lengths, page_table, **options)

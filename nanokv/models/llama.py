@@ -1,5 +1,10 @@
 """Llama and Mistral (same weights and layout; Mistral's sliding window lives in the attention,
-which the engine runs). Pure modules: no cache and no attention inside, see models/__init__.py."""
+which the engine runs). Pure modules: no cache and no attention inside, see models/__init__.py.
+
+Parameters load under Hugging Face's names; `prepare_weights` (called by the loader) then
+concatenates q/k/v and gate/up so that each block reads its weights in three GEMVs and the
+output projection, not six and one, and keeps the LM head in fp32 (models/linear.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokv.config import ModelConfig
+from nanokv.models.linear import fuse_rows, head_logits, head_weight, linear
 from nanokv.models.rope import Rotary
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, "tanh")}
@@ -20,9 +26,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """Normalised in fp32 whatever x's dtype, rounded once (one call; fp32 results are
+        bit-for-bit those of `weight * (x * rsqrt(mean(x^2) + eps))`)."""
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class LlamaAttentionWeights(nn.Module):
@@ -34,6 +40,18 @@ class LlamaAttentionWeights(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=bias)
+        self.sizes = (q_size, kv_size, kv_size)
+        self.qkv_weight: torch.Tensor | None = None  # ((H_q + 2 H_kv) D, hidden) once fused
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        self.qkv_weight, self.qkv_bias = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, hidden) -> qk (T, (H_q + H_kv) D), v (T, H_kv D): views of one GEMV's output,
+        q and k side by side so that RoPE rotates both in one pass."""
+        q_size, kv_size, _ = self.sizes
+        return linear(x, self.qkv_weight, self.qkv_bias).split((q_size + kv_size, kv_size), -1)
 
 
 class LlamaMLP(nn.Module):
@@ -43,9 +61,17 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.gate_up_weight: torch.Tensor | None = None  # (2 intermediate, hidden) once fused
+        self.gate_up_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        self.gate_up_weight, self.gate_up_bias = fuse_rows(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        """x (T, hidden) -> (T, hidden)."""
+        gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        down = self.down_proj
+        return linear(self.act(gate) * up, down.weight, down.bias)
 
 
 class LlamaBlock(nn.Module):
@@ -66,17 +92,17 @@ class LlamaBlock(nn.Module):
 
     def qkv(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """h: (T, hidden) -> q (T, H_q, D), k (T, H_kv, D) after RoPE, v (T, H_kv, D)."""
-        cfg, attn = self.cfg, self.self_attn
-        x = self.input_layernorm(h)
-        q = attn.q_proj(x).view(-1, cfg.num_heads, cfg.head_dim)
-        k = attn.k_proj(x).view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = attn.v_proj(x).view(-1, cfg.num_kv_heads, cfg.head_dim)
-        cos, sin = self.rotary[0].cos_sin(positions, q.dtype)
-        return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin), v
+        cfg = self.cfg
+        qk, v = self.self_attn.project(self.input_layernorm(h))
+        qk = qk.view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        cos, sin = self.rotary[0].cos_sin(positions, qk.dtype)
+        q, k = Rotary.apply(qk, cos, sin).split((cfg.num_heads, cfg.num_kv_heads), dim=1)
+        return q, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim)
 
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: (T, hidden), attn_out: (T, H_q * D) -> the layer's output (T, hidden)."""
-        h = h + self.self_attn.o_proj(attn_out)
+        o_proj = self.self_attn.o_proj
+        h = h + linear(attn_out, o_proj.weight, o_proj.bias)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -98,17 +124,23 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaBackbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head: torch.Tensor | None = None  # (vocab, hidden) fp32, set by prepare_weights
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
+
+    def prepare_weights(self) -> None:
+        """After loading (see above): fused q/k/v and gate/up, the LM head in fp32."""
+        for block in self.blocks:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+        tied = self.cfg.tie_word_embeddings
+        self.head = head_weight(self.model.embed_tokens.weight if tied else self.lm_head.weight)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: (T, hidden) -> (T, vocab) float32."""
-        h = self.model.norm(h)
-        weight = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else None
-        head = weight if weight is not None else self.lm_head.weight
-        return F.linear(h, head).float()
+        return head_logits(self.model.norm(h), self.head)

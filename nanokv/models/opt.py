@@ -1,5 +1,8 @@
 """OPT: learned positions (offset 2), LayerNorm before or after each sub-layer, ReLU MLP, biases,
-optional word_embed_proj_dim projections. Pure modules: the engine runs the attention."""
+optional word_embed_proj_dim projections. Pure modules: the engine runs the attention.
+`prepare_weights` (called by the loader) concatenates q/k/v into one weight and keeps the LM head
+in fp32 (models/linear.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokv.config import ModelConfig
+from nanokv.models.linear import fuse_rows, head_logits, head_weight, linear
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq's padding legacy)
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -21,6 +25,11 @@ class OPTAttentionWeights(nn.Module):
         self.k_proj = nn.Linear(size, size, bias=bias)
         self.v_proj = nn.Linear(size, size, bias=bias)
         self.out_proj = nn.Linear(size, size, bias=bias)
+        self.qkv_weight: torch.Tensor | None = None  # (3 hidden, hidden) once fused
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        self.qkv_weight, self.qkv_bias = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
 
 
 class OPTBlock(nn.Module):
@@ -46,15 +55,18 @@ class OPTBlock(nn.Module):
         cfg, attn = self.cfg, self.self_attn
         x = self.self_attn_layer_norm(h) if cfg.do_layer_norm_before else h
         shape = (-1, cfg.num_heads, cfg.head_dim)
-        return attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+        q, k, v = linear(x, attn.qkv_weight, attn.qkv_bias).chunk(3, dim=-1)  # (T, hidden) each
+        return q.view(shape), k.view(shape), v.view(shape)
 
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        pre_norm = self.cfg.do_layer_norm_before
-        h = h + self.self_attn.out_proj(attn_out)
+        """h: (T, hidden), attn_out: (T, H * D) -> the layer's output (T, hidden)."""
+        pre_norm, out_proj = self.cfg.do_layer_norm_before, self.self_attn.out_proj
+        h = h + linear(attn_out, out_proj.weight, out_proj.bias)
         if not pre_norm:
             h = self.self_attn_layer_norm(h)
         x = self.final_layer_norm(h) if pre_norm else h
-        h = h + self.fc2(self.act(self.fc1(x)))
+        x = self.act(linear(x, self.fc1.weight, self.fc1.bias))
+        h = h + linear(x, self.fc2.weight, self.fc2.bias)
         return h if pre_norm else self.final_layer_norm(h)
 
 
@@ -91,10 +103,19 @@ class OPTForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             proj_dim = cfg.word_embed_proj_dim or cfg.hidden_size
             self.lm_head = nn.Linear(proj_dim, cfg.vocab_size, bias=False)
+        self.head: torch.Tensor | None = None  # (vocab, proj_dim) fp32, set by prepare_weights
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.decoder.layers
+
+    def prepare_weights(self) -> None:
+        """After loading (see above): fused q/k/v, the LM head in fp32."""
+        for block in self.blocks:
+            block.self_attn.fuse()
+        tied = self.cfg.tie_word_embeddings
+        head = self.model.decoder.embed_tokens.weight if tied else self.lm_head.weight
+        self.head = head_weight(head)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         decoder = self.model.decoder
@@ -108,7 +129,5 @@ class OPTForCausalLM(nn.Module):
         if hasattr(decoder, "final_layer_norm"):
             h = decoder.final_layer_norm(h)
         if hasattr(decoder, "project_out"):
-            h = decoder.project_out(h)
-        tied = self.cfg.tie_word_embeddings
-        head = decoder.embed_tokens.weight if tied else self.lm_head.weight
-        return F.linear(h, head).float()
+            h = linear(h, decoder.project_out.weight, None)
+        return head_logits(h, self.head)

@@ -36,21 +36,40 @@ def _llama3_frequencies(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tenso
 
 
 class Rotary(torch.nn.Module):
-    """Applies RoPE to (T, heads, head_dim) tensors given each row's absolute position."""
+    """Applies RoPE to (T, heads, head_dim) tensors given each row's absolute position.
+
+    One instance is shared by all layers, and every layer of a step asks for the same positions:
+    on CPU the last tables are kept and reused while the positions (compared by value, a few
+    integers) and the dtype repeat. On CUDA the comparison would wait for the device, so the
+    tables are recomputed."""
 
     def __init__(self, rope: RopeConfig, head_dim: int) -> None:
         super().__init__()
         self.rope, self.head_dim = rope, head_dim
         self.register_buffer("inv_freq", inverse_frequencies(rope, head_dim), persistent=False)
+        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def materialize(self, device: torch.device) -> None:
         """Recomputes the buffer on `device` (a model built on `meta` has none)."""
         self.inv_freq = inverse_frequencies(self.rope, self.head_dim).to(device)
+        self._last = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(T, 1, D) cos and sin of positions (T,), in `dtype`."""
+        last = self._last
+        if (
+            last is not None
+            and last[1] == dtype
+            and last[0].shape == positions.shape
+            and torch.equal(last[0], positions)
+        ):
+            return last[2], last[3]
         freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (T, 1, D)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        if positions.device.type == "cpu":
+            self._last = (positions.clone(), dtype, cos, sin)
+        return cos, sin
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

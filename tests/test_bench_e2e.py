@@ -1,0 +1,68 @@
+"""bench/e2e.py end to end on a tiny model: every cell's line, its bytes and the summary (a smoke
+test of what is counted; no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import tiny_models
+from tiny_models import llama_config, make_hf_model, save_checkpoint
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "e2e.py"
+DTYPES = ("float32", "bfloat16")
+
+
+def _bench():
+    sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def four_layer_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with four layers: Quest keeps two dense and reads pages in two."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tiny_models.CONFIGS, "llama-4", lambda: llama_config(num_hidden_layers=4))
+        model = make_hf_model("llama-4")
+    return save_checkpoint(model, tmp_path_factory.mktemp("tiny-llama-4-layers"))
+
+
+def test_e2e_counts_bytes_and_writes_every_cell(four_layer_dir, tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "e2e.jsonl"
+    argv = [
+        "--model", str(four_layer_dir), "--lengths", "40", "80", "--new-tokens", "3",
+        "--policies", "snapkv", "quest@0.2", "--budget", "0.5", "--dtypes", "float32",
+        "bfloat16", "--repeats", "1", "--copy-mib", "1", "--out", str(out),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [json.loads(line) for line in out.read_text().splitlines()]
+    cells, summary = lines[:-1], lines[-1]
+    # per dtype: full cache x 2 lengths x 2 engines, and the 2 policy cells at the longest
+    assert len(cells) == 2 * (2 * 2 + 2)
+    for cell in cells:
+        assert cell["bytes_per_token"] == cell["weight_bytes"] + cell["kv_read_bytes"] > 0
+        assert cell["achieved_gb_s"] > 0 and cell["floor_fraction"] > 0
+        assert cell["floor_ms_per_token"] > 0 and cell["decode_cpu_ms_per_token"] > 0
+    by = {(c["engine"], c["dtype"], c["policy"], c["prompt_tokens"]): c for c in cells}
+    for dtype in DTYPES:
+        full, quest = by[("nanokv", dtype, "full", 80)], by[("nanokv", dtype, "quest", 80)]
+        assert quest["kv_read_bytes"] < full["kv_read_bytes"]  # reads its pages, not all
+        assert by[("nanokv", dtype, "snapkv", 80)]["kv_held_bytes"] < full["kv_held_bytes"]
+        # the full cache reads every slot: 4 layers, 2 kv heads, capacity 80 + 3, 16-dim K and V
+        element = 4 if dtype == "float32" else 2
+        assert full["kv_read_bytes"] == 4 * 2 * (80 + 3) * 2 * 16 * element
+    weights = {dtype: by[("nanokv", dtype, "full", 40)]["weight_bytes"] for dtype in DTYPES}
+    assert weights["bfloat16"] < weights["float32"]
+    assert summary["bench"] == "e2e-summary" and summary["copy_gb_s"] > 0
+    assert "bfloat16 quest@0.2@80 / full@80" in summary["ratios"]
+    assert "float32 full@40 nanokv / transformers" in summary["ratios"]
+    assert "bfloat16 quest@0.2@80 faster than full@80" in summary["targets"]
