@@ -419,11 +419,11 @@ def cell_line(cell: Cell, args: argparse.Namespace, bandwidth: float) -> dict:
         "decode_tok_s": round(tok_s, 2),
         "decode_tok_s_best": round(steps / min(walls), 2),
         "decode_ms_per_token": round(1e3 / tok_s, 2),
-        "decode_cpu_ms_per_token": round(cpu_ms, 2),
+        "decode_cpu_ms_per_token": _significant(cpu_ms),
         "bytes_per_token": step_bytes, "weight_bytes": cell.weight_bytes,
         "kv_read_bytes": cell.kv_read_bytes, "kv_held_bytes": cell.held_kv_bytes,
         "achieved_gb_s": round(achieved, 2),
-        "floor_ms_per_token": round(step_bytes / bandwidth / 1e6, 2),
+        "floor_ms_per_token": _significant(step_bytes / bandwidth / 1e6),
         "floor_fraction": round(achieved / bandwidth, 3),
         "peak_extra_bytes": cell.peak_extra_bytes, **cell.meta,
     }  # fmt: skip
@@ -634,6 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.resolve().write_text("\n".join(sink) + "\n")
     return 0
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant digits: a tiny model's floor is microseconds a token,
+    which two decimals of a millisecond would print as 0."""
+    return float(f"{value:.{digits}g}")
 
 
 if __name__ == "__main__":
