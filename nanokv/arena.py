@@ -83,6 +83,25 @@ class KVArena:
             norms_shape = (num_layers, batch, q_heads, capacity)
             self.value_norms = torch.zeros(norms_shape, dtype=torch.float32, device=device)
 
+    @staticmethod
+    def bytes_for(
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        element_size: int,
+        q_heads: int | None = None,
+        slot_state: int = 0,
+    ) -> int:
+        """What `nbytes` of an arena of this shape is, before allocating it (`slot_state`:
+        how many extra per-slot statistics the policy asks for)."""
+        slots = num_layers * batch * kv_heads * capacity
+        per_slot = 2 * head_dim * element_size + 4 + 4 * (1 + slot_state)  # K, V, pos, score...
+        norms = 0 if q_heads is None else num_layers * batch * q_heads * capacity * 4
+        return slots * per_slot + norms + num_layers * batch * kv_heads * 4  # + lengths
+
     @property
     def capacity(self) -> int:
         return self.k.shape[3]

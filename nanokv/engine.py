@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -146,36 +146,104 @@ class Engine:
         prompt, `nanokv.probe.repeat_probe`) are needed by, and only by, a policy that observes
         "repeat"; with `records` the probe is the one recorded (`record_prompt(..., probe=)`),
         and passing `probes` as well is a ValueError."""
+        if records is None:
+            return _drain(self.start_steps(prompts, max_new_tokens, decode_window, probes))
         self.check_prompts(prompts, max_new_tokens)
-        if records is not None and [r.prompt for r in records] != [list(p) for p in prompts]:
+        if [r.prompt for r in records] != [list(p) for p in prompts]:
             raise ValueError("records must be the recorded passes of these prompts, in order")
-        probes = self._check_probes(prompts, records, probes)
+        self._check_probes(prompts, records, probes)
         began = time.perf_counter()
+        plans, window, capacity, memory = self._begin(prompts, max_new_tokens, decode_window)
+        arena = self._allocate(len(prompts), capacity)
+        logits = [
+            self._prefill_from_record(arena, seq, record, plans[seq])
+            for seq, record in enumerate(records)
+        ]
+        return self._finish_start(
+            arena, prompts, plans, window, decode_window, max_new_tokens, memory, logits, began
+        )
+
+    @torch.inference_mode()
+    def start_steps(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        decode_window: int | None = None,
+        probes: list[Probe | None] | None = None,
+    ) -> Generator[None, None, tuple[DecodeState, torch.Tensor]]:
+        """`start` as a generator that yields after every layer of every prompt's prefill and
+        returns (state, logits): a scheduler runs a long prompt's prefill a layer at a time
+        between the decode steps of the running batch."""
+        self.check_prompts(prompts, max_new_tokens)
+        probes = self._check_probes(prompts, None, probes)
+        began = time.perf_counter()
+        plans, window, capacity, memory = self._begin(prompts, max_new_tokens, decode_window)
+        arena = self._allocate(len(prompts), capacity)
+        # a plan that keeps everything reads no score: its probe is skipped
+        probes = [None if p.keep_all else probe for p, probe in zip(plans, probes, strict=True)]
+        logits = []
+        for seq, ids in enumerate(prompts):
+            steps = self.prefill_steps(arena, seq, ids, plans[seq], probe=probes[seq])
+            logits.append((yield from _bound(steps, self.policy, memory)))
+        return self._finish_start(
+            arena, prompts, plans, window, decode_window, max_new_tokens, memory, logits, began
+        )
+
+    def arena_capacity(
+        self, prompts: list[list[int]], max_new_tokens: int, decode_window: int | None = None
+    ) -> int:
+        """Slots a (layer, kv head) of the arena that `start` allocates for these prompts: its
+        largest size, before the arena shrinks to what decoding needs."""
+        plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
+        return self._capacity(plans, self._decode_window(plans, decode_window), max_new_tokens)
+
+    def arena_bytes(self, capacity: int, batch: int = 1) -> int:
+        """Bytes of an arena of `capacity` slots a head (what `_allocate` would make)."""
+        cfg = self.cfg
+        return KVArena.bytes_for(
+            cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
+            element_size=torch.empty((), dtype=self.dtype).element_size(),
+            q_heads=cfg.num_heads if self.policy.needs_value_norms else None,
+            slot_state=len(self.policy.slot_state),
+        )  # fmt: skip
+
+    def _decode_window(self, plans: list[SequencePlan], decode_window: int | None) -> int:
+        if all(p.keep_all for p in plans):
+            return 0
+        return decode_window or self._window(plans)
+
+    @staticmethod
+    def _capacity(plans: list[SequencePlan], window: int, max_new_tokens: int) -> int:
+        return max(min(p.head_cap + window, p.prompt_length + max_new_tokens) for p in plans)
+
+    def _begin(
+        self, prompts: list[list[int]], max_new_tokens: int, decode_window: int | None
+    ) -> tuple[list[SequencePlan], int, int, dict[str, torch.Tensor]]:
+        """Plans, W, the arena's capacity and the policy's fresh per-call memory."""
         self.eviction.seconds = 0.0
         plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
         memory: dict[str, torch.Tensor] = {}
         self.policy.bind(memory, batch=len(prompts))
-        window = 0 if all(p.keep_all for p in plans) else decode_window or self._window(plans)
-        capacity = max(min(p.head_cap + window, p.prompt_length + max_new_tokens) for p in plans)
-        arena = self._allocate(len(prompts), capacity)
-        if records is None:
-            # a plan that keeps everything reads no score: its probe is skipped
-            probes = [None if p.keep_all else probe for p, probe in zip(plans, probes, strict=True)]
-            logits = [
-                self.prefill(arena, seq, ids, plans[seq], probe=probes[seq])
-                for seq, ids in enumerate(prompts)
-            ]
-        else:
-            logits = [
-                self._prefill_from_record(arena, seq, record, plans[seq])
-                for seq, record in enumerate(records)
-            ]
-        logits = torch.cat(logits)
+        window = self._decode_window(plans, decode_window)
+        return plans, window, self._capacity(plans, window, max_new_tokens), memory
+
+    def _finish_start(
+        self,
+        arena: KVArena,
+        prompts: list[list[int]],
+        plans: list[SequencePlan],
+        window: int,
+        decode_window: int | None,
+        max_new_tokens: int,
+        memory: dict[str, torch.Tensor],
+        logits: list[torch.Tensor],
+        began: float,
+    ) -> tuple[DecodeState, torch.Tensor]:
         fit_window = decode_window is None
         state = self._decode_state(arena, prompts, plans, window, fit_window, max_new_tokens)
         state.memory = memory
         state.prefill_seconds = time.perf_counter() - began
-        return state, logits
+        return state, torch.cat(logits)
 
     def _check_probes(
         self,
@@ -294,6 +362,19 @@ class Engine:
         """Runs one prompt layer by layer, leaving the kept K/V in the arena's row `seq` (None
         plan: keep everything), with the `probe`'s segments after it in every layer. Returns
         (1, vocab) logits of the last token, or (n, vocab) with `all_logits`."""
+        return _drain(self.prefill_steps(arena, seq, prompt, plan, all_logits, probe))
+
+    @torch.inference_mode()
+    def prefill_steps(
+        self,
+        arena: KVArena,
+        seq: int,
+        prompt: list[int],
+        plan: SequencePlan | None = None,
+        all_logits: bool = False,
+        probe: Probe | None = None,
+    ) -> Generator[None, None, torch.Tensor]:
+        """`prefill` as a generator that yields after each layer and returns the logits."""
         ids = torch.tensor(prompt, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)
         h = self.model.embed(ids, positions)  # (n, hidden)
@@ -301,6 +382,7 @@ class Engine:
         for layer, block in enumerate(self.model.blocks):
             prompt_layer = self._prefill_layer(layer, seq, block, h, positions, probe=run)
             self._keep_prompt_layer(arena, prompt_layer, plan)
+            yield
         if plan is not None:
             self.eviction.finish_prefill(arena, seq, plan)
         return self.model.logits(h if all_logits else h[-1:])
@@ -497,31 +579,40 @@ class Engine:
         measurements."""
         positions = state.positions
         h = self.model.embed(tokens, positions)  # (B, hidden)
-        emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
-        arena, quest = state.arena, state.quest
         self.policy.bind(state.memory)
         for layer, block in enumerate(self.model.blocks):
             q, k, v = block.qkv(h, positions)  # (B, H_q, D), (B, H_kv, D), (B, H_kv, D)
-            # --- eviction stage (decode): a full window frees W slots before the write ---
-            self._evict_if_full(state, layer)
-            norms = self._value_norms(layer, v.unsqueeze(-2))  # (B, H_q, 1) or None
-            slots = arena.append(layer, k, v, positions, None if norms is None else norms[..., 0])
-            view = arena.layer(layer)
-            attention = dict(
-                scale=self.scale, slot_pos=view.pos, query_pos=positions,
-                sliding_window=self.cfg.sliding_window, value_norms=view.value_norms, emit=emit,
-            )  # fmt: skip
-            if quest is not None and quest.is_sparse(layer):
-                quest.written(arena, layer, slots)
-                out, emitted = quest.attend(layer, q, arena, **attention)
-            else:
-                out, emitted = decode_attention(q, view.k, view.v, view.lengths, **attention)
-            self.eviction.write_rows(arena, layer, self.policy.observe_decode(layer, view, emitted))
+            out = self.attend_layer(state, layer, q, k, v)
             if capture is not None:
                 capture.append(out.reshape(h.shape[0], -1).float().clone())
             h = block.finish(h, out.reshape(h.shape[0], -1))
         state.positions += 1
         return self.model.logits(h)
+
+    def attend_layer(
+        self, state: DecodeState, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """One layer of a decode step for the state's batch at `state.positions`: the eviction
+        stage (a full window frees W slots before the write), the write, attention (Quest's
+        pages where sparse), the policy's observation. q (B, H_q, D), k and v (B, H_kv, D) ->
+        (B, H_q, D). The policy must be bound to `state.memory`."""
+        positions, arena, quest = state.positions, state.arena, state.quest
+        emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
+        self._evict_if_full(state, layer)
+        norms = self._value_norms(layer, v.unsqueeze(-2))  # (B, H_q, 1) or None
+        slots = arena.append(layer, k, v, positions, None if norms is None else norms[..., 0])
+        view = arena.layer(layer)
+        attention = dict(
+            scale=self.scale, slot_pos=view.pos, query_pos=positions,
+            sliding_window=self.cfg.sliding_window, value_norms=view.value_norms, emit=emit,
+        )  # fmt: skip
+        if quest is not None and quest.is_sparse(layer):
+            quest.written(arena, layer, slots)
+            out, emitted = quest.attend(layer, q, arena, **attention)
+        else:
+            out, emitted = decode_attention(q, view.k, view.v, view.lengths, **attention)
+        self.eviction.write_rows(arena, layer, self.policy.observe_decode(layer, view, emitted))
+        return out
 
     def _evict_if_full(self, state: DecodeState, layer: int) -> None:
         """Runs a multi-step eviction for the sequences whose decode window is full. The check
@@ -763,3 +854,26 @@ def _keep_window_queries(
     first = max(start, window_start)
     if first < end:
         window_queries[first - window_start : end - window_start] = q[first - start : end - start]
+
+
+def _drain(steps: Generator[None, None, object]):
+    """Runs a step generator to its end and returns its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _bound(
+    steps: Generator[None, None, torch.Tensor], policy: Policy, memory: dict[str, torch.Tensor]
+) -> Generator[None, None, torch.Tensor]:
+    """Binds `policy` to this call's `memory` before every step: between two steps a scheduler
+    may run other requests' decode steps with the same policy bound to their own memory."""
+    while True:
+        policy.bind(memory)
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        yield

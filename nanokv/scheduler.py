@@ -1,0 +1,313 @@
+"""The scheduler: a waiting queue, admission against the KV pool, chunked prefill between decode
+steps, and continuous batching of every running request.
+
+Each `step` does, in order: drop cancelled requests (their pages go back to the pool at once);
+admit waiting requests, first come first served, while the pool holds their arenas; run one
+layer of the oldest admitted prompt's prefill (a long prompt never stalls the running batch for
+more than one layer of it); and one decode step of every running request together. A request
+leaves the batch at EOS, a stop string, `max_new_tokens`, cancellation or an error, and every
+one of those returns its pages.
+
+Clients call `submit` and `cancel` from any thread; `run` (or `start`, on a thread of its own)
+drives the steps. Requests report through `RequestEvent`s on the scheduler's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from nanokv.budget import Budget
+from nanokv.engine import Engine, InputError, Sequence
+from nanokv.policies import make_policy, parse_policy
+from nanokv.pool import PAGE_SIZE, KVPool, PoolFullError, pages_for
+from nanokv.runner import Member, decode_step
+from nanokv.sampling import Sampler
+from nanokv.sequence import EventCallback, Request, RequestEvent, RunningRequest
+from nanokv.stopping import StopChecker
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full: retry later (HTTP 503 with Retry-After)."""
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for `/stats`: what runs, what waits, how full the pool is."""
+
+    running: int
+    prefilling: int
+    waiting: int
+    pool_bytes: int
+    pool_used_bytes: int
+    pool_used_pages: int
+    finished: int
+    generated_tokens: int
+    peak_admitted: int
+
+    def as_dict(self) -> dict[str, int | float]:
+        fields = dict(self.__dict__)
+        fields["pool_use"] = self.pool_used_bytes / self.pool_bytes
+        return fields
+
+
+class Scheduler:
+    """Runs requests on one loaded model (`nanokv.LLM`) within one KV pool."""
+
+    def __init__(self, llm, pool: KVPool, *, max_waiting: int = 64) -> None:
+        """`llm` gives the model, tokenizer, default policy and budget (its engine);
+        `max_waiting` bounds the waiting queue (QueueFullError past it)."""
+        self.llm, self.pool, self.max_waiting = llm, pool, max_waiting
+        self._engines: dict[tuple[str, float], Engine] = {}
+        self._waiting: deque[RunningRequest] = deque()
+        self._prefilling: list[RunningRequest] = []
+        self._running: list[RunningRequest] = []
+        self._cancelled: set[int] = set()
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._finished = self._generated = self._peak = 0
+
+    # --- the client side: any thread ------------------------------------------------------
+
+    def submit(self, request: Request, on_event: EventCallback) -> int:
+        """Queues a request; returns its id. InputError for a request that is invalid or can
+        never fit the pool; QueueFullError when the waiting queue is full."""
+        engine = self.engine_for(request.policy, request.budget)
+        if not request.prompt_ids:
+            raise InputError("the prompt is empty: give at least one token of text")
+        engine.check_prompts([request.prompt_ids], request.params.max_new_tokens)
+        pages, nbytes = self._reservation(engine, request)
+        if nbytes > self.pool.capacity_bytes:
+            raise InputError(
+                f"this request's KV cache needs {nbytes / 2**20:.1f} MiB but the server's whole "
+                f"pool is {self.pool.capacity_bytes / 2**20:.1f} MiB: lower max_tokens, the "
+                "prompt or kv_budget"
+            )
+        running = RunningRequest(request, on_event, engine, pages, nbytes)
+        with self._wake:
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting: retry later")
+            self._waiting.append(running)
+            self._wake.notify()
+        return request.request_id
+
+    def cancel(self, request_id: int) -> None:
+        """Stops a request wherever it is; its pages return within one step."""
+        with self._wake:
+            self._cancelled.add(request_id)
+            self._wake.notify()
+
+    def stats(self) -> SchedulerStats:
+        with self._wake:
+            counts = len(self._running), len(self._prefilling), len(self._waiting)
+        return SchedulerStats(
+            *counts, self.pool.capacity_bytes, self.pool.used_bytes, self.pool.used_pages,
+            self._finished, self._generated, self._peak,
+        )  # fmt: skip
+
+    def engine_for(self, policy: str | None, budget: float | None) -> Engine:
+        """The engine of a request's policy and budget (None: the LLM's own); ValueError for an
+        unknown policy or an invalid budget."""
+        if policy is None and budget is None:
+            return self.llm.engine
+        name = policy if policy is not None else self.llm.policy.name
+        value = budget if budget is not None else self.llm.budget.value
+        key = (name, float(value))
+        if key not in self._engines:
+            base, uses_quest = parse_policy(name)
+            if uses_quest:
+                raise ValueError("kv_policy 'quest' is not served: choose an eviction policy")
+            self._engines[key] = Engine(
+                self.llm.model, self.llm.config, make_policy(base),
+                budget=Budget(value, floor=self.llm.min_cache),
+                prefill_chunk=self.llm.prefill_chunk,
+            )  # fmt: skip
+        return self._engines[key]
+
+    # --- the scheduler's thread -----------------------------------------------------------
+
+    def start(self) -> threading.Thread:
+        """Runs the steps on a daemon thread until `stop`."""
+        self._thread = threading.Thread(target=self.run, name="nanokv-scheduler", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def run(self) -> None:
+        """Steps while there is work; sleeps until a submit or cancel otherwise."""
+        while not self._stop.is_set():
+            if not self.step():
+                with self._wake:
+                    if not (self._waiting or self._cancelled or self._stop.is_set()):
+                        self._wake.wait(timeout=0.5)
+
+    def idle(self) -> bool:
+        with self._wake:
+            return not (self._waiting or self._prefilling or self._running or self._cancelled)
+
+    def step(self) -> bool:
+        """One scheduling step; False when there was nothing to do."""
+        self._drop_cancelled()
+        self._admit()
+        worked = self._prefill_one_layer()
+        if self._running:
+            self._decode()
+            worked = True
+        return worked
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            cancelled, self._cancelled = self._cancelled, set()
+            waiting = [r for r in self._waiting if r.request_id in cancelled]
+            for item in waiting:
+                self._waiting.remove(item)
+        for item in waiting:
+            self._report_end(item, "cancelled")
+        for group in (self._prefilling, self._running):
+            for item in [r for r in group if r.request_id in cancelled]:
+                group.remove(item)
+                self._end(item, "cancelled")
+
+    def _admit(self) -> None:
+        while True:
+            with self._wake:
+                if not self._waiting:
+                    return
+                head = self._waiting[0]
+                try:
+                    self.pool.reserve(head.request_id, head.pages, head.nbytes)
+                except PoolFullError:
+                    return  # first come, first served: the head waits for pages
+                self._waiting.popleft()
+            self._start_prefill(head)
+
+    def _start_prefill(self, item: RunningRequest) -> None:
+        request, engine = item.request, item.engine
+        item.admitted_at = time.perf_counter()
+        probes = self.llm._probes(engine, [request.prompt_ids])
+        item.prefill = engine.start_steps(
+            [request.prompt_ids], request.params.max_new_tokens, probes=probes
+        )
+        self._prefilling.append(item)
+        self._peak = max(self._peak, len(self._prefilling) + len(self._running))
+
+    def _prefill_one_layer(self) -> bool:
+        if not self._prefilling:
+            return False
+        item = self._prefilling[0]
+        try:
+            next(item.prefill)
+        except StopIteration as done:
+            self._prefilling.pop(0)
+            item.state, logits = done.value
+            item.prefill = None
+            self._begin_decode(item, logits)
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the rest
+            self._prefilling.pop(0)
+            self._end(item, "error", error=_one_line(exc))
+        return True
+
+    def _begin_decode(self, item: RunningRequest, logits: torch.Tensor) -> None:
+        """After prefill: trim the pool pages to the shrunk arena, sample the first token."""
+        request, engine = item.request, item.engine
+        capacity = item.state.arena.capacity
+        self.pool.resize(item.request_id, *self._pages(engine, capacity))
+        item.sequence = Sequence(list(request.prompt_ids))
+        item.sampler = Sampler(request.params, 1, engine.device)
+        params = request.params
+        item.stopper = StopChecker(
+            self.llm.tokenizer.decode, self.llm.eos_token_ids, params.stop, params.ignore_eos
+        )
+        self._running.append(item)
+        self._advance(item, logits)
+
+    def _decode(self) -> None:
+        """Feeds every running request its last sampled token in one batched step, then
+        samples and records each one's next token."""
+        batch = list(self._running)
+        tokens = torch.tensor([item.next_token for item in batch], device=self.llm.device)
+        try:
+            logits = decode_step(self.llm.model, [Member(i.engine, i.state) for i in batch], tokens)
+        except Exception as exc:  # noqa: BLE001 - report it to every member, keep serving
+            for item in batch:
+                self._running.remove(item)
+                self._end(item, "error", error=_one_line(exc))
+            return
+        for row, item in enumerate(batch):
+            self._advance(item, logits[row : row + 1])
+
+    def _advance(self, item: RunningRequest, logits: torch.Tensor) -> None:
+        """Samples a request's next token from logits (1, vocab), records it, and finishes the
+        request when it stops; otherwise the token is fed at the next decode step."""
+        token = int(item.sampler(logits)[0])
+        last = item.generated + 1 >= item.request.params.max_new_tokens
+        delta = item.stopper.advance(item.sequence, token, last)
+        self._generated += 1
+        reason = item.sequence.finish_reason
+        if reason is not None:
+            self._running.remove(item)
+            self._end(item, reason, text=delta, tokens=(token,))
+            return
+        item.next_token = token
+        item.on_event(self._event(item, delta, (token,), None))
+
+    def _end(
+        self,
+        item: RunningRequest,
+        reason: str,
+        text: str = "",
+        tokens: tuple[int, ...] = (),
+        error: str | None = None,
+    ) -> None:
+        """Returns the request's pages and state, then reports its last event."""
+        self.pool.release(item.request_id)
+        item.state = item.prefill = None
+        self._report_end(item, reason, text, tokens, error)
+
+    def _report_end(
+        self,
+        item: RunningRequest,
+        reason: str,
+        text: str = "",
+        tokens: tuple[int, ...] = (),
+        error: str | None = None,
+    ) -> None:
+        self._finished += 1
+        item.on_event(self._event(item, text, tokens, reason, error))
+
+    @staticmethod
+    def _event(
+        item: RunningRequest,
+        text: str,
+        tokens: tuple[int, ...],
+        reason: str | None,
+        error: str | None = None,
+    ) -> RequestEvent:
+        prompt = len(item.request.prompt_ids)
+        return RequestEvent(item.request_id, text, tokens, reason, prompt, item.generated, error)
+
+    def _reservation(self, engine: Engine, request: Request) -> tuple[int, int]:
+        """(pages, bytes) of the arena a request's prefill allocates: its largest size."""
+        capacity = engine.arena_capacity([request.prompt_ids], request.params.max_new_tokens)
+        return self._pages(engine, capacity)
+
+    def _pages(self, engine: Engine, capacity: int) -> tuple[int, int]:
+        """(pages, bytes) of a one-sequence arena of `capacity` slots a head, in whole pages."""
+        cfg = self.llm.config
+        paged = -(-capacity // PAGE_SIZE) * PAGE_SIZE
+        return pages_for(cfg.num_layers, cfg.num_kv_heads, capacity), engine.arena_bytes(paged)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

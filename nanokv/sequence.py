@@ -1,0 +1,85 @@
+"""A request as the scheduler sees it: its prompt, sampling, KV settings, and what it has produced.
+
+One `Request` is what a client asks for (the server, `LLM`, a benchmark); the scheduler turns it
+into a `RunningRequest` that owns the request's engine state and pool pages while it runs, and
+reports its progress as `RequestEvent`s.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nanokv.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanokv.engine import DecodeState, Engine, Sequence
+    from nanokv.sampling import Sampler
+    from nanokv.stopping import StopChecker
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Request:
+    """What a client asks for. `policy` / `budget` None take the scheduler's defaults; a budget
+    is a fraction of the prompt in (0, 1] or a token count > 1 (as `--budget`)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    policy: str | None = None
+    budget: float | None = None
+    request_id: int = field(default_factory=lambda: next(_ids))
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """Progress of one request, reported from the scheduler's thread: new text (possibly
+    empty), and on the last event why it finished ("stop", "length", "cancelled", "error")."""
+
+    request_id: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+EventCallback = Callable[[RequestEvent], None]
+
+
+@dataclass
+class RunningRequest:
+    """A request admitted by the scheduler: its engine (policy and budget), pool pages, and
+    either its prefill in progress or its decode state."""
+
+    request: Request
+    on_event: EventCallback
+    engine: Engine
+    pages: int  # pool pages its arena takes at its largest (admission reserves them)
+    nbytes: int  # the bytes of those pages
+    prefill: Generator[None, None, tuple[DecodeState, torch.Tensor]] | None = None
+    state: DecodeState | None = None
+    next_token: int | None = None  # sampled and recorded, fed at the next decode step
+    sequence: Sequence | None = None
+    sampler: Sampler | None = None
+    stopper: StopChecker | None = None
+    cancelled: bool = False
+    admitted_at: float = 0.0
+
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
+
+    @property
+    def generated(self) -> int:
+        return 0 if self.sequence is None else len(self.sequence.token_ids)
