@@ -110,6 +110,11 @@ class Scheduler:
             self._finished, self._generated, self._peak,
         )  # fmt: skip
 
+    def admitted(self) -> list[RunningRequest]:
+        """The requests that hold pool pages now: prefilling or running."""
+        with self._wake:
+            return [*self._prefilling, *self._running]
+
     def engine_for(self, policy: str | None, budget: float | None) -> Engine:
         """The engine of a request's policy and budget (None: the LLM's own); ValueError for an
         unknown policy or an invalid budget."""

@@ -1,0 +1,191 @@
+"""The scheduler on a tiny model: continuous batching gives the texts sequential generation gives,
+prefill runs a layer at a time between decode steps, admission follows the pool, and every way a
+request ends returns its pages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanokv import LLM
+from nanokv.engine import InputError
+from nanokv.pool import KVPool
+from nanokv.runner import Member, decode_step
+from nanokv.sampling import SamplingParams
+from nanokv.scheduler import QueueFullError, Scheduler
+from nanokv.sequence import Request
+
+MIN_CACHE = 8
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(tiny_llama_dir, dtype="float32", min_cache=MIN_CACHE)
+
+
+class Recorder:
+    """Collects every request's events, in order."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, list] = {}
+
+    def __call__(self, event) -> None:
+        self.events.setdefault(event.request_id, []).append(event)
+
+    def tokens(self, request_id: int) -> list[int]:
+        return [t for e in self.events[request_id] for t in e.token_ids]
+
+    def text(self, request_id: int) -> str:
+        return "".join(e.text for e in self.events[request_id])
+
+    def last(self, request_id: int):
+        return self.events[request_id][-1]
+
+
+def drain(scheduler: Scheduler, limit: int = 10_000) -> int:
+    steps = 0
+    while not scheduler.idle():
+        scheduler.step()
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+def prompts(llm: LLM, count: int) -> list[list[int]]:
+    words = ["red", "blue", "green", "apple", "stone", "river", "cloud", "seven"]
+    return [
+        llm.tokenizer.encode(" ".join(words[(i + j) % 8] for j in range(10 + 7 * i)))
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("policy", "budget"),
+    [(None, None), ("snapkv", 0.5), ("laprox", 0.3), ("h2o", 12), ("auv", 0.4)],
+)
+def test_a_continuous_batch_generates_what_each_prompt_generates_alone(llm, policy, budget):
+    scheduler = Scheduler(llm, KVPool(2**24))
+    recorder = Recorder()
+    params = SamplingParams(max_new_tokens=14, ignore_eos=True)
+    ids = prompts(llm, 6)
+    submitted = [
+        scheduler.submit(Request(p, params, policy=policy, budget=budget), recorder) for p in ids
+    ]
+    drain(scheduler)
+    alone = LLM(
+        llm.model_dir,
+        dtype="float32",
+        min_cache=MIN_CACHE,
+        policy=policy or "full",
+        budget=1.0 if budget is None else budget,
+    )
+    for request_id, prompt in zip(submitted, ids, strict=True):
+        (expected,) = alone.engine.generate([prompt], params, alone._stopper(params))
+        assert recorder.tokens(request_id) == expected.token_ids
+        assert recorder.text(request_id) == expected.text
+        assert recorder.last(request_id).finish_reason == "length"
+    assert scheduler.stats().peak_admitted > 1
+    assert scheduler.pool.used_bytes == 0
+
+
+def test_one_member_decode_step_is_engine_step(llm):
+    prompt = prompts(llm, 1)[0]
+    engine = llm.engine
+    state_a, logits_a = engine.start([prompt], 8)
+    state_b, _ = engine.start([prompt], 8)
+    token = logits_a.argmax(-1)
+    direct = engine.step(state_a, token)
+    batched = decode_step(llm.model, [Member(engine, state_b)], token)
+    assert torch.equal(direct, batched)
+
+
+def test_prefill_runs_a_layer_per_step_while_the_batch_decodes(llm):
+    scheduler = Scheduler(llm, KVPool(2**24))
+    recorder = Recorder()
+    short, long = prompts(llm, 3)[0], prompts(llm, 3)[-1]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    first = scheduler.submit(Request(short, params), recorder)
+    while scheduler.stats().running == 0:
+        scheduler.step()
+    second = scheduler.submit(Request(long, params), recorder)
+    before = len(recorder.tokens(first))
+    layers = llm.config.num_layers
+    for _ in range(layers):  # the long prompt's prefill: one layer a step
+        scheduler.step()
+        assert scheduler.stats().prefilling == 1
+    assert len(recorder.tokens(first)) == before + layers  # the batch kept decoding
+    scheduler.step()
+    assert scheduler.stats().prefilling == 0 and second in recorder.events
+
+
+def test_admission_waits_for_pages_and_refuses_what_never_fits(llm):
+    engine = llm.engine
+    ids = [prompts(llm, 3)[2]] * 3
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    one = engine.arena_bytes(-(-engine.arena_capacity([ids[2]], 10) // 16) * 16)
+    scheduler = Scheduler(llm, KVPool(one + one // 2))  # holds one request at a time
+    recorder = Recorder()
+    submitted = [scheduler.submit(Request(p, params), recorder) for p in ids]
+    peak = 0
+    while not scheduler.idle():
+        scheduler.step()
+        stats = scheduler.stats()
+        peak = max(peak, stats.running + stats.prefilling)
+        assert stats.pool_used_bytes <= stats.pool_bytes
+    assert peak == 1
+    assert all(recorder.last(r).finish_reason == "length" for r in submitted)
+    with pytest.raises(InputError, match="whole pool"):
+        scheduler.submit(Request(ids[2], SamplingParams(max_new_tokens=120)), recorder)
+
+
+def test_bad_requests_are_refused_at_submit(llm):
+    scheduler = Scheduler(llm, KVPool(2**24), max_waiting=2)
+    recorder = Recorder()
+    context = llm.config.max_position_embeddings
+    with pytest.raises(InputError, match="context"):
+        scheduler.submit(Request([5] * context, SamplingParams(max_new_tokens=4)), recorder)
+    with pytest.raises(InputError, match="empty"):
+        scheduler.submit(Request([], SamplingParams(max_new_tokens=4)), recorder)
+    with pytest.raises(ValueError, match="unknown policy"):
+        scheduler.submit(Request([5, 6], policy="lru"), recorder)
+    with pytest.raises(ValueError, match="budget"):
+        scheduler.submit(Request([5, 6], budget=-1), recorder)
+    for _ in range(2):
+        scheduler.submit(Request([5, 6], SamplingParams(max_new_tokens=2)), recorder)
+    with pytest.raises(QueueFullError):
+        scheduler.submit(Request([5, 6], SamplingParams(max_new_tokens=2)), recorder)
+    drain(scheduler)
+    assert scheduler.pool.used_bytes == 0
+
+
+def test_cancel_returns_pages_within_one_step_wherever_the_request_is(llm):
+    scheduler = Scheduler(llm, KVPool(2**24))
+    recorder = Recorder()
+    params = SamplingParams(max_new_tokens=50, ignore_eos=True)
+    running, prefilling, waiting = (
+        scheduler.submit(Request(p, params), recorder) for p in prompts(llm, 3)
+    )
+    while scheduler.stats().running == 0:
+        scheduler.step()
+    assert scheduler.stats().prefilling >= 1
+    for request_id in (running, prefilling, waiting):
+        scheduler.cancel(request_id)
+    scheduler.step()
+    assert scheduler.idle() and scheduler.pool.used_bytes == 0
+    for request_id in (running, prefilling, waiting):
+        assert recorder.last(request_id).finish_reason == "cancelled"
+
+
+def test_stop_strings_and_eos_end_a_request_like_generate(llm):
+    scheduler = Scheduler(llm, KVPool(2**24))
+    recorder = Recorder()
+    prompt = prompts(llm, 4)[3]
+    unstopped = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    (free,) = llm.engine.generate([prompt], unstopped, llm._stopper(unstopped))
+    stop = free.text[len(free.text) // 2 :][:2]
+    params = SamplingParams(max_new_tokens=20, stop=[stop])
+    (expected,) = llm.engine.generate([prompt], params, llm._stopper(params))
+    request_id = scheduler.submit(Request(prompt, params), recorder)
+    drain(scheduler)
+    assert recorder.text(request_id) == expected.text
+    assert recorder.last(request_id).finish_reason == expected.finish_reason == "stop"
