@@ -234,10 +234,10 @@ def nanokv_kv_bytes(state: object, cfg: object, steps: int) -> int:
     """K/V bytes nanokv's attention reads a step: every arena slot in a dense layer, the read
     pages plus the fp32 page bounds in a Quest layer (averaged over the `steps` decoded)."""
     arena, quest = state.arena, state.quest
-    slot = 2 * cfg.head_dim * arena.k.element_size()  # one slot's K and V
-    heads = arena.k.shape[1] * arena.k.shape[2]  # B * H_kv
+    slot = 2 * cfg.head_dim * arena.element_size  # one slot's K and V
+    heads = arena.lengths.shape[1] * arena.lengths.shape[2]  # B * H_kv
     dense_layers = cfg.num_layers if quest is None else quest.options.dense_layers
-    total = dense_layers * heads * arena.capacity * slot
+    total = sum(arena.layer_capacity(layer) for layer in range(dense_layers)) * heads * slot
     if quest is not None:
         page = quest.options.page_size
         pages = -(-arena.capacity // page)

@@ -104,20 +104,35 @@ class KVArena:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        """The largest layer's slots a (layer, seq, kv head)."""
+        return max(self.layer_capacity(layer) for layer in range(len(self.k)))
+
+    def layer_capacity(self, layer: int) -> int:
+        return self.k[layer].shape[2]
+
+    @property
+    def per_layer(self) -> bool:
+        """True once `shrink_layers` gave layers capacities of their own: the buffers are then
+        tuples of per-layer tensors, (B, H_kv, C_l, ...) each, indexed `[layer]` as before."""
+        return isinstance(self.k, tuple)
+
+    @property
+    def element_size(self) -> int:
+        return self.k[0].element_size()
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the arena's tensors (K, V and all slot metadata)."""
-        tensors = (self.k, self.v, self.pos, self.lengths, self.value_norms)
-        tensors += tuple(self.slot_state.values())
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [self.k, self.v, self.pos, self.lengths, self.value_norms]
+        tensors += list(self.slot_state.values())
+        flat = [t for item in tensors if item is not None for t in _parts(item)]
+        return sum(t.numel() * t.element_size() for t in flat)
 
     def layer(self, index: int) -> ArenaLayer:
         """Views of one layer. Made once per buffer allocation (a decode step asks for every
         layer's), rebuilt after `shrink` / `grow` and in a copy of the arena."""
         if self._views is None:
-            self._views = [self._layer_views(layer) for layer in range(self.k.shape[0])]
+            self._views = [self._layer_views(layer) for layer in range(len(self.k))]
         return self._views[index]
 
     def __getstate__(self) -> dict:
@@ -158,24 +173,24 @@ class KVArena:
         kv_heads, n, head_dim = k.shape
         if kept is None:
             kept = torch.arange(n, device=k.device).expand(kv_heads, n)
-        width = kept.shape[1]
-        if width > self.capacity:
-            raise ArenaFullError(f"{width} prompt tokens do not fit {self.capacity} slots")
+        width, capacity = kept.shape[1], self.layer_capacity(layer)
+        if width > capacity:
+            raise ArenaFullError(f"{width} prompt tokens do not fit {capacity} slots")
         gather = kept.unsqueeze(-1).expand(-1, -1, head_dim)
-        self.k[layer, seq, :, :width] = k.gather(1, gather)
-        self.v[layer, seq, :, :width] = v.gather(1, gather)
-        self.pos[layer, seq, :, :width] = positions[kept].to(torch.int32)
+        self.k[layer][seq, :, :width] = k.gather(1, gather)
+        self.v[layer][seq, :, :width] = v.gather(1, gather)
+        self.pos[layer][seq, :, :width] = positions[kept].to(torch.int32)
         for buffer in self.slot_state.values():
-            buffer[layer, seq] = 0
+            buffer[layer][seq] = 0
         initial = dict(state or {})
         if scores is not None:
             initial["score"] = scores
         for name, values in initial.items():
-            self.slot_state[name][layer, seq, :, :width] = values.float().gather(1, kept)
+            self.slot_state[name][layer][seq, :, :width] = values.float().gather(1, kept)
         if value_norms is not None and self.value_norms is not None:
             group = value_norms.shape[0] // kv_heads
             kept_q = kept.repeat_interleave(group, dim=0)  # (H_q, m)
-            self.value_norms[layer, seq, :, :width] = value_norms.float().gather(1, kept_q)
+            self.value_norms[layer][seq, :, :width] = value_norms.float().gather(1, kept_q)
         counts = torch.full((kv_heads,), width) if counts is None else counts
         self.set_lengths(layer, counts.view(1, -1).to(self.lengths.device), seq=seq)
 
@@ -193,8 +208,9 @@ class KVArena:
         (B, H_kv).
         """
         slots = self.lengths[layer].long()  # (B, H_kv)
-        if not slots.is_cuda and int(slots.max()) >= self.capacity:  # CUDA indexing checks itself
-            raise ArenaFullError(f"layer {layer} is full ({self.capacity} slots): evict first")
+        capacity = self.layer_capacity(layer)
+        if not slots.is_cuda and int(slots.max()) >= capacity:  # CUDA indexing checks itself
+            raise ArenaFullError(f"layer {layer} is full ({capacity} slots): evict first")
         seq_index, head_index, zero = _append_index(*slots.shape, slots.device)
         where = (seq_index, head_index, slots)  # (B, H_kv) each
         self.k[layer].index_put_(where, k)
@@ -225,16 +241,15 @@ class KVArena:
         m = kept_slots.shape[-1]
         valid = torch.arange(m, device=kept_slots.device) < kept_counts.unsqueeze(-1)
         source = torch.where(valid, kept_slots, kept_slots[..., :1]).long()  # (H_kv, m)
-        head_dim = self.k.shape[-1]
+        head_dim = self.k[0].shape[-1]
         vector_index = source.unsqueeze(-1).expand(-1, -1, head_dim)
         for buffer in (self.k, self.v):
-            buffer[layer, seq, :, :m] = buffer[layer, seq].gather(1, vector_index)
+            buffer[layer][seq, :, :m] = buffer[layer][seq].gather(1, vector_index)
         for buffer in (self.pos, *self.slot_state.values()):
-            buffer[layer, seq, :, :m] = buffer[layer, seq].gather(1, source)
+            buffer[layer][seq, :, :m] = buffer[layer][seq].gather(1, source)
         if self.value_norms is not None:
-            group = self.value_norms.shape[2] // source.shape[0]
-            norm_index = source.repeat_interleave(group, dim=0)  # (H_q, m)
-            norms = self.value_norms[layer, seq]
+            norms = self.value_norms[layer][seq]  # (H_q, C)
+            norm_index = source.repeat_interleave(norms.shape[0] // source.shape[0], dim=0)
             norms[:, :m] = norms.gather(1, norm_index)
         self.set_lengths(layer, kept_counts.view(1, -1), seq=seq)
 
@@ -246,7 +261,7 @@ class KVArena:
         window area. A source equal to its destination is a no-op; otherwise they must not
         overlap.
         """
-        head_dim = self.k.shape[-1]
+        head_dim = self.k[0].shape[-1]
         src_vec = src_slots.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
         dst_vec = dst_slots.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
         for buffer in (self.k, self.v):
@@ -254,7 +269,7 @@ class KVArena:
         for buffer in (self.pos, *self.slot_state.values()):
             buffer[layer].scatter_(2, dst_slots.long(), buffer[layer].gather(2, src_slots.long()))
         if self.value_norms is not None:
-            group = self.value_norms.shape[2] // src_slots.shape[1]
+            group = self.value_norms[layer].shape[1] // src_slots.shape[1]
             src_q = src_slots.long().repeat_interleave(group, dim=1)
             dst_q = dst_slots.long().repeat_interleave(group, dim=1)
             norms = self.value_norms[layer]
@@ -264,9 +279,9 @@ class KVArena:
         """Sets each head's length, (B, H_kv) (or (1, H_kv) for one `seq`), marking the slots
         past it empty."""
         rows = slice(None) if seq is None else slice(seq, seq + 1)
-        slots = torch.arange(self.capacity, device=lengths.device)
+        slots = torch.arange(self.layer_capacity(layer), device=lengths.device)
         beyond = slots.view(1, 1, -1) >= lengths.unsqueeze(-1)
-        self.pos[layer, rows].masked_fill_(beyond, -1)
+        self.pos[layer][rows].masked_fill_(beyond, -1)
         self.lengths[layer, rows] = lengths.to(torch.int32)
 
     def write_slot(
@@ -282,11 +297,11 @@ class KVArena:
         """Writes one vector per kv head at `slot` (H_kv,) without changing lengths (AUV's
         reconstructed K/V). k, v: (H_kv, D); score: (H_kv,) or None."""
         heads = torch.arange(k.shape[0], device=k.device)
-        self.k[layer, seq, heads, slot] = k.to(self.k.dtype)
-        self.v[layer, seq, heads, slot] = v.to(self.v.dtype)
-        self.pos[layer, seq, heads, slot] = pos
+        self.k[layer][seq, heads, slot] = k.to(self.k[layer].dtype)
+        self.v[layer][seq, heads, slot] = v.to(self.v[layer].dtype)
+        self.pos[layer][seq, heads, slot] = pos
         if score is not None:
-            self.score[layer, seq, heads, slot] = score
+            self.score[layer][seq, heads, slot] = score
 
     def overwrite_slots(
         self,
@@ -299,8 +314,8 @@ class KVArena:
         """Overwrites one slot (B, H_kv) per head of every sequence in place, keeping its
         position: k, v (B, H_kv, D), score (B, H_kv) (AUV folding victims into its slot)."""
         index = slot.view(*slot.shape, 1, 1).expand(*slot.shape, 1, k.shape[-1])
-        self.k[layer].scatter_(2, index, k.unsqueeze(2).to(self.k.dtype))  # (B, H_kv, 1, D)
-        self.v[layer].scatter_(2, index, v.unsqueeze(2).to(self.v.dtype))
+        self.k[layer].scatter_(2, index, k.unsqueeze(2).to(self.k[layer].dtype))  # (B, H_kv, 1, D)
+        self.v[layer].scatter_(2, index, v.unsqueeze(2).to(self.v[layer].dtype))
         self.score[layer].scatter_(-1, slot.unsqueeze(-1), score.unsqueeze(-1))
 
     def set_slot_state(self, layer: int, rows: dict[str, torch.Tensor]) -> None:
@@ -317,27 +332,75 @@ class KVArena:
         kept (plus the window)."""
         if capacity < int(self.lengths.max()) or capacity >= self.capacity:
             return
-        self.k = self.k[..., :capacity, :].clone()
-        self.v = self.v[..., :capacity, :].clone()
-        self.pos = self.pos[..., :capacity].clone()
-        self.slot_state = {name: t[..., :capacity].clone() for name, t in self.slot_state.items()}
+        self.shrink_layers([capacity] * len(self.k))
+
+    def shrink_layers(self, capacities: list[int]) -> None:
+        """`shrink` with a capacity per layer: a `global` selection keeps very different counts
+        in different layers, and a rectangle sized to the largest would hold every layer at its
+        size. Layers of different sizes turn the buffers into tuples of per-layer tensors."""
+        held = self.lengths.amax(dim=(1, 2)).tolist()
+        wanted = [
+            min(max(c, h), self.layer_capacity(layer))
+            for layer, (c, h) in enumerate(zip(capacities, held, strict=True))
+        ]
+        if all(c == self.layer_capacity(layer) for layer, c in enumerate(wanted)):
+            return
+        cut = _stacked if len(set(wanted)) == 1 and not self.per_layer else _layered
+        self.k, self.v = cut(self.k, wanted, vector=True), cut(self.v, wanted, vector=True)
+        self.pos = cut(self.pos, wanted)
+        self.slot_state = {name: cut(t, wanted) for name, t in self.slot_state.items()}
         self.score = self.slot_state["score"]
         if self.value_norms is not None:
-            self.value_norms = self.value_norms[..., :capacity].clone()
+            self.value_norms = cut(self.value_norms, wanted)
         self._views = None
 
     def grow(self, capacity: int) -> None:
         """Reallocates every buffer with `capacity` slots, keeping every slot and marking the new
         ones empty: `shrink`'s counterpart, for an arena that must take more tokens than it was
-        sized for (a conversation grows it at most once a turn, before the turn is written)."""
-        extra = capacity - self.capacity
-        if extra <= 0:
+        sized for (a conversation grows it at most once a turn, before the turn is written).
+        Per-layer buffers become stacked again."""
+        if capacity <= self.capacity and not self.per_layer:
             return
-        self.k = F.pad(self.k, (0, 0, 0, extra))  # (L, B, H_kv, C + extra, D)
-        self.v = F.pad(self.v, (0, 0, 0, extra))
-        self.pos = F.pad(self.pos, (0, extra), value=-1)
-        self.slot_state = {name: F.pad(t, (0, extra)) for name, t in self.slot_state.items()}
+        capacity = max(capacity, self.capacity)
+        self.k, self.v = (
+            _padded(self.k, capacity, vector=True),
+            _padded(self.v, capacity, vector=True),
+        )
+        self.pos = _padded(self.pos, capacity, value=-1)
+        self.slot_state = {name: _padded(t, capacity) for name, t in self.slot_state.items()}
         self.score = self.slot_state["score"]
         if self.value_norms is not None:
-            self.value_norms = F.pad(self.value_norms, (0, extra))
+            self.value_norms = _padded(self.value_norms, capacity)
         self._views = None
+
+
+Buffer = torch.Tensor | tuple[torch.Tensor, ...]  # stacked (L, ...) or one tensor a layer
+
+
+def _parts(buffer: Buffer) -> tuple[torch.Tensor, ...]:
+    return buffer if isinstance(buffer, tuple) else (buffer,)
+
+
+def _stacked(buffer: torch.Tensor, capacities: list[int], vector: bool = False) -> torch.Tensor:
+    """The stacked buffer cut to one capacity for every layer (a copy)."""
+    slots = slice(0, capacities[0])
+    return (buffer[..., slots, :] if vector else buffer[..., slots]).clone()
+
+
+def _layered(
+    buffer: Buffer, capacities: list[int], vector: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """One tensor a layer, each cut to its layer's capacity (copies)."""
+    return tuple(
+        (buffer[layer][..., :c, :] if vector else buffer[layer][..., :c]).clone()
+        for layer, c in enumerate(capacities)
+    )
+
+
+def _padded(buffer: Buffer, capacity: int, vector: bool = False, value: float = 0) -> torch.Tensor:
+    """The buffer, stacked, with every layer padded to `capacity` slots of `value`."""
+    layers = [buffer] if not isinstance(buffer, tuple) else [t.unsqueeze(0) for t in buffer]
+    pad = [
+        (0, 0, 0, capacity - t.shape[-2]) if vector else (0, capacity - t.shape[-1]) for t in layers
+    ]
+    return torch.cat([F.pad(t, p, value=value) for t, p in zip(layers, pad, strict=True)])

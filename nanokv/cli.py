@@ -1,5 +1,5 @@
-"""`nanokv generate | chat | eval | bench | convert`: the command line. Bad input gets one line
-and exit status 2 (in `chat`, a bad turn gets one line and the chat goes on)."""
+"""`nanokv generate | chat | serve | eval | bench | convert`: the command line. Bad input gets
+one line and exit status 2 (in `chat`, a bad turn gets one line and the chat goes on)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "chat", help="a multi-turn chat in one compressed arena (a turn a line of stdin)"
     )
     _add_chat(chat)
+    _add_serve(commands.add_parser("serve", help="an OpenAI-compatible HTTP server"))
     add_eval_parser(commands)
     bench = commands.add_parser("bench", help="run a benchmark script from bench/")
     bench.add_argument("name", choices=BENCHMARKS, help="kernels, e2e or policies")
@@ -85,6 +86,27 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     _add_model_options(p)
     _add_sampling_options(p)
     p.set_defaults(run=_run_chat)
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument(
+        "--kv-memory", default="1GiB", metavar="SIZE",
+        help="the KV pool all requests share, e.g. 1GiB (default) or 512MiB",
+    )  # fmt: skip
+    memory.add_argument(
+        "--max-kv-tokens", type=int, metavar="N", help="size the KV pool to N tokens of full cache"
+    )
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/ routes")
+    p.add_argument(
+        "--max-waiting", type=int, default=64, metavar="N",
+        help="requests that may wait for KV memory; more get 503 (default 64)",
+    )  # fmt: skip
+    p.add_argument("--max-body", default="1MiB", metavar="SIZE", help="request body limit")
+    p.set_defaults(run=_run_serve)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -219,6 +241,32 @@ def _print_outputs(run: Callable, prompts: list[str], params: SamplingParams) ->
         return
     for index, output in enumerate(run(prompts, params)):
         print(f"--- [{index}] ---\n{output.text}")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    """`nanokv serve`: checks every flag before the model loads, then serves until Ctrl-C."""
+    from nanokv.pool import parse_size
+    from nanokv.serve.server import ServeOptions, run_server
+
+    budget = _budget(args)
+    if parse_policy(args.policy)[1]:
+        raise UsageError(f"--policy {args.policy}: Quest is not served; choose an eviction policy")
+    options = ServeOptions(
+        model_name=_model_name(args.model), host=args.host, port=args.port,
+        kv_memory_bytes=parse_size(args.kv_memory), max_kv_tokens=args.max_kv_tokens,
+        api_key=args.api_key, max_waiting=args.max_waiting,
+        max_body_bytes=parse_size(args.max_body),
+    )  # fmt: skip
+    return run_server(options, lambda: _load_llm(args, budget))
+
+
+def _model_name(model: str | None) -> str:
+    """The name the server answers to: the model directory's name."""
+    if model is None:
+        from nanokv.default_model import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    return Path(model).expanduser().resolve().name
 
 
 def _run_chat(args: argparse.Namespace) -> int:

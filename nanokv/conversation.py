@@ -130,7 +130,7 @@ class Conversation:
         if self.state is None:
             return ConversationStats(0, 0, 0.0, 0, 0, 0, 0, 0)
         cfg, seen, arena = self.llm.config, self.tokens_seen, self.state.arena
-        element = arena.k.element_size()
+        element = arena.element_size
         per_token = cfg.num_kv_heads * cfg.head_dim * element  # one layer's K (or V)
         lengths = arena.lengths.long()  # (L, 1, H_kv)
         return ConversationStats(

@@ -105,8 +105,14 @@ class Engine:
         budget: Budget | None = None,
         quest: QuestOptions | None = None,
         prefill_chunk: int = 512,
+        layer_capacities: bool = False,
     ) -> None:
+        """`layer_capacities`: after prefill, each layer's arena keeps only its own largest head
+        plus the decode window (`KVArena.shrink_layers`), instead of every layer the size of the
+        model's largest head: what a `global` selection needs to cost about its budget (the
+        server's engines use it)."""
         self.model, self.cfg, self.policy = model, cfg, policy
+        self.layer_capacities = layer_capacities
         self.budget = budget or Budget(1.0)
         self.quest = quest
         self.eviction = EvictionStage(policy, self.budget, cfg.num_layers)
@@ -312,7 +318,11 @@ class Engine:
         if fit_window:
             window = self._fit_window(window, cache, plans)
         total = torch.tensor([len(p) + max_new_tokens for p in prompts], device=self.device)
-        arena.shrink(int(torch.minimum(cache + window, total.view(1, -1, 1)).max()))
+        needed = torch.minimum(cache + window, total.view(1, -1, 1))  # (L, B, H_kv)
+        if self.layer_capacities:
+            arena.shrink_layers(needed.amax(dim=(1, 2)).tolist())
+        else:
+            arena.shrink(int(needed.max()))
         filled = (arena.lengths[:, :, 0] - cache[:, :, 0]).cpu()  # same for every head
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
         state = DecodeState(arena, positions, cache, window, filled, memory={})
@@ -650,7 +660,11 @@ class Engine:
         return logits
 
     def _fits_without_eviction(self, state: DecodeState, count: int) -> bool:
-        room = int(state.arena.capacity - state.arena.lengths.max())
+        arena = state.arena
+        room = min(
+            arena.layer_capacity(layer) - int(arena.lengths[layer].max())
+            for layer in range(self.cfg.num_layers)
+        )
         no_eviction = state.window == 0 or int(state.filled.max()) + count <= state.window
         return count <= room and no_eviction
 
@@ -794,7 +808,7 @@ class Engine:
 
     def _probed_slots(self, arena: KVArena, layer: int, seen: ProbeScores) -> torch.Tensor:
         """(H_kv, C) the policy's scores of one layer's slots from what the probe saw."""
-        norms = None if arena.value_norms is None else arena.value_norms[layer, 0]
+        norms = None if arena.value_norms is None else arena.value_norms[layer][0]
         keys = ProbedKeys(
             layer, 0, self.cfg.num_kv_heads, seen.attention, norms, seen.output_norm()
         )
@@ -830,7 +844,7 @@ class Engine:
 
     def report(self, state: DecodeState, prompts: list[list[int]], max_new: int) -> CacheReport:
         """What the call kept and what it cost."""
-        cfg, element = self.cfg, state.arena.k.element_size()
+        cfg, element = self.cfg, state.arena.element_size
         per_head = sum(len(p) + max_new for p in prompts) * cfg.num_kv_heads * cfg.head_dim
         quest = state.quest
         return CacheReport(

@@ -183,7 +183,7 @@ class EvictionStage:
         if n <= mean:
             return
         start = time.perf_counter()
-        self._select_across(arena, seq, arena.score[:, seq], plan, range(arena.k.shape[0]))
+        self._select_across(arena, seq, arena.score[:, seq], plan, range(len(arena.k)))
         self.seconds += time.perf_counter() - start
 
     def reselect(
@@ -195,7 +195,7 @@ class EvictionStage:
         its own best `cache` (pyramid too: a conversation has no prompt to slope). The sinks and
         the last `observation_window` of the `seen` positions are protected."""
         start = time.perf_counter()
-        options, num_layers = self.options, arena.k.shape[0]
+        options, num_layers = self.options, len(arena.k)
         cap = max(math.ceil(options.max_head_share * cache), cache)
         plan = SequencePlan(seen, False, (cache,) * num_layers, cap)
         if options.allocation == "global":
@@ -254,7 +254,7 @@ class EvictionStage:
         start = time.perf_counter()
         lengths = arena.lengths[layer].long()  # (B, H_kv)
         view = arena.layer(layer)
-        slots = torch.arange(arena.capacity, device=cache.device).view(1, 1, -1)
+        slots = torch.arange(view.pos.shape[-1], device=cache.device).view(1, 1, -1)
         candidates = slots < cache.unsqueeze(-1)  # (B, H_kv, C): outside the decode window
         scores = self.policy.eviction_scores(layer, view)
         victims = select_victims(scores, view.pos, candidates, window, self.options.sinks)

@@ -118,11 +118,15 @@ class Scheduler:
     def engine_for(self, policy: str | None, budget: float | None) -> Engine:
         """The engine of a request's policy and budget (None: the LLM's own); ValueError for an
         unknown policy or an invalid budget."""
-        if policy is None and budget is None:
-            return self.llm.engine
-        name = policy if policy is not None else self.llm.policy.name
-        value = budget if budget is not None else self.llm.budget.value
+        llm = self.llm
+        name = policy if policy is not None else llm.policy.name
+        value = budget if budget is not None else llm.budget.value
         key = (name, float(value))
+        if key not in self._engines and policy is None and budget is None:
+            self._engines[key] = Engine(
+                llm.model, llm.config, llm.policy, budget=llm.budget, quest=llm.quest,
+                prefill_chunk=llm.prefill_chunk, layer_capacities=True,
+            )  # fmt: skip
         if key not in self._engines:
             base, uses_quest = parse_policy(name)
             if uses_quest:
@@ -130,7 +134,7 @@ class Scheduler:
             self._engines[key] = Engine(
                 self.llm.model, self.llm.config, make_policy(base),
                 budget=Budget(value, floor=self.llm.min_cache),
-                prefill_chunk=self.llm.prefill_chunk,
+                prefill_chunk=self.llm.prefill_chunk, layer_capacities=True,
             )  # fmt: skip
         return self._engines[key]
 

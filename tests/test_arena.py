@@ -150,3 +150,45 @@ def test_layer_views_follow_the_buffers_through_shrink_grow_and_copies():
     assert twin.layer(0).k.data_ptr() == twin.k.data_ptr()
     assert int(twin.layer(0).lengths[0, 0]) == 5 and int(arena.layer(0).lengths[0, 0]) == 4
     assert (arena.k[0, 0, :, 4] == 0).all()  # the original never saw the copy's write
+
+
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=LAYERS, max_size=LAYERS),
+    extra=st.integers(0, 4),
+    data=st.data(),
+)
+@settings(max_examples=40, deadline=None)
+def test_per_layer_capacities_keep_every_token_and_bound_each_layer(lengths, extra, data):
+    """`shrink_layers` gives each layer its own capacity: every held token survives, appends
+    and compactions still work per layer, nothing writes past a layer's capacity, and the bytes
+    are those of the per-layer sizes; `grow` stacks the layers again."""
+    arena = _arena(batch=1, capacity=16)
+    for layer, n in enumerate(lengths):
+        k, v, positions = _prompt(n)
+        arena.fill(layer, 0, k, v, positions, value_norms=positions.float().expand(Q_HEADS, n))
+    capacities = [n + extra for n in lengths]
+    arena.shrink_layers(capacities)
+    assert [arena.layer_capacity(layer) for layer in range(LAYERS)] == capacities
+    assert arena.per_layer == (len(set(capacities)) > 1)
+    per_slot = 2 * DIM * 4 + 4 + 4  # K, V, pos, score
+    norms = Q_HEADS * 4
+    assert arena.nbytes == sum(c * (KV_HEADS * per_slot + norms) for c in capacities) + (
+        LAYERS * KV_HEADS * 4
+    )
+    _assert_consistent(arena)
+    for layer, n in enumerate(lengths):
+        for step in range(extra):
+            key = torch.full((1, KV_HEADS, DIM), float(n + step))
+            arena.append(layer, key, -key, torch.tensor([n + step]))
+        with pytest.raises(ArenaFullError):
+            key = torch.zeros(1, KV_HEADS, DIM)
+            arena.append(layer, key, key, torch.tensor([99]))
+        held = n + extra
+        keep = sorted(data.draw(st.sets(st.integers(0, held - 1), min_size=1, max_size=held)))
+        kept_slots = torch.tensor([keep] * KV_HEADS)
+        arena.compact_sequence(layer, 0, kept_slots, torch.tensor([len(keep)] * KV_HEADS))
+        assert arena.pos[layer][0, 0, : len(keep)].tolist() == keep
+    _assert_consistent(arena)
+    arena.grow(max(capacities) + 2)
+    assert not arena.per_layer and arena.capacity == max(capacities) + 2
+    _assert_consistent(arena)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from nanokv import LLM
-from nanokv.engine import InputError
+from nanokv.budget import Budget
+from nanokv.engine import Engine, InputError
+from nanokv.policies import make_policy
 from nanokv.pool import KVPool
 from nanokv.runner import Member, decode_step
 from nanokv.sampling import SamplingParams
@@ -189,3 +191,32 @@ def test_stop_strings_and_eos_end_a_request_like_generate(llm):
     drain(scheduler)
     assert recorder.text(request_id) == expected.text
     assert recorder.last(request_id).finish_reason == expected.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("allocation", ["pyramid", "global"])
+def test_layer_capacities_hold_each_layer_at_its_own_size(llm, allocation):
+    """The server's engines give each layer its own capacity after prefill: a selection that
+    keeps different counts in different layers then costs its layers' sizes, not the largest
+    head's in every layer, and decodes the same tokens as the stacked arena."""
+    prompt = prompts(llm, 3)[2]
+    policy = make_policy("snapkv", allocation=allocation, max_head_share=8, observation_window=8)
+    budget = Budget(0.3, floor=MIN_CACHE)
+    engines = [
+        Engine(llm.model, llm.config, policy, budget=budget, layer_capacities=ragged)
+        for ragged in (True, False)
+    ]
+    (ragged, _), (stacked, _) = (engine.start([prompt], 12) for engine in engines)
+    capacities = [ragged.arena.layer_capacity(layer) for layer in range(llm.config.num_layers)]
+    assert torch.equal(ragged.arena.lengths, stacked.arena.lengths)
+    assert max(capacities) == stacked.arena.capacity
+    if allocation == "pyramid":  # the pyramid's layers keep different counts by construction
+        assert ragged.arena.per_layer and ragged.arena.nbytes < stacked.arena.nbytes
+    tokens = torch.tensor([7])
+    for _ in range(12):  # past a decode-window eviction
+        got = [
+            engine.step(state, tokens)
+            for engine, state in zip(engines, (ragged, stacked), strict=True)
+        ]
+        torch.testing.assert_close(got[0], got[1], atol=1e-5, rtol=1e-5)
+        tokens = got[1].argmax(-1)
+    assert torch.equal(ragged.arena.lengths, stacked.arena.lengths)
