@@ -89,6 +89,7 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
+    """The model options, then where to listen, how much KV memory, and who may call."""
     _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
@@ -110,7 +111,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    """The model, its policy and budget: what `generate` and `chat` share."""
+    """The model, its policy and budget: what `generate`, `chat` and `serve` share."""
     p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument(
         "--policy", default="full",

@@ -42,6 +42,7 @@ class KVPool:
         self.capacity_bytes = int(capacity_bytes)
         self._held: dict[int, tuple[int, int]] = {}  # owner -> (pages, bytes)
         self._lock = threading.Lock()
+        self.peak_bytes = 0  # the most held at once since creation or `reset_peak`
 
     @property
     def used_bytes(self) -> int:
@@ -61,6 +62,13 @@ class KVPool:
         """owner -> (pages, bytes) of every live reservation."""
         with self._lock:
             return dict(self._held)
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak_bytes = sum(nbytes for _, nbytes in self._held.values())
+
+    def _note_peak(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, sum(nbytes for _, nbytes in self._held.values()))
 
     def fits(self, nbytes: int) -> bool:
         """Whether `nbytes` more could be reserved now."""
@@ -83,6 +91,7 @@ class KVPool:
                 free = self.capacity_bytes - used
                 raise PoolFullError(f"{nbytes} bytes do not fit the pool's free {free}")
             self._held[owner] = (pages, nbytes)
+            self._note_peak()
 
     def resize(self, owner: int, pages: int, nbytes: int) -> None:
         """Trims (or grows, when it fits) `owner`'s reservation to `pages` / `nbytes`."""
@@ -93,6 +102,7 @@ class KVPool:
             if used + nbytes > self.capacity_bytes:
                 raise PoolFullError(f"growing request {owner} to {nbytes} bytes does not fit")
             self._held[owner] = (pages, nbytes)
+            self._note_peak()
 
     def release(self, owner: int) -> int:
         """Returns all of `owner`'s pages; the bytes freed (0 if it held none)."""
@@ -107,6 +117,14 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 def parse_size(text: str) -> int:
     """Bytes from '2GiB', '512MiB', '1.5GB', '1000000': binary units with 'i', decimal without."""
+    try:
+        value = int(float(text))  # a plain number of bytes: 4096, 1e9
+    except (TypeError, ValueError):
+        value = None
+    if value is not None:
+        if value <= 0:
+            raise ValueError(f"memory size {text!r} must be positive")
+        return value
     match = _SIZE.match(str(text))
     if match is None:
         raise ValueError(f"memory size {text!r} is not understood: write e.g. 2GiB, 512MiB or 1e9")

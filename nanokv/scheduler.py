@@ -2,11 +2,11 @@
 steps, and continuous batching of every running request.
 
 Each `step` does, in order: drop cancelled requests (their pages go back to the pool at once);
-admit waiting requests, first come first served, while the pool holds their arenas; run one
-layer of the oldest admitted prompt's prefill (a long prompt never stalls the running batch for
-more than one layer of it); and one decode step of every running request together. A request
-leaves the batch at EOS, a stop string, `max_new_tokens`, cancellation or an error, and every
-one of those returns its pages.
+admit the next waiting request, first come first served, when no prefill is in progress and the
+pool holds its arena at its largest; run one layer of that prompt's prefill (a long prompt
+never stalls the running batch for more than one layer of it); and one decode step of every
+running request together. A request leaves the batch at EOS, a stop string, `max_new_tokens`,
+cancellation or an error, and every one of those returns its pages.
 
 Clients call `submit` and `cancel` from any thread; `run` (or `start`, on a thread of its own)
 drives the steps. Requests report through `RequestEvent`s on the scheduler's thread.
@@ -14,6 +14,7 @@ drives the steps. Requests report through `RequestEvent`s on the scheduler's thr
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -29,6 +30,8 @@ from nanokv.runner import Member, decode_step
 from nanokv.sampling import Sampler
 from nanokv.sequence import EventCallback, Request, RequestEvent, RunningRequest
 from nanokv.stopping import StopChecker
+
+MAX_ENGINES = 16  # (policy, budget) engines kept for per-request KV settings
 
 
 class QueueFullError(RuntimeError):
@@ -47,11 +50,14 @@ class SchedulerStats:
     pool_used_pages: int
     finished: int
     generated_tokens: int
-    peak_admitted: int
+    peak_admitted: int  # the most requests holding pool pages at once (since `reset_peaks`)
+    peak_running: int
+    pool_peak_bytes: int
 
     def as_dict(self) -> dict[str, int | float]:
         fields = dict(self.__dict__)
         fields["pool_use"] = self.pool_used_bytes / self.pool_bytes
+        fields["pool_peak_use"] = self.pool_peak_bytes / self.pool_bytes
         return fields
 
 
@@ -70,7 +76,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._finished = self._generated = self._peak = 0
+        self._finished = self._generated = self._peak = self._peak_running = 0
 
     # --- the client side: any thread ------------------------------------------------------
 
@@ -107,8 +113,16 @@ class Scheduler:
             counts = len(self._running), len(self._prefilling), len(self._waiting)
         return SchedulerStats(
             *counts, self.pool.capacity_bytes, self.pool.used_bytes, self.pool.used_pages,
-            self._finished, self._generated, self._peak,
+            self._finished, self._generated, self._peak, self._peak_running,
+            self.pool.peak_bytes,
         )  # fmt: skip
+
+    def reset_peaks(self) -> None:
+        """Starts the peaks of `stats` afresh (a benchmark measures one load at a time)."""
+        with self._wake:
+            self._peak = len(self._prefilling) + len(self._running)
+            self._peak_running = len(self._running)
+        self.pool.reset_peak()
 
     def admitted(self) -> list[RunningRequest]:
         """The requests that hold pool pages now: prefilling or running."""
@@ -116,27 +130,40 @@ class Scheduler:
             return [*self._prefilling, *self._running]
 
     def engine_for(self, policy: str | None, budget: float | None) -> Engine:
-        """The engine of a request's policy and budget (None: the LLM's own); ValueError for an
-        unknown policy or an invalid budget."""
+        """The engine of a request's policy and budget (None: the server's own); ValueError for
+        an unknown policy or an invalid budget. A request naming the server's policy gets the
+        server's options for it (sinks, window, allocation...); another policy its defaults.
+        The last MAX_ENGINES engines are kept: building one is cheap, the model is shared."""
         llm = self.llm
         name = policy if policy is not None else llm.policy.name
         value = budget if budget is not None else llm.budget.value
         key = (name, float(value))
-        if key not in self._engines and policy is None and budget is None:
-            self._engines[key] = Engine(
-                llm.model, llm.config, llm.policy, budget=llm.budget, quest=llm.quest,
-                prefill_chunk=llm.prefill_chunk, layer_capacities=True,
-            )  # fmt: skip
-        if key not in self._engines:
-            base, uses_quest = parse_policy(name)
-            if uses_quest:
-                raise ValueError("kv_policy 'quest' is not served: choose an eviction policy")
-            self._engines[key] = Engine(
-                self.llm.model, self.llm.config, make_policy(base),
-                budget=Budget(value, floor=self.llm.min_cache),
-                prefill_chunk=self.llm.prefill_chunk, layer_capacities=True,
-            )  # fmt: skip
-        return self._engines[key]
+        with self._wake:
+            engine = self._engines.pop(key, None)
+        if engine is None:
+            engine = self._new_engine(name, value)
+        with self._wake:
+            self._engines[key] = engine  # most recently used last
+            while len(self._engines) > MAX_ENGINES:
+                self._engines.pop(next(iter(self._engines)))
+        return engine
+
+    def _new_engine(self, name: str, value: float) -> Engine:
+        llm = self.llm
+        base, uses_quest = parse_policy(name)
+        if uses_quest:
+            raise ValueError("kv_policy 'quest' is not served: choose an eviction policy")
+        if base == llm.policy.name:
+            policy = make_policy(base, **dataclasses.asdict(llm.policy.options))
+        else:
+            policy = make_policy(base)
+        budget = Budget(value, floor=llm.min_cache)
+        if llm.budget.value == value and llm.budget.floor == budget.floor:
+            budget = llm.budget
+        return Engine(
+            llm.model, llm.config, policy, budget=budget, prefill_chunk=llm.prefill_chunk,
+            layer_capacities=True,
+        )  # fmt: skip
 
     # --- the scheduler's thread -----------------------------------------------------------
 
@@ -156,10 +183,19 @@ class Scheduler:
     def run(self) -> None:
         """Steps while there is work; sleeps until a submit or cancel otherwise."""
         while not self._stop.is_set():
-            if not self.step():
+            try:
+                worked = self.step()
+            except Exception as exc:  # noqa: BLE001 - never leave requests hanging on a dead loop
+                self._fail_all(exc)
+                worked = True
+            if not worked:
                 with self._wake:
                     if not (self._waiting or self._cancelled or self._stop.is_set()):
                         self._wake.wait(timeout=0.5)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for item in [*self._prefilling, *self._running]:
+            self._fail(item, exc)
 
     def idle(self) -> bool:
         with self._wake:
@@ -189,7 +225,10 @@ class Scheduler:
                 self._end(item, "cancelled")
 
     def _admit(self) -> None:
-        while True:
+        """Admits the head of the queue when no prefill is in progress and its pages fit: one
+        prompt prefills at a time (the device is busy with it anyway), and a request that still
+        waits for its prefill holds no memory."""
+        while not self._prefilling:
             with self._wake:
                 if not self._waiting:
                     return
@@ -199,7 +238,10 @@ class Scheduler:
                 except PoolFullError:
                     return  # first come, first served: the head waits for pages
                 self._waiting.popleft()
-            self._start_prefill(head)
+            try:
+                self._start_prefill(head)
+            except Exception as exc:  # noqa: BLE001 - fail the request, keep serving
+                self._fail(head, exc)
 
     def _start_prefill(self, item: RunningRequest) -> None:
         request, engine = item.request, item.engine
@@ -217,15 +259,27 @@ class Scheduler:
         item = self._prefilling[0]
         try:
             next(item.prefill)
+            return True
         except StopIteration as done:
-            self._prefilling.pop(0)
-            item.state, logits = done.value
-            item.prefill = None
-            self._begin_decode(item, logits)
+            result = done.value
         except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the rest
-            self._prefilling.pop(0)
-            self._end(item, "error", error=_one_line(exc))
+            self._fail(item, exc)
+            return True
+        self._prefilling.remove(item)
+        item.prefill = None
+        try:
+            item.state, logits = result
+            self._begin_decode(item, logits)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(item, exc)
         return True
+
+    def _fail(self, item: RunningRequest, exc: BaseException) -> None:
+        """Ends a request with an error wherever it is; its pages return to the pool."""
+        for group in (self._prefilling, self._running):
+            if item in group:
+                group.remove(item)
+        self._end(item, "error", error=_one_line(exc))
 
     def _begin_decode(self, item: RunningRequest, logits: torch.Tensor) -> None:
         """After prefill: trim the pool pages to the shrunk arena, sample the first token."""
@@ -239,6 +293,7 @@ class Scheduler:
             self.llm.tokenizer.decode, self.llm.eos_token_ids, params.stop, params.ignore_eos
         )
         self._running.append(item)
+        self._peak_running = max(self._peak_running, len(self._running))
         self._advance(item, logits)
 
     def _decode(self) -> None:
@@ -250,11 +305,13 @@ class Scheduler:
             logits = decode_step(self.llm.model, [Member(i.engine, i.state) for i in batch], tokens)
         except Exception as exc:  # noqa: BLE001 - report it to every member, keep serving
             for item in batch:
-                self._running.remove(item)
-                self._end(item, "error", error=_one_line(exc))
+                self._fail(item, exc)
             return
         for row, item in enumerate(batch):
-            self._advance(item, logits[row : row + 1])
+            try:
+                self._advance(item, logits[row : row + 1])
+            except Exception as exc:  # noqa: BLE001 - e.g. sampling from non-finite logits
+                self._fail(item, exc)
 
     def _advance(self, item: RunningRequest, logits: torch.Tensor) -> None:
         """Samples a request's next token from logits (1, vocab), records it, and finishes the
@@ -269,7 +326,7 @@ class Scheduler:
             self._end(item, reason, text=delta, tokens=(token,))
             return
         item.next_token = token
-        item.on_event(self._event(item, delta, (token,), None))
+        self._notify(item, self._event(item, delta, (token,), None))
 
     def _end(
         self,
@@ -293,7 +350,16 @@ class Scheduler:
         error: str | None = None,
     ) -> None:
         self._finished += 1
-        item.on_event(self._event(item, text, tokens, reason, error))
+        self._notify(item, self._event(item, text, tokens, reason, error))
+
+    def _notify(self, item: RunningRequest, event: RequestEvent) -> None:
+        """Delivers an event; a client whose callback fails cannot hear more, so its request
+        is cancelled (at the next step) instead of taking the scheduler's thread down."""
+        try:
+            item.on_event(event)
+        except Exception:  # noqa: BLE001
+            if not event.finished:
+                self.cancel(item.request_id)
 
     @staticmethod
     def _event(

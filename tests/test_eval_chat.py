@@ -48,7 +48,9 @@ def test_the_script_is_ten_turns_fact_first_question_last(tiny_tokenizer):
         assert len(set(tasks)) == 8 and set(tasks) <= set(FILLER_TASKS)
         passages = [turn.split("\n\n", 1)[1] for turn in fillers]
         assert len(set(passages)) == 8 and all(count(p) >= 16 for p in passages)
-        assert abs(sum(count(turn) for turn in case.turns) - LENGTH) <= 24
+        # each passage ends at a word boundary, a few tokens short of its share; the prose
+        # stream includes the installed distributions' texts, so which words end them varies
+        assert abs(sum(count(turn) for turn in case.turns) - LENGTH) <= 8 * 6
         assert case.sources  # where the passages came from
     assert len({case.value for case in cases}) == 3
     assert len({case.turns[1] for case in cases}) == 3  # each seed its own passages

@@ -4,6 +4,8 @@ request ends returns its pages."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -169,7 +171,9 @@ def test_cancel_returns_pages_within_one_step_wherever_the_request_is(llm):
     )
     while scheduler.stats().running == 0:
         scheduler.step()
-    assert scheduler.stats().prefilling >= 1
+    scheduler.step()
+    stats = scheduler.stats()
+    assert (stats.running, stats.prefilling, stats.waiting) == (1, 1, 1)
     for request_id in (running, prefilling, waiting):
         scheduler.cancel(request_id)
     scheduler.step()
@@ -220,3 +224,31 @@ def test_layer_capacities_hold_each_layer_at_its_own_size(llm, allocation):
         torch.testing.assert_close(got[0], got[1], atol=1e-5, rtol=1e-5)
         tokens = got[1].argmax(-1)
     assert torch.equal(ragged.arena.lengths, stacked.arena.lengths)
+
+
+def test_a_failing_client_is_dropped_and_the_scheduler_keeps_serving(llm):
+    """A client whose callback raises cannot hear more: its request is cancelled and its pages
+    return; the scheduler's thread lives on and serves the next request."""
+    scheduler = Scheduler(llm, KVPool(2**24))
+    scheduler.start()
+    try:
+
+        def broken(event):
+            raise RuntimeError("the client went away")
+
+        params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+        prompt = prompts(llm, 1)[0]
+        scheduler.submit(Request(prompt, params), broken)
+        recorder = Recorder()
+        request_id = scheduler.submit(Request(prompt, params), recorder)
+        deadline = time.monotonic() + 60
+        while not (request_id in recorder.events and recorder.last(request_id).finished):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        while not scheduler.idle():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert recorder.last(request_id).finish_reason == "length"
+        assert scheduler.pool.used_bytes == 0 and scheduler.stats().generated_tokens < 60
+    finally:
+        scheduler.stop()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from nanokv.serve.errors import ApiError, install_error_handlers
 from nanokv.serve.generation import make_request, prompt_ids, respond, submit
@@ -102,10 +103,10 @@ def _lifespan(state: ServerState) -> Callable[[FastAPI], Any]:
     return lifespan
 
 
-def _authorizer(state: ServerState) -> Callable[[Request], None]:
+def _authorizer(state: ServerState) -> Callable[[Request], Awaitable[None]]:
     """A dependency that wants `Authorization: Bearer <key>` when the server has a key."""
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         if state.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -177,7 +178,7 @@ async def _generate(
     )  # fmt: skip
     stream = submit(scheduler, job)
     reply = Reply(kind, state.model_name, include_usage=body.include_usage)
-    return await respond(stream, reply, request, body.stream)
+    return await respond(stream, reply, request, bool(body.stream))
 
 
 def _check_model(state: ServerState, name: str | None) -> None:
@@ -201,10 +202,13 @@ async def read_json(request: Request, limit: int) -> Any:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(len(body), limit)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(len(body), limit)
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before its request body arrived") from None
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -66,7 +66,9 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
     first = errors[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
-    message = first.get("msg", "invalid value")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param is None and first.get("type") == "model_type":
+        message = "the request body must be a JSON object"
     text = f"{param}: {message}" if param else message
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"

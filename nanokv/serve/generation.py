@@ -70,16 +70,17 @@ def make_request(
 ) -> Request:
     """The scheduler's request. `policy` / `budget` are the server's defaults for requests that
     do not set kv_policy / kv_budget (None: the LLM's own)."""
+    _check_kv(body.kv_policy, body.kv_budget, policy or llm.policy.name)
     policy = body.kv_policy if body.kv_policy is not None else policy
     budget = body.kv_budget if body.kv_budget is not None else budget
-    _check_kv(llm, policy, budget)
     params = _sampling(llm, body, len(ids), default_max_tokens)
     return Request(ids, params, policy=policy, budget=budget)
 
 
-def _check_kv(llm: LLM, policy: str | None, budget: float | None) -> None:
-    """A 400 naming kv_policy or kv_budget when the scheduler could not build their engine."""
-    name = llm.policy.name
+def _check_kv(policy: str | None, budget: float | None, default_policy: str) -> None:
+    """A 400 naming kv_policy or kv_budget when the scheduler could not build their engine,
+    or when a budget is asked of the full cache (which keeps every token)."""
+    name = parse_policy(default_policy)[0]
     if policy is not None:
         try:
             name, uses_quest = parse_policy(policy)
@@ -113,6 +114,7 @@ def _sampling(
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stop,
+            ignore_eos=bool(body.ignore_eos),
         )  # fmt: skip
     except ValueError as exc:
         raise ApiError(400, one_line(exc)) from None

@@ -4,7 +4,8 @@ validated once), and the JSON of their responses and streamed chunks.
 Fields nanokv does not use (logprobs, penalties, user...) are accepted and ignored, as other
 OpenAI-compatible servers do; `n` other than 1 is refused. nanokv's own per-request fields,
 what the openai client sends as `extra_body`: `kv_policy` (an eviction policy name) and
-`kv_budget` (a fraction of the prompt in (0, 1] or a token count > 1), plus `top_k`.
+`kv_budget` (a fraction of the prompt in (0, 1] or a token count > 1), plus `top_k` and
+`ignore_eos` (as vLLM takes them).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ class GenerationBody(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     n: int | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool | None = None
     kv_policy: str | None = None
     kv_budget: float | None = Field(None, gt=0)
 

@@ -136,6 +136,8 @@ def start_server(
     capacity = kv_memory_bytes if max_kv_tokens is None else kv_bytes_for_tokens(llm, max_kv_tokens)
     pool = KVPool(capacity)
     scheduler = Scheduler(llm, pool, max_waiting=max_waiting)
+    if policy is not None or budget is not None:
+        scheduler.engine_for(policy, budget)  # ValueError now for a bad policy or budget
     app = build_app(
         llm, scheduler, model_name=model_name or llm.model_dir.name, api_key=api_key,
         max_body_bytes=max_body_bytes, policy=policy, budget=budget,
@@ -220,6 +222,10 @@ def ready_line(url: str, model_name: str, llm: LLM, pool: KVPool) -> str:
     budget = llm.budget.value
     return (
         f"nanokv serve: {url}/v1 model={model_name} policy={llm.policy.name} "
-        f"budget={budget:g} kv-pool={pool.capacity_bytes / 2**20:.1f} MiB "
+        f"budget={budget:g} kv-pool={_size(pool.capacity_bytes)} "
         f"(~{pool.capacity_bytes // per_token} tokens of full cache, {cfg.num_layers} layers)"
     )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
