@@ -203,15 +203,35 @@ class Engine:
         plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
         return self._capacity(plans, self._decode_window(plans, decode_window), max_new_tokens)
 
-    def arena_bytes(self, capacity: int, batch: int = 1) -> int:
-        """Bytes of an arena of `capacity` slots a head (what `_allocate` would make)."""
+    def decode_capacities(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """Per layer, the slots a head of this prompt's arena is planned to hold while it
+        decodes (its count plus W), known before prefill: exact for uniform and pyramid
+        allocations, the mean head for `layer`/`global`, whose heads' sizes prefill decides."""
+        plan = self.eviction.plan(len(prompt), max_new_tokens)
+        total = len(prompt) + max_new_tokens
+        if plan.keep_all:
+            return [total] * self.cfg.num_layers
+        window = self._decode_window([plan], None)
+        return [min(count + window, total) for count in plan.layer_counts]
+
+    def arena_bytes(self, capacity: int | list[int], batch: int = 1) -> int:
+        """Bytes of an arena of `capacity` slots a head (what `_allocate` would make), or of
+        one with a capacity per layer (`KVArena.shrink_layers`)."""
         cfg = self.cfg
-        return KVArena.bytes_for(
-            cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
-            element_size=torch.empty((), dtype=self.dtype).element_size(),
-            q_heads=cfg.num_heads if self.policy.needs_value_norms else None,
-            slot_state=len(self.policy.slot_state),
-        )  # fmt: skip
+        layers = [capacity] * cfg.num_layers if isinstance(capacity, int) else capacity
+        return sum(
+            KVArena.bytes_for(
+                1,
+                batch,
+                cfg.num_kv_heads,
+                slots,
+                cfg.head_dim,
+                element_size=torch.empty((), dtype=self.dtype).element_size(),
+                q_heads=cfg.num_heads if self.policy.needs_value_norms else None,
+                slot_state=len(self.policy.slot_state),
+            )  # fmt: skip
+            for slots in layers
+        )
 
     def _decode_window(self, plans: list[SequencePlan], decode_window: int | None) -> int:
         if all(p.keep_all for p in plans):

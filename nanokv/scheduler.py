@@ -2,11 +2,12 @@
 steps, and continuous batching of every running request.
 
 Each `step` does, in order: drop cancelled requests (their pages go back to the pool at once);
-admit the next waiting request, first come first served, when no prefill is in progress and the
-pool holds its arena at its largest; run one layer of that prompt's prefill (a long prompt
-never stalls the running batch for more than one layer of it); and one decode step of every
-running request together. A request leaves the batch at EOS, a stop string, `max_new_tokens`,
-cancellation or an error, and every one of those returns its pages.
+admit waiting requests, first come first served, while the pool holds their decode-time pages;
+start the next admitted prompt's prefill when none runs (its pages grow to the prefill's peak
+for as long as it lasts); run one layer of that prefill (a long prompt never stalls the running
+batch for more than one layer of it); and one decode step of every running request together.
+A request leaves the batch at EOS, a stop string, `max_new_tokens`, cancellation or an error,
+and every one of those returns its pages.
 
 Clients call `submit` and `cancel` from any thread; `run` (or `start`, on a thread of its own)
 drives the steps. Requests report through `RequestEvent`s on the scheduler's thread.
@@ -44,7 +45,8 @@ class SchedulerStats:
 
     running: int
     prefilling: int
-    waiting: int
+    admitted: int  # holding their decode-time pages, waiting for their prefill
+    waiting: int  # holding nothing yet
     pool_bytes: int
     pool_used_bytes: int
     pool_used_pages: int
@@ -69,8 +71,9 @@ class Scheduler:
         `max_waiting` bounds the waiting queue (QueueFullError past it)."""
         self.llm, self.pool, self.max_waiting = llm, pool, max_waiting
         self._engines: dict[tuple[str, float], Engine] = {}
-        self._waiting: deque[RunningRequest] = deque()
-        self._prefilling: list[RunningRequest] = []
+        self._waiting: deque[RunningRequest] = deque()  # no memory yet
+        self._admitted: deque[RunningRequest] = deque()  # their decode-time pages, prefill next
+        self._prefilling: list[RunningRequest] = []  # at most one, holding its arena's peak
         self._running: list[RunningRequest] = []
         self._cancelled: set[int] = set()
         self._wake = threading.Condition()
@@ -86,15 +89,17 @@ class Scheduler:
         engine = self.engine_for(request.policy, request.budget)
         if not request.prompt_ids:
             raise InputError("the prompt is empty: give at least one token of text")
-        engine.check_prompts([request.prompt_ids], request.params.max_new_tokens)
-        pages, nbytes = self._reservation(engine, request)
-        if nbytes > self.pool.capacity_bytes:
+        new_tokens = request.params.max_new_tokens
+        engine.check_prompts([request.prompt_ids], new_tokens)
+        peak = self._pages(engine, engine.arena_capacity([request.prompt_ids], new_tokens))
+        steady = self._pages(engine, engine.decode_capacities(request.prompt_ids, new_tokens))
+        if peak[1] > self.pool.capacity_bytes:
             raise InputError(
-                f"this request's KV cache needs {nbytes / 2**20:.1f} MiB but the server's whole "
+                f"this request's KV cache needs {peak[1] / 2**20:.1f} MiB but the server's whole "
                 f"pool is {self.pool.capacity_bytes / 2**20:.1f} MiB: lower max_tokens, the "
                 "prompt or kv_budget"
             )
-        running = RunningRequest(request, on_event, engine, pages, nbytes)
+        running = RunningRequest(request, on_event, engine, peak, steady)
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting: retry later")
@@ -110,7 +115,8 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         with self._wake:
-            counts = len(self._running), len(self._prefilling), len(self._waiting)
+            counts = len(self._running), len(self._prefilling), len(self._admitted)
+            counts += (len(self._waiting),)
         return SchedulerStats(
             *counts, self.pool.capacity_bytes, self.pool.used_bytes, self.pool.used_pages,
             self._finished, self._generated, self._peak, self._peak_running,
@@ -120,14 +126,14 @@ class Scheduler:
     def reset_peaks(self) -> None:
         """Starts the peaks of `stats` afresh (a benchmark measures one load at a time)."""
         with self._wake:
-            self._peak = len(self._prefilling) + len(self._running)
+            self._peak = len(self._admitted) + len(self._prefilling) + len(self._running)
             self._peak_running = len(self._running)
         self.pool.reset_peak()
 
     def admitted(self) -> list[RunningRequest]:
-        """The requests that hold pool pages now: prefilling or running."""
+        """The requests that hold pool pages now: admitted, prefilling or running."""
         with self._wake:
-            return [*self._prefilling, *self._running]
+            return [*self._admitted, *self._prefilling, *self._running]
 
     def engine_for(self, policy: str | None, budget: float | None) -> Engine:
         """The engine of a request's policy and budget (None: the server's own); ValueError for
@@ -194,17 +200,20 @@ class Scheduler:
                         self._wake.wait(timeout=0.5)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for item in [*self._prefilling, *self._running]:
+        for item in [*self._admitted, *self._prefilling, *self._running]:
             self._fail(item, exc)
 
     def idle(self) -> bool:
         with self._wake:
-            return not (self._waiting or self._prefilling or self._running or self._cancelled)
+            busy = self._waiting or self._admitted or self._prefilling or self._running
+            return not (busy or self._cancelled)
 
     def step(self) -> bool:
         """One scheduling step; False when there was nothing to do."""
         self._drop_cancelled()
-        self._admit()
+        if self._next_prefill():
+            self._admit()
+            self._next_prefill()
         worked = self._prefill_one_layer()
         if self._running:
             self._decode()
@@ -219,29 +228,56 @@ class Scheduler:
                 self._waiting.remove(item)
         for item in waiting:
             self._report_end(item, "cancelled")
-        for group in (self._prefilling, self._running):
+        for group in (self._admitted, self._prefilling, self._running):
             for item in [r for r in group if r.request_id in cancelled]:
                 group.remove(item)
                 self._end(item, "cancelled")
 
     def _admit(self) -> None:
-        """Admits the head of the queue when no prefill is in progress and its pages fit: one
-        prompt prefills at a time (the device is busy with it anyway), and a request that still
-        waits for its prefill holds no memory."""
-        while not self._prefilling:
+        """Admits waiting requests, first come first served, while the pool holds their
+        decode-time pages (the prompt's budget plus the decode window): that is what each
+        will hold while it runs, so it is what bounds how many run at once."""
+        while True:
             with self._wake:
                 if not self._waiting:
                     return
                 head = self._waiting[0]
                 try:
-                    self.pool.reserve(head.request_id, head.pages, head.nbytes)
+                    self.pool.reserve(head.request_id, *head.steady)
                 except PoolFullError:
-                    return  # first come, first served: the head waits for pages
+                    return  # the head waits for pages; nobody overtakes it
                 self._waiting.popleft()
-            try:
-                self._start_prefill(head)
-            except Exception as exc:  # noqa: BLE001 - fail the request, keep serving
-                self._fail(head, exc)
+                self._admitted.append(head)
+                self._note_admitted()
+
+    def _next_prefill(self) -> bool:
+        """Starts the next admitted prompt's prefill when none is in progress: its pages grow to
+        the arena's peak (prefill holds every layer's candidates before the selection), and
+        shrink back after it. False when that growth must wait for memory: admitting more
+        would take what it waits for. With nothing running to free memory, the latest admitted
+        request goes back to the front of the queue (preempted before it held any K/V)."""
+        if self._prefilling or not self._admitted:
+            return True
+        head = self._admitted[0]
+        try:
+            self.pool.resize(head.request_id, *head.peak)
+        except PoolFullError:
+            if not self._running and len(self._admitted) > 1:
+                latest = self._admitted.pop()
+                self.pool.release(latest.request_id)
+                with self._wake:
+                    self._waiting.appendleft(latest)
+            return False
+        self._admitted.popleft()
+        try:
+            self._start_prefill(head)
+        except Exception as exc:  # noqa: BLE001 - fail the request, keep serving
+            self._fail(head, exc)
+        return True
+
+    def _note_admitted(self) -> None:
+        held = len(self._admitted) + len(self._prefilling) + len(self._running)
+        self._peak = max(self._peak, held)
 
     def _start_prefill(self, item: RunningRequest) -> None:
         request, engine = item.request, item.engine
@@ -251,7 +287,6 @@ class Scheduler:
             [request.prompt_ids], request.params.max_new_tokens, probes=probes
         )
         self._prefilling.append(item)
-        self._peak = max(self._peak, len(self._prefilling) + len(self._running))
 
     def _prefill_one_layer(self) -> bool:
         if not self._prefilling:
@@ -276,7 +311,7 @@ class Scheduler:
 
     def _fail(self, item: RunningRequest, exc: BaseException) -> None:
         """Ends a request with an error wherever it is; its pages return to the pool."""
-        for group in (self._prefilling, self._running):
+        for group in (self._admitted, self._prefilling, self._running):
             if item in group:
                 group.remove(item)
         self._end(item, "error", error=_one_line(exc))
@@ -284,8 +319,9 @@ class Scheduler:
     def _begin_decode(self, item: RunningRequest, logits: torch.Tensor) -> None:
         """After prefill: trim the pool pages to the shrunk arena, sample the first token."""
         request, engine = item.request, item.engine
-        capacity = item.state.arena.capacity
-        self.pool.resize(item.request_id, *self._pages(engine, capacity))
+        arena = item.state.arena
+        capacities = [arena.layer_capacity(layer) for layer in range(self.llm.config.num_layers)]
+        self.pool.resize(item.request_id, *self._pages(engine, capacities))
         item.sequence = Sequence(list(request.prompt_ids))
         item.sampler = Sampler(request.params, 1, engine.device)
         params = request.params
@@ -372,16 +408,14 @@ class Scheduler:
         prompt = len(item.request.prompt_ids)
         return RequestEvent(item.request_id, text, tokens, reason, prompt, item.generated, error)
 
-    def _reservation(self, engine: Engine, request: Request) -> tuple[int, int]:
-        """(pages, bytes) of the arena a request's prefill allocates: its largest size."""
-        capacity = engine.arena_capacity([request.prompt_ids], request.params.max_new_tokens)
-        return self._pages(engine, capacity)
-
-    def _pages(self, engine: Engine, capacity: int) -> tuple[int, int]:
-        """(pages, bytes) of a one-sequence arena of `capacity` slots a head, in whole pages."""
+    def _pages(self, engine: Engine, capacity: int | list[int]) -> tuple[int, int]:
+        """(pages, bytes) of a one-sequence arena of `capacity` slots a head (or per layer), in
+        whole pages."""
         cfg = self.llm.config
-        paged = -(-capacity // PAGE_SIZE) * PAGE_SIZE
-        return pages_for(cfg.num_layers, cfg.num_kv_heads, capacity), engine.arena_bytes(paged)
+        layers = [capacity] * cfg.num_layers if isinstance(capacity, int) else capacity
+        paged = [-(-slots // PAGE_SIZE) * PAGE_SIZE for slots in layers]
+        pages = sum(pages_for(1, cfg.num_kv_heads, slots) for slots in paged)
+        return pages, engine.arena_bytes(paged)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -65,8 +65,8 @@ class RunningRequest:
     request: Request
     on_event: EventCallback
     engine: Engine
-    pages: int  # pool pages its arena takes at its largest (admission reserves them)
-    nbytes: int  # the bytes of those pages
+    peak: tuple[int, int]  # (pages, bytes) of its arena at its largest: during prefill
+    steady: tuple[int, int]  # (pages, bytes) planned while it decodes: what admission reserves
     prefill: Generator[None, None, tuple[DecodeState, torch.Tensor]] | None = None
     state: DecodeState | None = None
     next_token: int | None = None  # sampled and recorded, fed at the next decode step

@@ -166,19 +166,19 @@ def test_cancel_returns_pages_within_one_step_wherever_the_request_is(llm):
     scheduler = Scheduler(llm, KVPool(2**24))
     recorder = Recorder()
     params = SamplingParams(max_new_tokens=50, ignore_eos=True)
-    running, prefilling, waiting = (
+    running, prefilling, admitted = (
         scheduler.submit(Request(p, params), recorder) for p in prompts(llm, 3)
     )
     while scheduler.stats().running == 0:
         scheduler.step()
     scheduler.step()
     stats = scheduler.stats()
-    assert (stats.running, stats.prefilling, stats.waiting) == (1, 1, 1)
-    for request_id in (running, prefilling, waiting):
+    assert (stats.running, stats.prefilling, stats.admitted) == (1, 1, 1)
+    for request_id in (running, prefilling, admitted):
         scheduler.cancel(request_id)
     scheduler.step()
     assert scheduler.idle() and scheduler.pool.used_bytes == 0
-    for request_id in (running, prefilling, waiting):
+    for request_id in (running, prefilling, admitted):
         assert recorder.last(request_id).finish_reason == "cancelled"
 
 
@@ -252,3 +252,34 @@ def test_a_failing_client_is_dropped_and_the_scheduler_keeps_serving(llm):
         assert scheduler.pool.used_bytes == 0 and scheduler.stats().generated_tokens < 60
     finally:
         scheduler.stop()
+
+
+def test_admission_counts_decode_time_pages_and_preempts_when_a_prefill_cannot_grow(llm):
+    """Admission reserves what a request holds while it decodes (its budget plus W); the one
+    prefill in progress grows to its peak. When that growth cannot fit and nothing runs to free
+    memory, the latest admitted request goes back to the queue, and every request still ends
+    with the tokens it would generate alone."""
+    scheduler = Scheduler(llm, KVPool(2**30))
+    engine = scheduler.engine_for("laprox", 0.25)
+    prompt = prompts(llm, 3)[2]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    peak = scheduler._pages(engine, engine.arena_capacity([prompt], 8))[1]
+    steady = scheduler._pages(engine, engine.decode_capacities(prompt, 8))[1]
+    assert steady < peak  # a global selection's prefill holds more than it keeps
+    scheduler = Scheduler(llm, KVPool(peak + steady - 1))
+    recorder = Recorder()
+    first, second = (
+        scheduler.submit(Request(prompt, params, policy="laprox", budget=0.25), recorder)
+        for _ in range(2)
+    )
+    seen = []
+    while not scheduler.idle():
+        scheduler.step()
+        stats = scheduler.stats()
+        seen.append((stats.admitted + stats.prefilling + stats.running, stats.waiting))
+        assert stats.pool_used_bytes <= stats.pool_bytes
+    assert seen[0] == (1, 1)  # the second was admitted, then handed back for the first's peak
+    alone = LLM(llm.model_dir, dtype="float32", min_cache=MIN_CACHE, policy="laprox", budget=0.25)
+    (expected,) = alone.engine.generate([prompt], params, alone._stopper(params))
+    assert recorder.tokens(first) == recorder.tokens(second) == expected.token_ids
+    assert scheduler.pool.used_bytes == 0
