@@ -152,6 +152,7 @@ class Engine:
         prompt, `nanokv.probe.repeat_probe`) are needed by, and only by, a policy that observes
         "repeat"; with `records` the probe is the one recorded (`record_prompt(..., probe=)`),
         and passing `probes` as well is a ValueError."""
+        self.eviction.seconds = 0.0  # this call's (a scheduler's requests share the counter)
         if records is None:
             return _drain(self.start_steps(prompts, max_new_tokens, decode_window, probes))
         self.check_prompts(prompts, max_new_tokens)
@@ -246,7 +247,6 @@ class Engine:
         self, prompts: list[list[int]], max_new_tokens: int, decode_window: int | None
     ) -> tuple[list[SequencePlan], int, int, dict[str, torch.Tensor]]:
         """Plans, W, the arena's capacity and the policy's fresh per-call memory."""
-        self.eviction.seconds = 0.0
         plans = [self.eviction.plan(len(p), max_new_tokens) for p in prompts]
         memory: dict[str, torch.Tensor] = {}
         self.policy.bind(memory, batch=len(prompts))

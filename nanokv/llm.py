@@ -15,9 +15,12 @@ from nanokv.dtypes import resolve_dtype
 from nanokv.engine import Engine, InputError, TextCallback
 from nanokv.loader import load_config, load_model, resolve_model_dir
 from nanokv.policies import POLICIES, Policy, make_policy, parse_policy
+from nanokv.pool import KVPool
 from nanokv.probe import Probe, repeat_probe
 from nanokv.report import CacheReport
 from nanokv.sampling import SamplingParams
+from nanokv.scheduler import Scheduler
+from nanokv.sequence import Request, RequestEvent
 from nanokv.sparsity import QuestOptions
 from nanokv.stopping import StopChecker
 from nanokv.tokenizer import Tokenizer
@@ -25,6 +28,8 @@ from nanokv.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from nanokv.conversation import Conversation
 
+UNBOUNDED = 2**31
+UNBOUNDED_BYTES = 2**62
 DEFAULT_MIN_CACHE = 128  # tokens: no head is cut below this, short prompts are never evicted
 
 
@@ -117,6 +122,7 @@ class LLM:
             )
             if name == "full":
                 self.budget = Budget(1.0)
+        self._scheduler: Scheduler | None = None
         if hasattr(self, "model"):
             self._build_engine()
 
@@ -259,15 +265,38 @@ class LLM:
         return self._run(chats, ids, params, on_text)
 
     def _run(self, prompts, ids, params: SamplingParams, on_text) -> list[GenerationOutput]:
+        """Runs the prompts as requests through the scheduler, the server's path: admitted,
+        prefilled a layer at a time and decoded in one continuous batch."""
         for index, prompt_ids in enumerate(ids):
             if not prompt_ids:
                 raise InputError(f"prompt {index} is empty: give at least one token of text")
-        probes = self._probes(self.engine, ids)
-        sequences = self.engine.generate(ids, params, self._stopper(params), on_text, probes)
+        self.engine.check_prompts(ids, params.max_new_tokens)
+        scheduler = self._requests()
+        engine = scheduler.engine_for(None, None)
+        engine.eviction.seconds = 0.0
+        results = [_Collected(index, on_text) for index in range(len(ids))]
+        for prompt_ids, result in zip(ids, results, strict=True):
+            scheduler.submit(Request(prompt_ids, params, report=True), result)
+        while not scheduler.idle():
+            scheduler.step()
+        for result in results:
+            if result.error is not None:
+                raise RuntimeError(f"generation failed: {result.error}")
+        reports = [result.report for result in results]
+        self.engine.last_report = CacheReport.combine(reports, engine.eviction.seconds)
         return [
-            GenerationOutput(p, s.prompt_token_ids, s.text, s.token_ids, s.finish_reason)
-            for p, s in zip(prompts, sequences, strict=True)
+            GenerationOutput(p, i, r.text, r.token_ids, r.finish_reason)
+            for p, i, r in zip(prompts, ids, results, strict=True)
         ]
+
+    def _requests(self) -> Scheduler:
+        """The scheduler `generate` and `chat` submit to: an unbounded pool (a library call
+        holds what it asks for) and the arena `engine` allocates, made again when the policy
+        changes."""
+        if self._scheduler is None:
+            pool = KVPool(UNBOUNDED_BYTES)
+            self._scheduler = Scheduler(self, pool, max_waiting=UNBOUNDED, layer_capacities=False)
+        return self._scheduler
 
     def _eos_token_ids(self) -> set[int]:
         ids = set(self.config.eos_token_ids) | self.tokenizer.eos_token_ids
@@ -276,6 +305,29 @@ class LLM:
             eos = json.loads(path.read_text()).get("eos_token_id")
             ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return ids
+
+
+class _Collected:
+    """One request's events gathered into its output (and streamed to `on_text`)."""
+
+    def __init__(self, index: int, on_text: TextCallback | None) -> None:
+        self.index, self.on_text = index, on_text
+        self.text, self.token_ids = "", []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.report: CacheReport | None = None
+
+    def __call__(self, event: RequestEvent) -> None:
+        self.text += event.text
+        self.token_ids += event.token_ids
+        if event.text and self.on_text is not None:
+            self.on_text(self.index, event.text)
+        if event.finished:
+            self.finish_reason, self.error, self.report = (
+                event.finish_reason,
+                event.error,
+                event.report,
+            )
 
 
 def _half(budget: Budget) -> float:

@@ -21,6 +21,23 @@ class CacheReport:
     eviction_seconds: float  # selection, compaction and decode-time evictions
     quest_read_fraction: float | None  # pages read / pages held, when Quest runs
 
+    @classmethod
+    def combine(cls, reports: list[CacheReport], eviction_seconds: float) -> CacheReport:
+        """One report of requests that ran separately (one call's prompts through the
+        scheduler), in order: sequences side by side, bytes and prefill time summed."""
+        quest = [r.quest_read_fraction for r in reports if r.quest_read_fraction is not None]
+        return cls(
+            policy=reports[0].policy,
+            budget=[line for r in reports for line in r.budget],
+            prompt_tokens=[n for r in reports for n in r.prompt_tokens],
+            kept_after_prefill=torch.cat([r.kept_after_prefill for r in reports], dim=1),
+            arena_bytes=sum(r.arena_bytes for r in reports),
+            full_cache_bytes=sum(r.full_cache_bytes for r in reports),
+            prefill_seconds=sum(r.prefill_seconds for r in reports),
+            eviction_seconds=eviction_seconds,
+            quest_read_fraction=sum(quest) / len(quest) if quest else None,
+        )
+
     def summary(self) -> str:
         """A few human lines for `nanokv generate --verbose`."""
         kept = self.kept_after_prefill.float()

@@ -66,10 +66,15 @@ class SchedulerStats:
 class Scheduler:
     """Runs requests on one loaded model (`nanokv.LLM`) within one KV pool."""
 
-    def __init__(self, llm, pool: KVPool, *, max_waiting: int = 64) -> None:
+    def __init__(
+        self, llm, pool: KVPool, *, max_waiting: int = 64, layer_capacities: bool = True
+    ) -> None:
         """`llm` gives the model, tokenizer, default policy and budget (its engine);
-        `max_waiting` bounds the waiting queue (QueueFullError past it)."""
+        `max_waiting` bounds the waiting queue (QueueFullError past it); `layer_capacities`:
+        each layer's arena holds only its own heads after prefill (`Engine`), what a shared
+        pool wants; off, the arena is the one `LLM.engine` allocates, bit for bit."""
         self.llm, self.pool, self.max_waiting = llm, pool, max_waiting
+        self.layer_capacities = layer_capacities
         self._engines: dict[tuple[str, float], Engine] = {}
         self._waiting: deque[RunningRequest] = deque()  # no memory yet
         self._admitted: deque[RunningRequest] = deque()  # their decode-time pages, prefill next
@@ -163,12 +168,11 @@ class Scheduler:
             policy = make_policy(base, **dataclasses.asdict(llm.policy.options))
         else:
             policy = make_policy(base)
-        budget = Budget(value, floor=llm.min_cache)
-        if llm.budget.value == value and llm.budget.floor == budget.floor:
-            budget = llm.budget
+        own = base == llm.policy.name and llm.budget.value == value
+        budget = llm.budget if own else Budget(value, floor=llm.budget.floor)
         return Engine(
-            llm.model, llm.config, policy, budget=budget, prefill_chunk=llm.prefill_chunk,
-            layer_capacities=True,
+            llm.model, llm.config, policy, budget=budget, quest=llm.quest if own else None,
+            prefill_chunk=llm.prefill_chunk, layer_capacities=self.layer_capacities,
         )  # fmt: skip
 
     # --- the scheduler's thread -----------------------------------------------------------
@@ -281,7 +285,6 @@ class Scheduler:
 
     def _start_prefill(self, item: RunningRequest) -> None:
         request, engine = item.request, item.engine
-        item.admitted_at = time.perf_counter()
         probes = self.llm._probes(engine, [request.prompt_ids])
         item.prefill = engine.start_steps(
             [request.prompt_ids], request.params.max_new_tokens, probes=probes
@@ -292,10 +295,13 @@ class Scheduler:
         if not self._prefilling:
             return False
         item = self._prefilling[0]
+        began = time.perf_counter()
         try:
             next(item.prefill)
+            item.prefill_seconds += time.perf_counter() - began
             return True
         except StopIteration as done:
+            item.prefill_seconds += time.perf_counter() - began
             result = done.value
         except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the rest
             self._fail(item, exc)
@@ -319,6 +325,7 @@ class Scheduler:
     def _begin_decode(self, item: RunningRequest, logits: torch.Tensor) -> None:
         """After prefill: trim the pool pages to the shrunk arena, sample the first token."""
         request, engine = item.request, item.engine
+        item.state.prefill_seconds = item.prefill_seconds
         arena = item.state.arena
         capacities = [arena.layer_capacity(layer) for layer in range(self.llm.config.num_layers)]
         self.pool.resize(item.request_id, *self._pages(engine, capacities))
@@ -373,6 +380,11 @@ class Scheduler:
         error: str | None = None,
     ) -> None:
         """Returns the request's pages and state, then reports its last event."""
+        request = item.request
+        if request.report and item.state is not None:
+            item.report = item.engine.report(
+                item.state, [request.prompt_ids], request.params.max_new_tokens
+            )
         self.pool.release(item.request_id)
         item.state = item.prefill = None
         self._report_end(item, reason, text, tokens, error)
@@ -406,7 +418,10 @@ class Scheduler:
         error: str | None = None,
     ) -> RequestEvent:
         prompt = len(item.request.prompt_ids)
-        return RequestEvent(item.request_id, text, tokens, reason, prompt, item.generated, error)
+        report = item.report if reason is not None else None
+        return RequestEvent(
+            item.request_id, text, tokens, reason, prompt, item.generated, error, report
+        )
 
     def _pages(self, engine: Engine, capacity: int | list[int]) -> tuple[int, int]:
         """(pages, bytes) of a one-sequence arena of `capacity` slots a head (or per layer), in

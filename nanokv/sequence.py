@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from nanokv.engine import DecodeState, Engine, Sequence
+    from nanokv.report import CacheReport
     from nanokv.sampling import Sampler
     from nanokv.stopping import StopChecker
 
@@ -34,6 +35,7 @@ class Request:
     policy: str | None = None
     budget: float | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
+    report: bool = False  # the last event carries a CacheReport of what the request kept
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class RequestEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    report: CacheReport | None = None  # on the last event, when the request asked for one
 
     @property
     def finished(self) -> bool:
@@ -73,8 +76,8 @@ class RunningRequest:
     sequence: Sequence | None = None
     sampler: Sampler | None = None
     stopper: StopChecker | None = None
-    cancelled: bool = False
-    admitted_at: float = 0.0
+    prefill_seconds: float = 0.0  # spent in its own prefill steps
+    report: CacheReport | None = None
 
     @property
     def request_id(self) -> int:

@@ -152,14 +152,13 @@ def test_verbose_reports_the_arenas_real_bytes(tiny_llama_dir, monkeypatch, caps
     """`nanokv generate --verbose`: the arena figure (MiB and bytes) is what the arena of that
     run really allocated, and the full-cache figure is K and V of prompt + new tokens."""
     states = []
-    start = Engine.start
+    report = Engine.report
 
-    def recording(self, prompts, *args, **kwargs):
-        state, logits = start(self, prompts, *args, **kwargs)
-        states.append((state, len(prompts[0])))
-        return state, logits
+    def recording(self, state, prompts, *args, **kwargs):
+        states.append((state, len(prompts[0])))  # the run's state, as it is reported
+        return report(self, state, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(Engine, "start", recording)
+    monkeypatch.setattr(Engine, "report", recording)
     argv = [
         "generate", "--model", str(tiny_llama_dir), "--policy", policy, "--budget", "0.1",
         "--min-cache", "0", "--max-new-tokens", str(NEW), "--seed", "0", "--verbose",

@@ -271,13 +271,13 @@ def test_laprox_weights_the_probe_by_value_output_norms():
 
 def test_compress_uses_the_probe_by_default_and_generate_does_not(tiny_llama_dir, monkeypatch):
     seen: list[tuple[str, object]] = []
-    start = Engine.start
+    start_steps = Engine.start_steps  # every live prefill: compress's start, generate's requests
 
-    def spy(engine, prompts, *args, probes=None, **kwargs):
+    def spy(engine, prompts, max_new_tokens, decode_window=None, probes=None):
         seen.append((engine.policy.options.observe, probes))
-        return start(engine, prompts, *args, probes=probes, **kwargs)
+        return start_steps(engine, prompts, max_new_tokens, decode_window, probes)
 
-    monkeypatch.setattr(Engine, "start", spy)
+    monkeypatch.setattr(Engine, "start_steps", spy)
     llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0)
     assert llm.policy.options.observe == "last" and llm.policy.options.pool == 31
     assert llm.compress_policy.options.observe == "repeat" and llm.compress_policy.options.pool == 1
