@@ -215,24 +215,24 @@ class LLM:
         on_text: TextCallback | None,
         answer_prefix: str = "",
     ) -> list[GenerationOutput]:
-        outputs = []
+        """Each question as a request that continues a copy of the compressed context with the
+        engine that compressed it; the questions decode together in one batch."""
+        ids = []
         for index, question in enumerate(questions):
-            ids = context.question_ids(self.tokenizer, question, answer_prefix)
-            if len(ids) + params.max_new_tokens > context.reserve:
+            question_ids = context.question_ids(self.tokenizer, question, answer_prefix)
+            if len(question_ids) + params.max_new_tokens > context.reserve:
                 raise InputError(
-                    f"question {index} ({len(ids)} tokens) and {params.max_new_tokens} new "
-                    f"tokens exceed the {context.reserve} tokens reserved by compress()"
+                    f"question {index} ({len(question_ids)} tokens) and {params.max_new_tokens} "
+                    f"new tokens exceed the {context.reserve} tokens reserved by compress()"
                 )
-            state = context.state.clone()
-            engine = self.compress_engine  # the policy that compressed the context
-            logits = engine.extend(state, ids)
-            stream = None if on_text is None else lambda _, text, i=index: on_text(i, text)
-            stopper = self._stopper(params)
-            (seq,) = engine.decode(state, logits, [ids], params, stopper, stream)
-            outputs.append(
-                GenerationOutput(question, ids, seq.text, seq.token_ids, seq.finish_reason)
-            )
-        return outputs
+            ids.append(question_ids)
+        engine = self.compress_engine  # the policy that compressed the context
+        requests = [Request(i, params, context=context.state, engine=engine) for i in ids]
+        results = self._submit_all(requests, on_text)
+        return [
+            GenerationOutput(q, i, r.text, r.token_ids, r.finish_reason)
+            for q, i, r in zip(questions, ids, results, strict=True)
+        ]
 
     def _stopper(self, params: SamplingParams) -> StopChecker:
         return StopChecker(
@@ -271,23 +271,31 @@ class LLM:
             if not prompt_ids:
                 raise InputError(f"prompt {index} is empty: give at least one token of text")
         self.engine.check_prompts(ids, params.max_new_tokens)
-        scheduler = self._requests()
-        engine = scheduler.engine_for(None, None)
+        engine = self._requests().engine_for(None, None)
         engine.eviction.seconds = 0.0
-        results = [_Collected(index, on_text) for index in range(len(ids))]
-        for prompt_ids, result in zip(ids, results, strict=True):
-            scheduler.submit(Request(prompt_ids, params, report=True), result)
-        while not scheduler.idle():
-            scheduler.step()
-        for result in results:
-            if result.error is not None:
-                raise RuntimeError(f"generation failed: {result.error}")
+        requests = [Request(prompt_ids, params, report=True) for prompt_ids in ids]
+        results = self._submit_all(requests, on_text)
         reports = [result.report for result in results]
         self.engine.last_report = CacheReport.combine(reports, engine.eviction.seconds)
         return [
             GenerationOutput(p, i, r.text, r.token_ids, r.finish_reason)
             for p, i, r in zip(prompts, ids, results, strict=True)
         ]
+
+    def _submit_all(
+        self, requests: list[Request], on_text: TextCallback | None
+    ) -> list[_Collected]:
+        """Submits the requests and steps the scheduler until all of them are done."""
+        scheduler = self._requests()
+        results = [_Collected(index, on_text) for index in range(len(requests))]
+        for request, result in zip(requests, results, strict=True):
+            scheduler.submit(request, result)
+        while not scheduler.idle():
+            scheduler.step()
+        for result in results:
+            if result.error is not None:
+                raise RuntimeError(f"generation failed: {result.error}")
+        return results
 
     def _requests(self) -> Scheduler:
         """The scheduler `generate` and `chat` submit to: an unbounded pool (a library call

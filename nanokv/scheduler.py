@@ -19,12 +19,13 @@ import dataclasses
 import threading
 import time
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 
 from nanokv.budget import Budget
-from nanokv.engine import Engine, InputError, Sequence
+from nanokv.engine import DecodeState, Engine, InputError, Sequence
 from nanokv.policies import make_policy, parse_policy
 from nanokv.pool import PAGE_SIZE, KVPool, PoolFullError, pages_for
 from nanokv.runner import Member, decode_step
@@ -91,13 +92,15 @@ class Scheduler:
     def submit(self, request: Request, on_event: EventCallback) -> int:
         """Queues a request; returns its id. InputError for a request that is invalid or can
         never fit the pool; QueueFullError when the waiting queue is full."""
-        engine = self.engine_for(request.policy, request.budget)
+        engine = request.engine or self.engine_for(request.policy, request.budget)
         if not request.prompt_ids:
             raise InputError("the prompt is empty: give at least one token of text")
-        new_tokens = request.params.max_new_tokens
-        engine.check_prompts([request.prompt_ids], new_tokens)
-        peak = self._pages(engine, engine.arena_capacity([request.prompt_ids], new_tokens))
-        steady = self._pages(engine, engine.decode_capacities(request.prompt_ids, new_tokens))
+        peak = steady = self._context_pages(engine, request)
+        if request.context is None:
+            new_tokens = request.params.max_new_tokens
+            engine.check_prompts([request.prompt_ids], new_tokens)
+            peak = self._pages(engine, engine.arena_capacity([request.prompt_ids], new_tokens))
+            steady = self._pages(engine, engine.decode_capacities(request.prompt_ids, new_tokens))
         if peak[1] > self.pool.capacity_bytes:
             raise InputError(
                 f"this request's KV cache needs {peak[1] / 2**20:.1f} MiB but the server's whole "
@@ -285,10 +288,13 @@ class Scheduler:
 
     def _start_prefill(self, item: RunningRequest) -> None:
         request, engine = item.request, item.engine
-        probes = self.llm._probes(engine, [request.prompt_ids])
-        item.prefill = engine.start_steps(
-            [request.prompt_ids], request.params.max_new_tokens, probes=probes
-        )
+        if request.context is not None:
+            item.prefill = _extend_steps(engine, request.context, request.prompt_ids)
+        else:
+            probes = self.llm._probes(engine, [request.prompt_ids])
+            item.prefill = engine.start_steps(
+                [request.prompt_ids], request.params.max_new_tokens, probes=probes
+            )
         self._prefilling.append(item)
 
     def _prefill_one_layer(self) -> bool:
@@ -423,6 +429,14 @@ class Scheduler:
             item.request_id, text, tokens, reason, prompt, item.generated, error, report
         )
 
+    def _context_pages(self, engine: Engine, request: Request) -> tuple[int, int]:
+        """(pages, bytes) of a context request's copy of the compressed arena (it does not
+        grow: compress reserved room for the question and the answer); (0, 0) otherwise."""
+        if request.context is None:
+            return 0, 0
+        arena = request.context.arena
+        return self._pages(engine, [arena.layer_capacity(i) for i in range(len(arena.k))])
+
     def _pages(self, engine: Engine, capacity: int | list[int]) -> tuple[int, int]:
         """(pages, bytes) of a one-sequence arena of `capacity` slots a head (or per layer), in
         whole pages."""
@@ -431,6 +445,16 @@ class Scheduler:
         paged = [-(-slots // PAGE_SIZE) * PAGE_SIZE for slots in layers]
         pages = sum(pages_for(1, cfg.num_kv_heads, slots) for slots in paged)
         return pages, engine.arena_bytes(paged)
+
+
+def _extend_steps(
+    engine: Engine, context: DecodeState, ids: list[int]
+) -> Generator[None, None, tuple[DecodeState, torch.Tensor]]:
+    """A context request's "prefill": a copy of the compressed state, then the question
+    written into it (`Engine.extend`), as two steps."""
+    state = context.clone()
+    yield
+    return state, engine.extend(state, ids)
 
 
 def _one_line(exc: BaseException) -> str:

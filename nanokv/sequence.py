@@ -36,6 +36,10 @@ class Request:
     budget: float | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
     report: bool = False  # the last event carries a CacheReport of what the request kept
+    # library use: continue a compressed context (`LLM.compress`) with the engine that made it;
+    # `prompt_ids` are then the tokens after it (a question), fed to a copy of the state
+    context: DecodeState | None = None
+    engine: Engine | None = None
 
 
 @dataclass(frozen=True)

@@ -283,3 +283,22 @@ def test_admission_counts_decode_time_pages_and_preempts_when_a_prefill_cannot_g
     (expected,) = alone.engine.generate([prompt], params, alone._stopper(params))
     assert recorder.tokens(first) == recorder.tokens(second) == expected.token_ids
     assert scheduler.pool.used_bytes == 0
+
+
+def test_questions_on_a_compressed_context_decode_together_as_they_would_alone(llm):
+    """`chat(questions, context=...)` submits each question as a request that continues a copy
+    of the compressed arena: they run in one batch, and each answer is the one it gets alone."""
+    asker = LLM(llm.model_dir, dtype="float32", min_cache=MIN_CACHE, policy="snapkv", budget=0.3)
+    words = ["red", "blue", "green", "apple", "stone", "river", "cloud", "seven"]
+    document = " ".join(words[(3 * j) % 8] for j in range(16))
+    context = asker.compress(document, max_question_tokens=48, max_new_tokens=10)
+    questions = ["which colour?", "which fruit?", "how many rivers?"]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    scheduler = asker._requests()
+    scheduler.reset_peaks()
+    together = asker.chat(questions, params, context=context)
+    assert scheduler.stats().peak_admitted == len(questions)
+    for question, answer in zip(questions, together, strict=True):
+        (alone,) = asker.chat([question], params, context=context)
+        assert answer.token_ids == alone.token_ids and len(answer.token_ids) == 10
+    assert scheduler.pool.used_bytes == 0
