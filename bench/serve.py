@@ -7,9 +7,11 @@ tokens. For each cell of `--cells` (`full`, `NAME@BUDGET`), `--requests` streami
 with distinct prompts of exactly `--prompt-tokens` tokens (real text that ships with Python)
 are sent at once by async `openai` clients, with the cell's `kv_policy` / `kv_budget` in the
 body and `ignore_eos` so that every request decodes `--max-tokens` tokens; the server's `/stats`
-gives the peaks. One JSON line per cell: the most requests admitted at once (holding pool memory:
-running or prefilling), the most running, output tokens a second over the cell's wall time,
-p50/p99 time to first token and inter-token latency, the pool's peak use; then one line of
+gives the peaks. One JSON line per cell: how many of its requests the pool holds at once (its
+bytes over a request's decode-time pages), the most requests admitted at once (holding pool
+memory: admitted, prefilling or running), the most running, output tokens a second over the
+cell's wall time, p50/p99 time to first token and inter-token latency, the pool's peak use;
+then one line of
 bytes (`--bytes-tokens`: one prompt that long, each policy cell's arena as the server holds it
 vs the full cache's); then a summary with the ratios to the full cache and issue 10's targets.
 
@@ -35,6 +37,8 @@ import torch
 
 import nanokv
 from nanokv.eval.corpus import docs_text
+from nanokv.sampling import SamplingParams
+from nanokv.sequence import Request
 from nanokv.serve.server import start_server
 
 DEFAULT_CELLS = ("full", "laprox@0.05", "snapkv@0.05")
@@ -129,6 +133,10 @@ async def run_cell(server, model: str, cell, batch: list[list[int]], args) -> di
     )
     wall = time.perf_counter() - began
     await client.close()
+    probe = Request(batch[0], SamplingParams(max_new_tokens=args.max_tokens), *cell)
+    if name == "full":
+        probe.policy, probe.budget = "full", 1.0
+    _, (_, steady_bytes) = server.scheduler.reservation(probe)
     async with httpx.AsyncClient(timeout=30) as http:  # the server's own /stats
         stats = (await http.get(f"{server.url}/stats")).json()
     firsts = [first for first, _, _ in results if first is not None]
@@ -137,6 +145,7 @@ async def run_cell(server, model: str, cell, batch: list[list[int]], args) -> di
     return {
         "bench": "serve", "cell": label(cell), "requests": len(batch),
         "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+        "pool_holds": server.pool.capacity_bytes // steady_bytes,
         "peak_admitted": stats["peak_admitted"], "peak_running": stats["peak_running"],
         "peak_pool_use": round(stats["pool_peak_use"], 4), "output_tokens": tokens,
         "wall_s": round(wall, 2), "output_tok_s": round(tokens / wall, 2),
@@ -169,6 +178,7 @@ def summary(rows: list[dict], size: dict | None) -> dict:
             if row is full:
                 continue
             line[row["cell"]] = {
+                "pool_holds_vs_full": round(row["pool_holds"] / max(full["pool_holds"], 1), 2),
                 "admitted_vs_full": round(row["peak_admitted"] / max(full["peak_admitted"], 1), 2),
                 "tok_s_vs_full": round(row["output_tok_s"] / full["output_tok_s"], 2),
             }

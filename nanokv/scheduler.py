@@ -95,12 +95,9 @@ class Scheduler:
         engine = request.engine or self.engine_for(request.policy, request.budget)
         if not request.prompt_ids:
             raise InputError("the prompt is empty: give at least one token of text")
-        peak = steady = self._context_pages(engine, request)
         if request.context is None:
-            new_tokens = request.params.max_new_tokens
-            engine.check_prompts([request.prompt_ids], new_tokens)
-            peak = self._pages(engine, engine.arena_capacity([request.prompt_ids], new_tokens))
-            steady = self._pages(engine, engine.decode_capacities(request.prompt_ids, new_tokens))
+            engine.check_prompts([request.prompt_ids], request.params.max_new_tokens)
+        peak, steady = self.reservation(request, engine)
         if peak[1] > self.pool.capacity_bytes:
             raise InputError(
                 f"this request's KV cache needs {peak[1] / 2**20:.1f} MiB but the server's whole "
@@ -429,11 +426,23 @@ class Scheduler:
             item.request_id, text, tokens, reason, prompt, item.generated, error, report
         )
 
+    def reservation(
+        self, request: Request, engine: Engine | None = None
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(pages, bytes) a request holds at its peak (its prefill) and while it decodes (what
+        admission reserves): how many such requests the pool runs at once is the pool's bytes
+        over the second."""
+        engine = engine or request.engine or self.engine_for(request.policy, request.budget)
+        if request.context is not None:
+            pages = self._context_pages(engine, request)
+            return pages, pages
+        ids, new_tokens = request.prompt_ids, request.params.max_new_tokens
+        peak = self._pages(engine, engine.arena_capacity([ids], new_tokens))
+        return peak, self._pages(engine, engine.decode_capacities(ids, new_tokens))
+
     def _context_pages(self, engine: Engine, request: Request) -> tuple[int, int]:
         """(pages, bytes) of a context request's copy of the compressed arena (it does not
-        grow: compress reserved room for the question and the answer); (0, 0) otherwise."""
-        if request.context is None:
-            return 0, 0
+        grow: compress reserved room for the question and the answer)."""
         arena = request.context.arena
         return self._pages(engine, [arena.layer_capacity(i) for i in range(len(arena.k))])
 

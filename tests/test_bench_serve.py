@@ -35,7 +35,8 @@ def test_serve_bench_measures_every_cell_through_the_server(tiny_llama_dir, tmp_
         assert row["output_tokens"] == 6 * 20  # ignore_eos: every request decodes max_tokens
         assert 1 <= row["peak_admitted"] <= 6 and row["ttft_p50_ms"] > 0
         assert 0 < row["peak_pool_use"] <= 1
-    assert full["peak_admitted"] == 1  # the pool holds one full request
+    assert full["peak_admitted"] == full["pool_holds"] == 1  # the pool holds one full request
+    assert snapkv["pool_holds"] > 1
     assert snapkv["peak_admitted"] > full["peak_admitted"]
     assert 0 < size["arena_vs_full"]["snapkv@0.2"] < 1
     ratios = summary["snapkv@0.2"]
