@@ -178,9 +178,9 @@ class Engine:
         decode_window: int | None = None,
         probes: list[Probe | None] | None = None,
     ) -> Generator[None, None, tuple[DecodeState, torch.Tensor]]:
-        """`start` as a generator that yields after every layer of every prompt's prefill and
-        returns (state, logits): a scheduler runs a long prompt's prefill a layer at a time
-        between the decode steps of the running batch."""
+        """`start` as a generator that yields after every query chunk of every layer of every
+        prompt's prefill and returns (state, logits): a scheduler runs a long prompt's prefill
+        a chunk at a time between the decode steps of the running batch."""
         self.check_prompts(prompts, max_new_tokens)
         probes = self._check_probes(prompts, None, probes)
         began = time.perf_counter()
@@ -404,13 +404,15 @@ class Engine:
         all_logits: bool = False,
         probe: Probe | None = None,
     ) -> Generator[None, None, torch.Tensor]:
-        """`prefill` as a generator that yields after each layer and returns the logits."""
+        """`prefill` as a generator that yields after each query chunk of each layer and returns
+        the logits."""
         ids = torch.tensor(prompt, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)
         h = self.model.embed(ids, positions)  # (n, hidden)
         run = self._probe_run(probe, len(prompt))
         for layer, block in enumerate(self.model.blocks):
-            prompt_layer = self._prefill_layer(layer, seq, block, h, positions, probe=run)
+            steps = self._prefill_layer_steps(layer, seq, block, h, positions, probe=run)
+            prompt_layer = yield from steps
             self._keep_prompt_layer(arena, prompt_layer, plan)
             yield
         if plan is not None:
@@ -507,6 +509,21 @@ class Engine:
         """Runs `block` over the prompt in query chunks, updating h (n, hidden) in place, then
         over the `probe`'s segments. `every_statistic` keeps what any policy could read (all
         queries, value norms)."""
+        steps = self._prefill_layer_steps(layer, seq, block, h, positions, every_statistic, probe)
+        return _drain(steps)
+
+    def _prefill_layer_steps(
+        self,
+        layer: int,
+        seq: int,
+        block: torch.nn.Module,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        every_statistic: bool = False,
+        probe: _ProbeRun | None = None,
+    ) -> Generator[None, None, PromptLayer]:
+        """`_prefill_layer` as a generator that yields after every query chunk but the last:
+        a scheduler's decode steps then wait for one chunk of a long prompt, not a layer."""
         n, cfg = h.shape[0], self.cfg
         extra = 0 if probe is None else probe.probe.longest
         k_all = h.new_empty(n + extra, cfg.num_kv_heads, cfg.head_dim)  # document, then probe
@@ -527,6 +544,8 @@ class Engine:
             _keep_window_queries(window_queries, q, start, end, n)
             if all_queries is not None:
                 all_queries[start:end] = q
+            if end < n:
+                yield
         needs_norms = self.policy.needs_value_norms or every_statistic
         scores = None
         if probe is not None:

@@ -4,8 +4,9 @@ steps, and continuous batching of every running request.
 Each `step` does, in order: drop cancelled requests (their pages go back to the pool at once);
 admit waiting requests, first come first served, while the pool holds their decode-time pages;
 start the next admitted prompt's prefill when none runs (its pages grow to the prefill's peak
-for as long as it lasts); run one layer of that prefill (a long prompt never stalls the running
-batch for more than one layer of it); and one decode step of every running request together.
+for as long as it lasts); run one query chunk (`prefill_chunk` rows) of one layer of that
+prefill, so a long prompt never stalls the running batch for more than that; and one decode
+step of every running request together.
 A request leaves the batch at EOS, a stop string, `max_new_tokens`, cancellation or an error,
 and every one of those returns its pages.
 
@@ -218,7 +219,7 @@ class Scheduler:
         if self._next_prefill():
             self._admit()
             self._next_prefill()
-        worked = self._prefill_one_layer()
+        worked = self._prefill_one_chunk()
         if self._running:
             self._decode()
             worked = True
@@ -294,7 +295,7 @@ class Scheduler:
             )
         self._prefilling.append(item)
 
-    def _prefill_one_layer(self) -> bool:
+    def _prefill_one_chunk(self) -> bool:
         if not self._prefilling:
             return False
         item = self._prefilling[0]

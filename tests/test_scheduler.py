@@ -302,3 +302,27 @@ def test_questions_on_a_compressed_context_decode_together_as_they_would_alone(l
         (alone,) = asker.chat([question], params, context=context)
         assert answer.token_ids == alone.token_ids and len(answer.token_ids) == 10
     assert scheduler.pool.used_bytes == 0
+
+
+def test_a_long_prompt_prefills_a_query_chunk_per_step(tiny_llama_dir):
+    """With prefill chunks of 32 rows, a prompt of n tokens takes ceil(n / 32) steps a layer:
+    the running batch decodes a token after each chunk, not after each layer."""
+    chunked = LLM(tiny_llama_dir, dtype="float32", min_cache=MIN_CACHE, prefill_chunk=32)
+    scheduler, recorder = Scheduler(chunked, KVPool(2**24)), Recorder()
+    short, long = prompts(chunked, 3)[0], prompts(chunked, 3)[-1]
+    params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    first = scheduler.submit(Request(short, params), recorder)
+    while scheduler.stats().running == 0:
+        scheduler.step()
+    scheduler.submit(Request(long, params), recorder)
+    steps = 0
+    scheduler.step()  # admits the long prompt and runs its first chunk
+    while scheduler.stats().prefilling:  # the last step also selects and samples
+        scheduler.step()
+        steps += 1
+    chunks = -(-len(long) // 32)
+    assert steps == chunks * chunked.config.num_layers
+    assert len(recorder.tokens(first)) >= steps
+    (expected,) = chunked.engine.generate([long], params, chunked._stopper(params))
+    drain(scheduler)
+    assert recorder.tokens(max(recorder.events)) == expected.token_ids
