@@ -374,7 +374,41 @@ class KVArena:
         self._views = None
 
 
-Buffer = torch.Tensor | tuple[torch.Tensor, ...]  # stacked (L, ...) or one tensor a layer
+class LayerStack(tuple):
+    """One tensor a layer, (B, H_kv, C_l, ...) each: an arena buffer after `shrink_layers`.
+    Indexed like the stacked buffer it replaces when the first index is a layer:
+    `stack[layer]` is that layer's tensor and `stack[layer, seq, head, :n]` indexes into it."""
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple) and key and isinstance(key[0], int):
+            return tuple.__getitem__(self, key[0])[key[1:]]
+        return tuple.__getitem__(self, key)
+
+    def clone(self) -> LayerStack:
+        return LayerStack(t.clone() for t in self)
+
+    def element_size(self) -> int:
+        return self[0].element_size()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self[0].dtype
+
+    def equal(self, other: LayerStack) -> bool:
+        """Same layers, shapes and values (what `torch.equal` says of stacked buffers)."""
+        return len(self) == len(other) and all(
+            torch.equal(a, b) for a, b in zip(self, other, strict=True)
+        )
+
+
+Buffer = torch.Tensor | LayerStack  # stacked (L, ...) or one tensor a layer
+
+
+def same_buffer(a: Buffer, b: Buffer) -> bool:
+    """`torch.equal` for arena buffers, stacked or one tensor a layer."""
+    if isinstance(a, LayerStack) or isinstance(b, LayerStack):
+        return isinstance(a, LayerStack) and isinstance(b, LayerStack) and a.equal(b)
+    return torch.equal(a, b)
 
 
 def _parts(buffer: Buffer) -> tuple[torch.Tensor, ...]:
@@ -387,11 +421,9 @@ def _stacked(buffer: torch.Tensor, capacities: list[int], vector: bool = False) 
     return (buffer[..., slots, :] if vector else buffer[..., slots]).clone()
 
 
-def _layered(
-    buffer: Buffer, capacities: list[int], vector: bool = False
-) -> tuple[torch.Tensor, ...]:
+def _layered(buffer: Buffer, capacities: list[int], vector: bool = False) -> LayerStack:
     """One tensor a layer, each cut to its layer's capacity (copies)."""
-    return tuple(
+    return LayerStack(
         (buffer[layer][..., :c, :] if vector else buffer[layer][..., :c]).clone()
         for layer, c in enumerate(capacities)
     )

@@ -105,12 +105,12 @@ class Engine:
         budget: Budget | None = None,
         quest: QuestOptions | None = None,
         prefill_chunk: int = 512,
-        layer_capacities: bool = False,
+        layer_capacities: bool = True,
     ) -> None:
-        """`layer_capacities`: after prefill, each layer's arena keeps only its own largest head
-        plus the decode window (`KVArena.shrink_layers`), instead of every layer the size of the
-        model's largest head: what a `global` selection needs to cost about its budget (the
-        server's engines use it)."""
+        """`layer_capacities` (default): after prefill, each layer's arena keeps only its own
+        largest head plus the decode window (`KVArena.shrink_layers`), instead of every layer
+        the size of the model's largest head: what a `layer`/`global`/`pyramid` selection needs
+        to cost about its budget. False keeps one capacity for every layer."""
         self.model, self.cfg, self.policy = model, cfg, policy
         self.layer_capacities = layer_capacities
         self.budget = budget or Budget(1.0)
@@ -239,9 +239,17 @@ class Engine:
             return 0
         return decode_window or self._window(plans)
 
-    @staticmethod
-    def _capacity(plans: list[SequencePlan], window: int, max_new_tokens: int) -> int:
-        return max(min(p.head_cap + window, p.prompt_length + max_new_tokens) for p in plans)
+    def _capacity(self, plans: list[SequencePlan], window: int, max_new_tokens: int) -> int:
+        return max(
+            min(p.head_cap + window, p.prompt_length + max_new_tokens) + self._extra_slot(p)
+            for p in plans
+        )
+
+    def _extra_slot(self, plan: SequencePlan) -> int:
+        """1 when prefill writes a reconstructed slot after every head's kept tokens (AUV, a
+        layer that evicts): a head that kept its whole prompt then holds the prompt plus one."""
+        counts = plan.layer_counts
+        return int(self.eviction.reconstructs and plan.prompt_length > min(counts))
 
     def _begin(
         self, prompts: list[list[int]], max_new_tokens: int, decode_window: int | None
@@ -337,7 +345,13 @@ class Engine:
         )  # (L, B, H_kv)
         if fit_window:
             window = self._fit_window(window, cache, plans)
-        total = torch.tensor([len(p) + max_new_tokens for p in prompts], device=self.device)
+        total = torch.tensor(
+            [
+                len(p) + max_new_tokens + self._extra_slot(plan)
+                for p, plan in zip(prompts, plans, strict=True)
+            ],
+            device=self.device,
+        )
         needed = torch.minimum(cache + window, total.view(1, -1, 1))  # (L, B, H_kv)
         if self.layer_capacities:
             arena.shrink_layers(needed.amax(dim=(1, 2)).tolist())

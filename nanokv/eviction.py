@@ -45,7 +45,7 @@ class EvictionStage:
         self.policy, self.budget, self.num_layers = policy, budget, num_layers
         self.options = policy.options
         self.seconds = 0.0
-        if self._reconstructs and self.options.allocation == "global":
+        if self.reconstructs and self.options.allocation == "global":
             raise ValueError(
                 f"{policy.name}'s reconstructed slot needs a per-layer allocation; use "
                 "--allocation uniform, pyramid or layer (or turn reconstruction off)"
@@ -98,7 +98,7 @@ class EvictionStage:
         """Tokens no head is cut below: 0 without a budget floor (the budget is exact)."""
         if self.budget.floor == 0:
             return 0
-        protected = self.options.sinks + self.options.observation_window + int(self._reconstructs)
+        protected = self.options.sinks + self.options.observation_window + int(self.reconstructs)
         return max(self.budget.floor, protected)
 
     def select_prefill(self, prompt: PromptLayer, plan: SequencePlan) -> PrefillSelection | None:
@@ -135,10 +135,11 @@ class EvictionStage:
 
     def _reserved(self, n: int, count: int) -> int:
         """1 when the policy keeps a reconstructed slot and this layer evicts prompt tokens."""
-        return int(self._reconstructs and n > count)
+        return int(self.reconstructs and n > count)
 
     @property
-    def _reconstructs(self) -> bool:
+    def reconstructs(self) -> bool:
+        """The policy keeps a reconstructed slot of what each head dropped (AUV)."""
         return self.policy.reconstructs and self.options.reconstruct
 
     def after_fill(
@@ -262,7 +263,7 @@ class EvictionStage:
         is_full = full.view(-1, 1, 1)
         marked = torch.where(is_full, victims, -1)
         self.write_rows(arena, layer, self.policy.before_eviction(layer, view, marked))
-        folded = fold_victims(view, victims, full) if self._reconstructs else None
+        folded = fold_victims(view, victims, full) if self.reconstructs else None
         if folded is not None:  # the reconstructed slots absorb the victims before they go
             arena.overwrite_slots(layer, folded.slot, folded.k, folded.v, folded.weight)
         arena.scatter(layer, torch.where(is_full, window_slots, victims), victims)

@@ -299,11 +299,9 @@ class LLM:
 
     def _requests(self) -> Scheduler:
         """The scheduler `generate` and `chat` submit to: an unbounded pool (a library call
-        holds what it asks for) and the arena `engine` allocates, made again when the policy
-        changes."""
+        holds what it asks for), made again when the policy changes."""
         if self._scheduler is None:
-            pool = KVPool(UNBOUNDED_BYTES)
-            self._scheduler = Scheduler(self, pool, max_waiting=UNBOUNDED, layer_capacities=False)
+            self._scheduler = Scheduler(self, KVPool(UNBOUNDED_BYTES), max_waiting=UNBOUNDED)
         return self._scheduler
 
     def _eos_token_ids(self) -> set[int]:

@@ -68,15 +68,10 @@ class SchedulerStats:
 class Scheduler:
     """Runs requests on one loaded model (`nanokv.LLM`) within one KV pool."""
 
-    def __init__(
-        self, llm, pool: KVPool, *, max_waiting: int = 64, layer_capacities: bool = True
-    ) -> None:
+    def __init__(self, llm, pool: KVPool, *, max_waiting: int = 64) -> None:
         """`llm` gives the model, tokenizer, default policy and budget (its engine);
-        `max_waiting` bounds the waiting queue (QueueFullError past it); `layer_capacities`:
-        each layer's arena holds only its own heads after prefill (`Engine`), what a shared
-        pool wants; off, the arena is the one `LLM.engine` allocates, bit for bit."""
+        `max_waiting` bounds the waiting queue (QueueFullError past it)."""
         self.llm, self.pool, self.max_waiting = llm, pool, max_waiting
-        self.layer_capacities = layer_capacities
         self._engines: dict[tuple[str, float], Engine] = {}
         self._waiting: deque[RunningRequest] = deque()  # no memory yet
         self._admitted: deque[RunningRequest] = deque()  # their decode-time pages, prefill next
@@ -173,7 +168,7 @@ class Scheduler:
         budget = llm.budget if own else Budget(value, floor=llm.budget.floor)
         return Engine(
             llm.model, llm.config, policy, budget=budget, quest=llm.quest if own else None,
-            prefill_chunk=llm.prefill_chunk, layer_capacities=self.layer_capacities,
+            prefill_chunk=llm.prefill_chunk,
         )  # fmt: skip
 
     # --- the scheduler's thread -----------------------------------------------------------

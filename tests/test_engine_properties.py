@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nanokv.budget import Budget
@@ -39,6 +39,9 @@ def _held(state, layer, seq, head) -> list[int]:
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+# AUV with a `layer` allocation: a head keeps its whole prompt plus the reconstructed slot, one
+# more than the plan's head cap; the arena once had no room left for the decode window
+@example(policy="auv", allocation="layer", lengths=[14], budget=13, window=0, steps=2)
 def test_arena_invariants_through_decode(tiny, policy, allocation, lengths, budget, window, steps):
     cfg, model = tiny
     chosen = make_policy(

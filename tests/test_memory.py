@@ -58,8 +58,16 @@ def arena_tensors(arena: KVArena) -> list[torch.Tensor]:
     found = []
     for value in vars(arena).values():
         values = value.values() if isinstance(value, dict) else [value]
-        found += [t for t in values if torch.is_tensor(t)]
+        for item in values:  # a per-layer buffer is a tuple of tensors (KVArena.shrink_layers)
+            found += [
+                t for t in (item if isinstance(item, tuple) else [item]) if torch.is_tensor(t)
+            ]
     return found
+
+
+def arena_layers(buffer) -> list[torch.Tensor]:
+    """A buffer's tensors: the stacked one, or one a layer."""
+    return list(buffer) if isinstance(buffer, tuple) else [buffer]
 
 
 def quest_tensors(state: DecodeState) -> list[torch.Tensor]:
@@ -124,7 +132,10 @@ def test_the_arena_holds_at_most_the_budget_plus_the_window(tiny, spec, allocati
     window = policy.options.decode_window
     assert state.window <= window
     assert arena.capacity <= int(state.kept_after_prefill.max()) + window
-    element = arena.k.element_size()
+    for layer in range(layers):  # and each layer to its own largest head plus the window
+        largest = int(state.kept_after_prefill[layer].max())
+        assert largest <= arena.layer_capacity(layer) <= largest + window
+    element = arena.element_size
     metadata = INT32 + FLOAT32 * (1 + len(policy.slot_state))  # pos, score, extra slot state
     metadata += FLOAT32 * group if policy.needs_value_norms else 0  # per query head
     per_slot = 2 * head_dim * element + metadata
@@ -133,7 +144,9 @@ def test_the_arena_holds_at_most_the_budget_plus_the_window(tiny, spec, allocati
     full = layers * heads * (n + NEW) * per_slot + lengths  # a full cache, same metadata
     assert held - lengths <= (full - lengths) * slots / (n + NEW)
     full_kv = 2 * layers * heads * (n + NEW) * head_dim * element  # the report's full cache
-    assert real_bytes([arena.k, arena.v]) <= full_kv * slots / (n + NEW)
+    assert real_bytes([*arena_layers(arena.k), *arena_layers(arena.v)]) <= full_kv * slots / (
+        n + NEW
+    )
     if state.quest is not None:  # Quest's page bounds sit next to the arena: 2 keys a page
         sparse = layers - state.quest.options.dense_layers
         pages = math.ceil(slots / state.quest.options.page_size)

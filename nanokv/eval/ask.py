@@ -174,9 +174,9 @@ def kept_share(state: DecodeState, positions: list[int]) -> list[float]:
     the kv heads (eviction is per kv head)."""
     arena, wanted = state.arena, torch.tensor(positions, dtype=torch.int32)
     shares = []
-    for layer in range(arena.k.shape[0]):
+    for layer in range(arena.lengths.shape[0]):
         per_head = []
-        for head in range(arena.k.shape[2]):
+        for head in range(arena.lengths.shape[2]):
             held = arena.pos[layer, 0, head, : int(arena.lengths[layer, 0, head])].cpu()
             per_head.append(float(torch.isin(wanted, held).float().mean()))
         shares.append(sum(per_head) / len(per_head))
