@@ -259,12 +259,10 @@ def test_admission_counts_decode_time_pages_and_preempts_when_a_prefill_cannot_g
     prefill in progress grows to its peak. When that growth cannot fit and nothing runs to free
     memory, the latest admitted request goes back to the queue, and every request still ends
     with the tokens it would generate alone."""
-    scheduler = Scheduler(llm, KVPool(2**30))
-    engine = scheduler.engine_for("laprox", 0.25)
     prompt = prompts(llm, 3)[2]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    peak = scheduler._pages(engine, engine.arena_capacity([prompt], 8))[1]
-    steady = scheduler._pages(engine, engine.decode_capacities(prompt, 8))[1]
+    probe = Request(prompt, params, policy="laprox", budget=0.25)
+    (_, peak), (_, steady) = Scheduler(llm, KVPool(2**30)).reservation(probe)
     assert steady < peak  # a global selection's prefill holds more than it keeps
     scheduler = Scheduler(llm, KVPool(peak + steady - 1))
     recorder = Recorder()
