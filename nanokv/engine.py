@@ -446,7 +446,7 @@ class Engine:
         h = self.model.embed(ids, positions)  # (n, hidden)
         run = self._probe_run(probe, len(prompt))
         layers = [
-            self._prefill_layer(layer, 0, block, h, positions, every_statistic=True, probe=run)
+            _drain(self._prefill_layer_steps(layer, 0, block, h, positions, True, run))
             for layer, block in enumerate(self.model.blocks)
         ]
         return PromptRecord(list(prompt), layers, self.model.logits(h[-1:]), probe)
@@ -510,22 +510,6 @@ class Engine:
         if chosen is not None:
             self.eviction.after_fill(arena, prompt_layer, plan, chosen)
 
-    def _prefill_layer(
-        self,
-        layer: int,
-        seq: int,
-        block: torch.nn.Module,
-        h: torch.Tensor,
-        positions: torch.Tensor,
-        every_statistic: bool = False,
-        probe: _ProbeRun | None = None,
-    ) -> PromptLayer:
-        """Runs `block` over the prompt in query chunks, updating h (n, hidden) in place, then
-        over the `probe`'s segments. `every_statistic` keeps what any policy could read (all
-        queries, value norms)."""
-        steps = self._prefill_layer_steps(layer, seq, block, h, positions, every_statistic, probe)
-        return _drain(steps)
-
     def _prefill_layer_steps(
         self,
         layer: int,
@@ -536,8 +520,11 @@ class Engine:
         every_statistic: bool = False,
         probe: _ProbeRun | None = None,
     ) -> Generator[None, None, PromptLayer]:
-        """`_prefill_layer` as a generator that yields after every query chunk but the last:
-        a scheduler's decode steps then wait for one chunk of a long prompt, not a layer."""
+        """Runs `block` over the prompt in query chunks, updating h (n, hidden) in place, then
+        over the `probe`'s segments; yields after every chunk but the last (a scheduler's decode
+        steps then wait for one chunk of a long prompt, not a layer) and returns the layer as
+        the policy sees it. `every_statistic` keeps what any policy could read (all queries,
+        value norms)."""
         n, cfg = h.shape[0], self.cfg
         extra = 0 if probe is None else probe.probe.longest
         k_all = h.new_empty(n + extra, cfg.num_kv_heads, cfg.head_dim)  # document, then probe

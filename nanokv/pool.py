@@ -70,10 +70,6 @@ class KVPool:
     def _note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, sum(nbytes for _, nbytes in self._held.values()))
 
-    def fits(self, nbytes: int) -> bool:
-        """Whether `nbytes` more could be reserved now."""
-        return nbytes <= self.free_bytes
-
     def reserve(self, owner: int, pages: int, nbytes: int) -> None:
         """Reserves `pages` pages (`nbytes` bytes) for `owner`. PoolFullError when they do not fit
         now (`never` when they exceed the whole pool); ValueError for an owner already holding."""

@@ -227,7 +227,7 @@ class Scheduler:
             for item in waiting:
                 self._waiting.remove(item)
         for item in waiting:
-            self._report_end(item, "cancelled")
+            self._end(item, "cancelled")
         for group in (self._admitted, self._prefilling, self._running):
             for item in [r for r in group if r.request_id in cancelled]:
                 group.remove(item)
@@ -378,7 +378,8 @@ class Scheduler:
         tokens: tuple[int, ...] = (),
         error: str | None = None,
     ) -> None:
-        """Returns the request's pages and state, then reports its last event."""
+        """Returns the request's pages and state (if it holds any), then reports its last
+        event."""
         request = item.request
         if request.report and item.state is not None:
             item.report = item.engine.report(
@@ -386,16 +387,6 @@ class Scheduler:
             )
         self.pool.release(item.request_id)
         item.state = item.prefill = None
-        self._report_end(item, reason, text, tokens, error)
-
-    def _report_end(
-        self,
-        item: RunningRequest,
-        reason: str,
-        text: str = "",
-        tokens: tuple[int, ...] = (),
-        error: str | None = None,
-    ) -> None:
         self._finished += 1
         self._notify(item, self._event(item, text, tokens, reason, error))
 
