@@ -23,7 +23,7 @@ bytes / bandwidth; a speed claim without the bytes and the bandwidth next to it 
 from that floor it is (STYLE.md #10: ratios from one run on one machine).
 
 Bytes a token, counted as the kernels read them: nanokv's weights without the embedding table (one
-row a token) and with its LM head as held (fp32, models/linear.py); its dense attention reads
+row a token) and with its LM head in the model's dtype (models/linear.py); its dense attention reads
 every slot of the arena (`capacity`), Quest's sparse layers the pages they read plus their fp32
 page bounds. transformers: its weights without the input embedding (tied: the head once) and its
 cache at the middle of the decode. Decode tok/s = (new_tokens - 1) / decode seconds: the first

@@ -126,8 +126,8 @@ def load_model(
     model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
     """Builds the model for `cfg` and fills it from the checkpoint, checked tensor by tensor,
-    then fuses its projections and keeps its LM head in fp32 (models/linear.py; the checkpoint's
-    names and layout do not change)."""
+    then fuses its projections and sets the LM head its logits read (models/linear.py; the
+    checkpoint's names and layout do not change)."""
     with torch.device("meta"):
         model = build_model(cfg)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}

@@ -5,7 +5,7 @@
 - `blocks[i].finish(h, attn_out (T, H_q * D)) -> h`, and `blocks[i].o_proj` (for value norms)
 - `logits(h) -> (T, vocab) float32`
 - `prepare_weights()`: run once after loading (the loader does): concatenates the weights that
-  read the same input and keeps the LM head in fp32; the forward methods read those
+  read the same input and sets the LM head `logits` reads; the forward methods read those
   (models/linear.py)
 
 Rows are tokens: a prefill chunk of one sequence, or one token of each sequence in decode.

@@ -3,7 +3,8 @@ which the engine runs). Pure modules: no cache and no attention inside, see mode
 
 Parameters load under Hugging Face's names; `prepare_weights` (called by the loader) then
 concatenates q/k/v and gate/up so that each block reads its weights in three GEMVs and the
-output projection, not six and one, and keeps the LM head in fp32 (models/linear.py).
+output projection, not six and one, and sets the LM head that `logits` reads (fp32 logits in
+every dtype, models/linear.py).
 """
 
 from __future__ import annotations
@@ -124,14 +125,14 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaBackbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.head: torch.Tensor | None = None  # (vocab, hidden) fp32, set by prepare_weights
+        self.head: torch.Tensor | None = None  # (vocab, hidden), set by prepare_weights
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
 
     def prepare_weights(self) -> None:
-        """After loading (see above): fused q/k/v and gate/up, the LM head in fp32."""
+        """After loading (see above): fused q/k/v and gate/up, the LM head."""
         for block in self.blocks:
             block.self_attn.fuse()
             block.mlp.fuse()

@@ -1,7 +1,7 @@
 """OPT: learned positions (offset 2), LayerNorm before or after each sub-layer, ReLU MLP, biases,
 optional word_embed_proj_dim projections. Pure modules: the engine runs the attention.
-`prepare_weights` (called by the loader) concatenates q/k/v into one weight and keeps the LM head
-in fp32 (models/linear.py).
+`prepare_weights` (called by the loader) concatenates q/k/v into one weight and sets the LM head
+that `logits` reads (fp32 logits in every dtype, models/linear.py).
 """
 
 from __future__ import annotations
@@ -103,14 +103,14 @@ class OPTForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             proj_dim = cfg.word_embed_proj_dim or cfg.hidden_size
             self.lm_head = nn.Linear(proj_dim, cfg.vocab_size, bias=False)
-        self.head: torch.Tensor | None = None  # (vocab, proj_dim) fp32, set by prepare_weights
+        self.head: torch.Tensor | None = None  # (vocab, proj_dim), set by prepare_weights
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.decoder.layers
 
     def prepare_weights(self) -> None:
-        """After loading (see above): fused q/k/v, the LM head in fp32."""
+        """After loading (see above): fused q/k/v, the LM head."""
         for block in self.blocks:
             block.self_attn.fuse()
         tied = self.cfg.tie_word_embeddings
