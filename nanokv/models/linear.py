@@ -13,12 +13,13 @@ Three things keep those reads few, large and exact where it matters:
 - `head_logits` reads a half-precision LM head in its own dtype (half the bytes of an fp32 copy:
   the head is the largest single read of a step, 49152 x 576 in SmolLM2-135M) and then
   recomputes the `REFINED_LOGITS` largest logits of each row exactly in fp32 from the same
-  weights. A half-precision GEMV sums in fp32 but rounds its output (steps of 0.125 at 30), and
-  rounded logits cost as much fidelity as every other bf16 rounding of the model together (KL to
-  fp32 over 512 tokens of code: 0.0013 with bf16 logits, 0.0008 with fp32 ones); the rounding
-  error (2^-9 of a logit) is far smaller than the gap to the 64th logit, so the refined rows
-  hold the exact top of the distribution, where greedy decoding, top-k / top-p and nearly all
-  of the probability mass live, and the tail keeps its rounded values.
+  weights. A half-precision GEMV sums in fp32 but rounds its output (steps of 0.125 at 30); the
+  rounding error (2^-9 of a logit) is far smaller than the gap to the 64th logit, so the refined
+  rows hold the exact top of the distribution, where greedy decoding, top-k / top-p and nearly
+  all of the probability mass live, and the tail keeps its rounded values. Measured with
+  `bench/dtype_fidelity.py` (bf16 vs fp32, 8 windows of 512 + 64 tokens of stdlib text): KL
+  0.00068 and top-1 agreement 99.2%, against 0.00064 and 99.2% with the fp32 copy of the head
+  this replaced.
 """
 
 from __future__ import annotations
