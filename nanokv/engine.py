@@ -590,13 +590,9 @@ class Engine:
                 end = min(start + chunk, h.shape[0])
                 rows = slice(n + start, n + end)
                 q, k_all[rows], v_all[rows] = block.qkv(h[start:end], pos[rows])
-                attn = prefill_attention(
-                    q, k_all[: n + end], v_all[: n + end], pos[rows], pos[: n + end],
+                attn = scores.attend_rows(
+                    q, k_all[: n + end], v_all[: n + end], pos[: n + end], segment,
                     scale=self.scale, sliding_window=self.cfg.sliding_window,
-                )  # fmt: skip
-                scores.add_rows(
-                    q, k_all[: n + end], pos[: n + end], segment, scale=self.scale,
-                    sliding_window=self.cfg.sliding_window,
                 )  # fmt: skip
                 scores.add_output(attn, block.o_proj.weight)
                 h[start:end] = block.finish(h[start:end], attn)

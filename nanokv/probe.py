@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanokv.kernels.prefill_scores import window_attention
+from nanokv.kernels.prefill_scores import max_span_attention, probe_attention
 from nanokv.tokenizer import Tokenizer
 
 REPEAT = "\n\nRepeat the previous context exactly."
@@ -172,16 +172,39 @@ class ProbeScores:
         n, c = self.n, q.shape[0]
         sink = min(self.sinks, segment.start)
         span = slice(segment.start, segment.end)
-        keys = torch.cat([k[:sink], k[span], k[n:]])  # (K, H_kv, D)
-        key_pos = torch.cat([positions[:sink], positions[span], positions[n:]])
-        # (H_q, c, K): causal by position, so a row sees the segment's keys up to its own
-        probs = window_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), scale=scale,
-            query_positions=positions[-c:], key_positions=key_pos, sliding_window=sliding_window,
-        )  # fmt: skip
-        seen = probs[:, :, sink : sink + segment.end - segment.start].amax(dim=1)  # (H_q, span)
+        other = torch.cat([k[:sink], k[n:]])  # (O, H_kv, D): in the softmax, not scored
+        seen = max_span_attention(
+            q.transpose(0, 1), k[span].transpose(0, 1), other.transpose(0, 1), scale=scale,
+            query_positions=positions[-c:], span_positions=positions[span],
+            other_positions=torch.cat([positions[:sink], positions[n:]]),
+            sliding_window=sliding_window,
+        )  # fmt: skip  # (H_q, span)
         target = self.attention[:, span]
         torch.maximum(target, seen, out=target)
+
+    def attend_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        segment: ProbeSegment,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """The rows q (c, H_q, D) through the layer's attention, scored on the way: returns
+        their attention output (c, H_q * D), what ``prefill_attention`` gives, and folds in what
+        ``add_rows`` would, from the same logits (``probe_attention``: the pair costs about one
+        attention pass, not two). k, v: (n + r, H_kv, D) as in ``add_rows``."""
+        attn, seen = probe_attention(
+            q, k, v, scale=scale, positions=positions, document=self.n,
+            span=(segment.start, segment.end), sinks=min(self.sinks, segment.start),
+            sliding_window=sliding_window,
+        )  # fmt: skip
+        target = self.attention[:, segment.start : segment.end]
+        torch.maximum(target, seen, out=target)
+        return attn
 
     def add_output(self, attn: torch.Tensor, o_proj_weight: torch.Tensor) -> None:
         """Adds the rows' attention output (c, H_q * D) projected by W_O (no bias)."""

@@ -3,15 +3,21 @@ reference scores it, never in the arena, read by the policies, and `LLM.compress
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from tiny_models import make_hf_model, save_checkpoint
 
 import nanokv
+from nanokv import probe as probe_module
 from nanokv.arena import same_buffer
+from nanokv.attention import prefill_attention
 from nanokv.budget import Budget
 from nanokv.cli import main
 from nanokv.engine import Engine, InputError
+from nanokv.kernels import prefill_scores
+from nanokv.kernels.prefill_scores import max_span_attention, window_attention
 from nanokv.loader import load_config, load_model
 from nanokv.policies import make_policy
 from nanokv.policies.base import PolicyOptions, PromptLayer
@@ -20,6 +26,7 @@ from nanokv.probe import (
     REPEAT,
     REPEAT_PART,
     Probe,
+    ProbeScores,
     ProbeSegment,
     repeat_probe,
 )
@@ -160,6 +167,106 @@ def test_chunked_probe_scores_equal_the_dense_reference(request, document, kind,
     for seg in probe.segments:
         outside[seg.start : seg.end] = False
     assert (record.layers[0].probe_attention[:, outside] == 0).all()  # the template prefix
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("window", [None, 6, 25])
+@pytest.mark.parametrize("tile_rows", [1, 2, 5])
+def test_max_span_attention_equals_the_dense_window_attention(group, window, tile_rows):
+    """The tiled kernel ProbeScores uses equals the max over the rows of the materialised
+    softmax over [span, sinks, own keys] (the old path): tiles of one row, of two (the own
+    keys' causal edge inside a tile), one tile for all 5 rows; Mistral-like windows that hide
+    the whole span, or part of it from some rows."""
+    kv_heads, head_dim, n, r, c = 2, 16, 30, 12, 5
+    gen = torch.Generator().manual_seed(group)
+    k = torch.randn(kv_heads, n + r, head_dim, generator=gen) * 3  # document, then the probe's
+    q = torch.randn(kv_heads * group, c, head_dim, generator=gen) * 3  # the probe's last c rows
+    pos = torch.arange(n + r) + 2
+    sinks, span = torch.arange(4), torch.arange(9, 21)
+    other = torch.cat([sinks, torch.arange(n, n + r)])
+    options = dict(scale=0.25, query_positions=pos[-c:], sliding_window=window)
+    keys = torch.cat([span, other])
+    dense = window_attention(q, k[:, keys], key_positions=pos[keys], **options)
+    want = dense[..., : len(span)].amax(dim=1)  # (H_q, S)
+    got = max_span_attention(
+        q, k[:, span], k[:, other], span_positions=pos[span], other_positions=pos[other],
+        tile_elements=tile_rows * group * len(keys), **options,
+    )  # fmt: skip
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    if window == 6:
+        assert (got == 0).all()  # the span is out of every row's window
+    if window == 25:
+        assert (got == 0).any() and (got > 0).any()  # ... of some rows' windows
+
+
+def test_max_span_attention_takes_half_precision_and_empty_spans():
+    q = torch.randn(4, 3, 8, dtype=torch.bfloat16)
+    k = torch.randn(2, 10, 8, dtype=torch.bfloat16)
+    pos = torch.arange(10)
+    options = dict(scale=0.3, query_positions=torch.arange(7, 10))
+    got = max_span_attention(
+        q, k[:, :5], k[:, 5:], span_positions=pos[:5], other_positions=pos[5:], **options
+    )
+    dense = window_attention(q, k, key_positions=pos, **options)
+    torch.testing.assert_close(got, dense[..., :5].amax(dim=1), atol=1e-6, rtol=1e-5)
+    unseen = max_span_attention(
+        q, k[:, :5], k[:, 5:6], span_positions=pos[:5], other_positions=pos[5:6],
+        sliding_window=3, **options,
+    )  # fmt: skip  # row 7 sees key 5 only, rows 8 and 9 no key at all (no NaN: zeros)
+    dense = window_attention(q, k[:, :6], key_positions=pos[:6], sliding_window=3, **options)
+    assert (dense[:, 1:] == 0).all() and (dense[:, 0, 5] == 1).all()
+    assert torch.equal(unseen, torch.zeros(4, 5))
+    empty = max_span_attention(
+        q, k[:, :0], k[:, 5:], span_positions=pos[:0], other_positions=pos[5:], **options
+    )
+    assert empty.shape == (4, 0)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("tile_rows", [1, 3, None])
+@pytest.mark.parametrize("span", [(0, 12), (6, 14)])
+def test_attend_rows_equals_prefill_attention_then_add_rows(monkeypatch, window, tile_rows, span):
+    """The fused path (one set of logits for the rows' output and their scores) gives what the
+    engine's two calls give: the output SDPA computes, the scores add_rows folds in, over
+    chunks of a segment; sinks or none; Mistral-like windows; tiles of 1 row, 3, all."""
+    kv_heads, group, head_dim, n, r = 2, 3, 16, 14, 8
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(n + r, kv_heads, head_dim, generator=gen) * 2 for _ in range(2))
+    q = torch.randn(r, kv_heads * group, head_dim, generator=gen) * 2  # the segment's rows
+    pos = torch.arange(n + r)
+    if tile_rows is not None:  # tile_elements // (group x keys): tile_rows rows in each chunk
+        tile = functools.partial(prefill_scores.probe_attention, tile_elements=tile_rows * 3 * 22)
+        monkeypatch.setattr(probe_module, "probe_attention", tile)
+    segment = ProbeSegment([0] * r, *span)
+    options = dict(scale=0.25, sliding_window=window)
+    fused, split = (ProbeScores(kv_heads * group, n, "cpu", sinks=4, output=False) for _ in "ab")
+    for start, end in [(0, 5), (5, r)]:  # two chunks: the second sees the first's keys
+        keys, values, key_pos = k[: n + end], v[: n + end], pos[: n + end]
+        want = prefill_attention(q[start:end], keys, values, pos[n + start : n + end], key_pos,
+                                 **options)  # fmt: skip
+        split.add_rows(q[start:end], keys, key_pos, segment, **options)
+        got = fused.attend_rows(q[start:end], keys, values, key_pos, segment, **options)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.attention, split.attention, atol=1e-6, rtol=1e-5)
+    assert (fused.attention[:, span[0] : span[1]] > 0).any()
+
+
+def test_attend_rows_scores_exactly_when_the_scored_keys_are_far_below_the_row_max():
+    """A document key outside the span with a huge logit: exp(x - row max) of every scored key
+    underflows, so the tile scores from the scored keys' own softmax (what add_rows computes)."""
+    n, r, head_dim = 10, 3, 4
+    k, v = torch.zeros(n + r, 1, head_dim), torch.randn(n + r, 1, head_dim)
+    k[:, 0, 0] = torch.linspace(-1, 1, n + r)
+    k[7, 0, 0] = 400.0  # outside the span [0, 5) and the segment's keys: not scored
+    q = torch.ones(r, 1, head_dim)
+    pos, segment = torch.arange(n + r), ProbeSegment([0] * r, 0, 5)
+    fused, split = (ProbeScores(1, n, "cpu", sinks=4, output=False) for _ in "ab")
+    got = fused.attend_rows(q, k, v, pos, segment, scale=1.0)
+    split.add_rows(q, k, pos, segment, scale=1.0)
+    torch.testing.assert_close(got, prefill_attention(q, k, v, pos[n:], pos, scale=1.0))
+    assert (split.attention[:, :5] > 0.01).all()  # the span matters among the scored keys
+    torch.testing.assert_close(fused.attention, split.attention, atol=0, rtol=1e-6)
 
 
 def test_the_probe_does_not_change_the_documents_pass(llama, document):

@@ -2,6 +2,14 @@
 
 - ``window_attention``: the softmax attention of a few queries (SnapKV's / LaProx's observation
   window) to every prompt key, (H_q, w, n). Small (w << n), so plain torch.
+- ``max_span_attention``: per key of a span, the max over many queries (KVzip's probe rows) of
+  its softmax probability, the softmax also running over keys that are not scored, (H_q, S).
+  The queries are as many as the span's keys, so the (H_q, w, S + O) matrix is never built: the
+  queries go through in tiles of one GQA group and a few rows whose logits stay in cache (on
+  CPU a fresh tensor of tens of MB costs more in page faults than its arithmetic).
+- ``probe_attention``: the probe rows' attention output (over the whole document and the
+  probe's own keys) and ``max_span_attention``'s scores from one set of logits per tile: the
+  probe's model pass and its scoring share the QK^T and the exponentials.
 - ``column_statistics``: statistics of the full causal prompt attention, never an n x n matrix:
   plain column sums (H2O) and AUV's row-scaled column means. On CPU a chunked torch loop
   (O(G x chunk x n) memory); on CUDA two Triton passes in the flash-attention-backward pattern:
@@ -16,6 +24,8 @@ lets the counts and loop bounds come from ``searchsorted`` instead of a mask.
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +102,194 @@ def window_attention(
     mask = _visible(query_positions, key_positions, sliding_window)  # (w, n)
     probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
     return probs.nan_to_num(0.0).reshape(q_heads, w, n)
+
+
+def max_span_attention(
+    q: torch.Tensor,
+    span_k: torch.Tensor,
+    other_k: torch.Tensor,
+    *,
+    scale: float,
+    query_positions: torch.Tensor,
+    span_positions: torch.Tensor,
+    other_positions: torch.Tensor,
+    sliding_window: int | None = None,
+    tile_elements: int | None = None,
+) -> torch.Tensor:
+    """Per query head and span key, the max over the queries of the key's causal softmax
+    probability, float32 (H_q, S); the softmax runs over the span's keys and the other keys
+    (sinks, the probe's own keys), which are not scored. The span's keys precede every query
+    (a document before its probe: only a sliding window hides them); the queries' and the other
+    keys' positions ascend (a query sees a prefix of the other keys, and a later one more).
+
+    q: (H_q, w, D); span_k: (H_kv, S, D); other_k: (H_kv, O, D); positions: (w,), (S,), (O,).
+    Equals ``window_attention(q, cat([span_k, other_k]))[..., :S].amax(dim=1)`` (a row that sees
+    no key scores 0), in tiles of one GQA group and about ``tile_elements`` logits (default: a
+    cache's worth on CPU, a large tile elsewhere) that stop at the last key the tile's rows see.
+    """
+    expect_shape("q", q, (None, None, None))
+    q_heads, w, head_dim = q.shape
+    expect_shape("span_k", span_k, (None, None, head_dim))
+    kv_heads, span = span_k.shape[:2]
+    _check_groups(q_heads, kv_heads)
+    expect_shape("other_k", other_k, (kv_heads, None, head_dim))
+    expect_shape("query_positions", query_positions, (w,))
+    expect_shape("span_positions", span_positions, (span,))
+    expect_shape("other_positions", other_positions, (other_k.shape[1],))
+    group = q_heads // kv_heads
+    best = torch.zeros(q_heads, span, dtype=torch.float32, device=q.device)
+    if span == 0 or w == 0:
+        return best
+    if tile_elements is None:
+        tile_elements = 1 << 19 if q.device.type == "cpu" else 1 << 26
+    rows = max(1, tile_elements // (group * (span + other_k.shape[1])))
+    key_pos = torch.cat([span_positions, other_positions])
+    scaled = q.float() * scale  # (H_q, w, D): the scale on q, not on every logit
+    for g in range(kv_heads):
+        heads = slice(g * group, (g + 1) * group)
+        keys_t = torch.cat([span_k[g], other_k[g]]).float().T  # (D, S + O)
+        for r0, r1, seen_by_all, seen in _row_tiles(query_positions, other_positions, rows):
+            # without a window every row sees the span and the first query's other keys
+            first = 0 if sliding_window is not None else span + seen_by_all
+            hidden = ~_visible(query_positions[r0:r1], key_pos[first : span + seen], sliding_window)
+            rows_q = scaled[heads, r0:r1].reshape(-1, head_dim)  # (G * b, D): one GEMM
+            logits = _tile_logits(rows_q, keys_t[:, : span + seen], first, hidden)
+            tile = _tile_max(logits, span, windowed=sliding_window is not None)
+            torch.maximum(best[heads], tile, out=best[heads])
+    return best
+
+
+def _tile_max(logits: torch.Tensor, span: int, *, windowed: bool) -> torch.Tensor:
+    """(G, S): one tile's max over its rows of the softmax probability of the first `span`
+    keys; logits (G, b, K) masked with -inf. With a window a row may see no key: 0, not NaN."""
+    probs = torch.softmax(logits, dim=-1)[..., :span]
+    if windowed:
+        probs = probs.nan_to_num(0.0)
+    return probs.amax(dim=1)
+
+
+def _row_tiles(
+    query_positions: torch.Tensor, other_positions: torch.Tensor, rows: int
+) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, seen_by_all, seen) per tile of `rows` queries: the other keys (ascending
+    positions) the tile's first query sees, all of which every later one sees too, and those
+    its last query sees (none after them is seen). One tile needs no bounds (no host sync: it
+    masks every other key); more take them from one searchsorted."""
+    w, others = query_positions.shape[0], other_positions.shape[0]
+    if rows >= w:
+        return [(0, w, 0, others)]
+    counts = torch.searchsorted(other_positions, query_positions, right=True).tolist()
+    return [
+        (r0, min(r0 + rows, w), counts[r0], counts[min(r0 + rows, w) - 1])
+        for r0 in range(0, w, rows)
+    ]
+
+
+SCORE_GAP = 20.0  # nats: see probe_attention
+
+
+def probe_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    positions: torch.Tensor,
+    document: int,
+    span: tuple[int, int],
+    sinks: int,
+    sliding_window: int | None = None,
+    tile_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KVzip's probe rows through one layer's attention, scored on the way.
+
+    q: (c, H_q, D) the rows, the last c of the segment's keys; k, v: (T, H_kv, D) the
+    `document`'s keys, then the segment's; positions: (T,) ascending. Returns the rows'
+    attention output (c, H_q * D) in q's dtype, over every document key and the segment's keys
+    up to the row's own (``prefill_attention``'s), and float32 (H_q, end - start) the max over
+    the rows of each span key's probability in the softmax over the first `sinks` keys, the
+    span [start, end) and the segment's keys (``max_span_attention``'s). Both come from the
+    same exponentials exp(x - max over the row's keys); a tile where some row's scored keys sum
+    to less than exp(-SCORE_GAP) of it (their exponentials could underflow) scores from their
+    own softmax instead, so every score above ~1e-29 is exact to rounding.
+    """
+    c, q_heads, head_dim = q.shape
+    expect_shape("k", k, (None, None, head_dim))
+    _check_groups(q_heads, k.shape[1])
+    expect_shape("v", v, k.shape)
+    expect_shape("positions", positions, (k.shape[0],))
+    kv_heads, group, keys = k.shape[1], q_heads // k.shape[1], k.shape[0]
+    if tile_elements is None:
+        tile_elements = 1 << 19 if q.device.type == "cpu" else 1 << 26
+    rows = max(1, tile_elements // (group * keys))
+    query_pos = positions[-c:]
+    own = positions[document:]  # the segment's positions: a row sees a prefix of them
+    parts = _key_parts(document, span, sinks)
+    scaled = (q.float() * scale).transpose(0, 1)  # (H_q, c, D)
+    out = torch.empty(q_heads, c, head_dim, dtype=torch.float32, device=q.device)
+    best = torch.zeros(q_heads, span[1] - span[0], dtype=torch.float32, device=q.device)
+    for g in range(kv_heads):
+        heads = slice(g * group, (g + 1) * group)
+        keys_t, values = k[:, g].float().T, v[:, g].float()  # (D, T), (T, D)
+        for r0, r1, seen_by_all, seen in _row_tiles(query_pos, own, rows):
+            first = 0 if sliding_window is not None else document + seen_by_all
+            last = document + seen
+            hidden = ~_visible(query_pos[r0:r1], positions[first:last], sliding_window)
+            rows_q = scaled[heads, r0:r1].reshape(-1, head_dim)  # (G * b, D): one GEMM
+            logits = functools.partial(_tile_logits, rows_q, keys_t[:, :last], first, hidden)
+            out[heads, r0:r1], score = _probe_tile(logits, values[:last], parts)
+            torch.maximum(best[heads], score, out=best[heads])
+    return out.transpose(0, 1).reshape(c, -1).to(q.dtype), best
+
+
+def _key_parts(document: int, span: tuple[int, int], sinks: int) -> tuple[slice, ...]:
+    """The keys in five ranges, the score's softmax over the even ones: the sinks, the rest of
+    the document before the span, the span, the document after it, the segment's own keys."""
+    start, end = span
+    return (
+        slice(0, sinks),
+        slice(sinks, start),
+        slice(start, end),
+        slice(end, document),
+        slice(document, None),
+    )
+
+
+def _tile_logits(
+    rows_q: torch.Tensor, keys_t: torch.Tensor, first: int, hidden: torch.Tensor
+) -> torch.Tensor:
+    """(G, b, K) logits of one group's scaled rows (G * b, D) against keys_t (D, K), -inf where
+    `hidden` (b, K - first) says a row does not see a key (from key `first` on)."""
+    logits = (rows_q @ keys_t).view(-1, hidden.shape[0], keys_t.shape[1])
+    logits[..., first:].masked_fill_(hidden, -math.inf)
+    return logits
+
+
+def _probe_tile(
+    logits: Callable[[], torch.Tensor], values: torch.Tensor, parts: tuple[slice, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile of ``probe_attention``: logits() the tile's masked logits (G, b, K), values
+    (K, D) float32, parts from ``_key_parts``. Returns the attention output (G, b, D) over all K
+    keys and (G, S) the rows' max of the span keys' probabilities in the softmax over the
+    scored parts, from the same exp(x - row max) and one sum per part (the logits are
+    recomputed on the rare path that needs them after the exp)."""
+    weights = logits()
+    weights = weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()  # a row sees its own key
+    sums = [weights[..., part].sum(dim=-1, keepdim=True) for part in parts]  # (G, b, 1) each
+    out = (weights @ values).div_(sum(sums))
+    scored = sums[0] + sums[2] + sums[4]
+    if float(scored.min()) < math.exp(-SCORE_GAP):  # rare: the scored keys' own softmax
+        return out, _scored_softmax_max(logits(), parts)
+    return out, weights[..., parts[2]].div_(scored).amax(dim=1)
+
+
+def _scored_softmax_max(logits: torch.Tensor, parts: tuple[slice, ...]) -> torch.Tensor:
+    """(G, S): the rows' max of the span keys' probabilities in a softmax over the scored
+    parts of logits (G, b, K) alone."""
+    scored = torch.cat([logits[..., part] for part in parts[::2]], dim=-1)
+    first = parts[0].stop - parts[0].start
+    span = parts[2].stop - parts[2].start
+    return torch.softmax(scored, dim=-1)[..., first : first + span].amax(dim=1)
 
 
 def visible_counts(
