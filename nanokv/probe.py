@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanokv.kernels.prefill_scores import max_span_attention, probe_attention
+from nanokv.kernels.prefill_scores import probe_attention
 from nanokv.tokenizer import Tokenizer
 
 REPEAT = "\n\nRepeat the previous context exactly."
@@ -156,32 +156,6 @@ class ProbeScores:
         self.output_square = torch.zeros((), device=device) if output else None
         self.rows = 0
 
-    def add_rows(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        positions: torch.Tensor,
-        segment: ProbeSegment,
-        *,
-        scale: float,
-        sliding_window: int | None = None,
-    ) -> None:
-        """Folds in the rows q (c, H_q, D) at the end of the segment seen so far. k: (n + r, H_kv,
-        D) the document's keys, then the segment's first r keys (the rows' own last); positions:
-        (n + r,). The softmax runs over the sinks, the span and the segment keys (causal)."""
-        n, c = self.n, q.shape[0]
-        sink = min(self.sinks, segment.start)
-        span = slice(segment.start, segment.end)
-        other = torch.cat([k[:sink], k[n:]])  # (O, H_kv, D): in the softmax, not scored
-        seen = max_span_attention(
-            q.transpose(0, 1), k[span].transpose(0, 1), other.transpose(0, 1), scale=scale,
-            query_positions=positions[-c:], span_positions=positions[span],
-            other_positions=torch.cat([positions[:sink], positions[n:]]),
-            sliding_window=sliding_window,
-        )  # fmt: skip  # (H_q, span)
-        target = self.attention[:, span]
-        torch.maximum(target, seen, out=target)
-
     def attend_rows(
         self,
         q: torch.Tensor,
@@ -193,10 +167,12 @@ class ProbeScores:
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        """The rows q (c, H_q, D) through the layer's attention, scored on the way: returns
-        their attention output (c, H_q * D), what ``prefill_attention`` gives, and folds in what
-        ``add_rows`` would, from the same logits (``probe_attention``: the pair costs about one
-        attention pass, not two). k, v: (n + r, H_kv, D) as in ``add_rows``."""
+        """Folds in the rows q (c, H_q, D) at the end of the segment seen so far and returns
+        their attention output (c, H_q * D), what ``prefill_attention`` gives: the probe's pass
+        and its scoring share one set of logits (``probe_attention``). k, v: (n + r, H_kv, D) the
+        document's keys and values, then the segment's first r (the rows' own last);
+        positions: (n + r,). The score's softmax runs over the sinks, the span and the
+        segment's keys (causal)."""
         attn, seen = probe_attention(
             q, k, v, scale=scale, positions=positions, document=self.n,
             span=(segment.start, segment.end), sinks=min(self.sinks, segment.start),

@@ -17,7 +17,7 @@ from nanokv.budget import Budget
 from nanokv.cli import main
 from nanokv.engine import Engine, InputError
 from nanokv.kernels import prefill_scores
-from nanokv.kernels.prefill_scores import max_span_attention, window_attention
+from nanokv.kernels.prefill_scores import window_attention
 from nanokv.loader import load_config, load_model
 from nanokv.policies import make_policy
 from nanokv.policies.base import PolicyOptions, PromptLayer
@@ -169,66 +169,39 @@ def test_chunked_probe_scores_equal_the_dense_reference(request, document, kind,
     assert (record.layers[0].probe_attention[:, outside] == 0).all()  # the template prefix
 
 
-@pytest.mark.parametrize("group", [1, 3])
-@pytest.mark.parametrize("window", [None, 6, 25])
-@pytest.mark.parametrize("tile_rows", [1, 2, 5])
-def test_max_span_attention_equals_the_dense_window_attention(group, window, tile_rows):
-    """The tiled kernel ProbeScores uses equals the max over the rows of the materialised
-    softmax over [span, sinks, own keys] (the old path): tiles of one row, of two (the own
-    keys' causal edge inside a tile), one tile for all 5 rows; Mistral-like windows that hide
-    the whole span, or part of it from some rows."""
-    kv_heads, head_dim, n, r, c = 2, 16, 30, 12, 5
-    gen = torch.Generator().manual_seed(group)
-    k = torch.randn(kv_heads, n + r, head_dim, generator=gen) * 3  # document, then the probe's
-    q = torch.randn(kv_heads * group, c, head_dim, generator=gen) * 3  # the probe's last c rows
-    pos = torch.arange(n + r) + 2
-    sinks, span = torch.arange(4), torch.arange(9, 21)
-    other = torch.cat([sinks, torch.arange(n, n + r)])
-    options = dict(scale=0.25, query_positions=pos[-c:], sliding_window=window)
-    keys = torch.cat([span, other])
-    dense = window_attention(q, k[:, keys], key_positions=pos[keys], **options)
-    want = dense[..., : len(span)].amax(dim=1)  # (H_q, S)
-    got = max_span_attention(
-        q, k[:, span], k[:, other], span_positions=pos[span], other_positions=pos[other],
-        tile_elements=tile_rows * group * len(keys), **options,
-    )  # fmt: skip
-    assert got.shape == want.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    if window == 6:
-        assert (got == 0).all()  # the span is out of every row's window
-    if window == 25:
-        assert (got == 0).any() and (got > 0).any()  # ... of some rows' windows
-
-
-def test_max_span_attention_takes_half_precision_and_empty_spans():
-    q = torch.randn(4, 3, 8, dtype=torch.bfloat16)
-    k = torch.randn(2, 10, 8, dtype=torch.bfloat16)
-    pos = torch.arange(10)
-    options = dict(scale=0.3, query_positions=torch.arange(7, 10))
-    got = max_span_attention(
-        q, k[:, :5], k[:, 5:], span_positions=pos[:5], other_positions=pos[5:], **options
-    )
-    dense = window_attention(q, k, key_positions=pos, **options)
-    torch.testing.assert_close(got, dense[..., :5].amax(dim=1), atol=1e-6, rtol=1e-5)
-    unseen = max_span_attention(
-        q, k[:, :5], k[:, 5:6], span_positions=pos[:5], other_positions=pos[5:6],
-        sliding_window=3, **options,
-    )  # fmt: skip  # row 7 sees key 5 only, rows 8 and 9 no key at all (no NaN: zeros)
-    dense = window_attention(q, k[:, :6], key_positions=pos[:6], sliding_window=3, **options)
-    assert (dense[:, 1:] == 0).all() and (dense[:, 0, 5] == 1).all()
-    assert torch.equal(unseen, torch.zeros(4, 5))
-    empty = max_span_attention(
-        q, k[:, :0], k[:, 5:], span_positions=pos[:0], other_positions=pos[5:], **options
-    )
-    assert empty.shape == (4, 0)
+def dense_probe_scores(
+    scores: ProbeScores,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    segment: ProbeSegment,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> None:
+    """The reference rule, materialised: folds the rows q (c, H_q, D) into `scores` as the max
+    over the rows of each span key's probability in the causal softmax over the sinks, the span
+    and the segment's keys (k: (n + r, H_kv, D), positions: (n + r,))."""
+    n, c = scores.n, q.shape[0]
+    sink = min(scores.sinks, segment.start)
+    span = slice(segment.start, segment.end)
+    keys = torch.cat([k[:sink], k[span], k[n:]])  # (K, H_kv, D)
+    key_pos = torch.cat([positions[:sink], positions[span], positions[n:]])
+    probs = window_attention(
+        q.transpose(0, 1), keys.transpose(0, 1), scale=scale,
+        query_positions=positions[-c:], key_positions=key_pos, sliding_window=sliding_window,
+    )  # fmt: skip  # (H_q, c, K)
+    seen = probs[:, :, sink : sink + segment.end - segment.start].amax(dim=1)  # (H_q, span)
+    target = scores.attention[:, span]
+    torch.maximum(target, seen, out=target)
 
 
 @pytest.mark.parametrize("window", [None, 9])
 @pytest.mark.parametrize("tile_rows", [1, 3, None])
 @pytest.mark.parametrize("span", [(0, 12), (6, 14)])
-def test_attend_rows_equals_prefill_attention_then_add_rows(monkeypatch, window, tile_rows, span):
+def test_attend_rows_equals_sdpa_and_the_dense_scores(monkeypatch, window, tile_rows, span):
     """The fused path (one set of logits for the rows' output and their scores) gives what the
-    engine's two calls give: the output SDPA computes, the scores add_rows folds in, over
+    materialised reference gives: the output SDPA computes, the dense softmax's scores, over
     chunks of a segment; sinks or none; Mistral-like windows; tiles of 1 row, 3, all."""
     kv_heads, group, head_dim, n, r = 2, 3, 16, 14, 8
     gen = torch.Generator().manual_seed(3)
@@ -245,7 +218,7 @@ def test_attend_rows_equals_prefill_attention_then_add_rows(monkeypatch, window,
         keys, values, key_pos = k[: n + end], v[: n + end], pos[: n + end]
         want = prefill_attention(q[start:end], keys, values, pos[n + start : n + end], key_pos,
                                  **options)  # fmt: skip
-        split.add_rows(q[start:end], keys, key_pos, segment, **options)
+        dense_probe_scores(split, q[start:end], keys, key_pos, segment, **options)
         got = fused.attend_rows(q[start:end], keys, values, key_pos, segment, **options)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.attention, split.attention, atol=1e-6, rtol=1e-5)
@@ -254,7 +227,7 @@ def test_attend_rows_equals_prefill_attention_then_add_rows(monkeypatch, window,
 
 def test_attend_rows_scores_exactly_when_the_scored_keys_are_far_below_the_row_max():
     """A document key outside the span with a huge logit: exp(x - row max) of every scored key
-    underflows, so the tile scores from the scored keys' own softmax (what add_rows computes)."""
+    underflows, so the tile scores from the scored keys' own softmax (the dense reference's)."""
     n, r, head_dim = 10, 3, 4
     k, v = torch.zeros(n + r, 1, head_dim), torch.randn(n + r, 1, head_dim)
     k[:, 0, 0] = torch.linspace(-1, 1, n + r)
@@ -263,7 +236,7 @@ def test_attend_rows_scores_exactly_when_the_scored_keys_are_far_below_the_row_m
     pos, segment = torch.arange(n + r), ProbeSegment([0] * r, 0, 5)
     fused, split = (ProbeScores(1, n, "cpu", sinks=4, output=False) for _ in "ab")
     got = fused.attend_rows(q, k, v, pos, segment, scale=1.0)
-    split.add_rows(q, k, pos, segment, scale=1.0)
+    dense_probe_scores(split, q, k, pos, segment, scale=1.0)
     torch.testing.assert_close(got, prefill_attention(q, k, v, pos[n:], pos, scale=1.0))
     assert (split.attention[:, :5] > 0.01).all()  # the span matters among the scored keys
     torch.testing.assert_close(fused.attention, split.attention, atol=0, rtol=1e-6)

@@ -2,14 +2,13 @@
 
 - ``window_attention``: the softmax attention of a few queries (SnapKV's / LaProx's observation
   window) to every prompt key, (H_q, w, n). Small (w << n), so plain torch.
-- ``max_span_attention``: per key of a span, the max over many queries (KVzip's probe rows) of
-  its softmax probability, the softmax also running over keys that are not scored, (H_q, S).
-  The queries are as many as the span's keys, so the (H_q, w, S + O) matrix is never built: the
-  queries go through in tiles of one GQA group and a few rows whose logits stay in cache (on
-  CPU a fresh tensor of tens of MB costs more in page faults than its arithmetic).
-- ``probe_attention``: the probe rows' attention output (over the whole document and the
-  probe's own keys) and ``max_span_attention``'s scores from one set of logits per tile: the
-  probe's model pass and its scoring share the QK^T and the exponentials.
+- ``probe_attention``: KVzip's probe rows through one layer's attention (over the whole
+  document and the probe's own keys) and, from the same logits, each span key's max over the
+  rows of its softmax probability among the scored keys (sinks, span, the probe's own). The rows
+  are as many as the span's keys, so no (H_q, rows, keys) matrix is built: they go through in
+  tiles of one GQA group and a few rows whose logits stay in cache (on CPU a fresh tensor of
+  tens of MB costs more in page faults than its arithmetic), and the probe's model pass and
+  its scoring share the QK^T and the exponentials.
 - ``column_statistics``: statistics of the full causal prompt attention, never an n x n matrix:
   plain column sums (H2O) and AUV's row-scaled column means. On CPU a chunked torch loop
   (O(G x chunk x n) memory); on CUDA two Triton passes in the flash-attention-backward pattern:
@@ -104,70 +103,6 @@ def window_attention(
     return probs.nan_to_num(0.0).reshape(q_heads, w, n)
 
 
-def max_span_attention(
-    q: torch.Tensor,
-    span_k: torch.Tensor,
-    other_k: torch.Tensor,
-    *,
-    scale: float,
-    query_positions: torch.Tensor,
-    span_positions: torch.Tensor,
-    other_positions: torch.Tensor,
-    sliding_window: int | None = None,
-    tile_elements: int | None = None,
-) -> torch.Tensor:
-    """Per query head and span key, the max over the queries of the key's causal softmax
-    probability, float32 (H_q, S); the softmax runs over the span's keys and the other keys
-    (sinks, the probe's own keys), which are not scored. The span's keys precede every query
-    (a document before its probe: only a sliding window hides them); the queries' and the other
-    keys' positions ascend (a query sees a prefix of the other keys, and a later one more).
-
-    q: (H_q, w, D); span_k: (H_kv, S, D); other_k: (H_kv, O, D); positions: (w,), (S,), (O,).
-    Equals ``window_attention(q, cat([span_k, other_k]))[..., :S].amax(dim=1)`` (a row that sees
-    no key scores 0), in tiles of one GQA group and about ``tile_elements`` logits (default: a
-    cache's worth on CPU, a large tile elsewhere) that stop at the last key the tile's rows see.
-    """
-    expect_shape("q", q, (None, None, None))
-    q_heads, w, head_dim = q.shape
-    expect_shape("span_k", span_k, (None, None, head_dim))
-    kv_heads, span = span_k.shape[:2]
-    _check_groups(q_heads, kv_heads)
-    expect_shape("other_k", other_k, (kv_heads, None, head_dim))
-    expect_shape("query_positions", query_positions, (w,))
-    expect_shape("span_positions", span_positions, (span,))
-    expect_shape("other_positions", other_positions, (other_k.shape[1],))
-    group = q_heads // kv_heads
-    best = torch.zeros(q_heads, span, dtype=torch.float32, device=q.device)
-    if span == 0 or w == 0:
-        return best
-    if tile_elements is None:
-        tile_elements = 1 << 19 if q.device.type == "cpu" else 1 << 26
-    rows = max(1, tile_elements // (group * (span + other_k.shape[1])))
-    key_pos = torch.cat([span_positions, other_positions])
-    scaled = q.float() * scale  # (H_q, w, D): the scale on q, not on every logit
-    for g in range(kv_heads):
-        heads = slice(g * group, (g + 1) * group)
-        keys_t = torch.cat([span_k[g], other_k[g]]).float().T  # (D, S + O)
-        for r0, r1, seen_by_all, seen in _row_tiles(query_positions, other_positions, rows):
-            # without a window every row sees the span and the first query's other keys
-            first = 0 if sliding_window is not None else span + seen_by_all
-            hidden = ~_visible(query_positions[r0:r1], key_pos[first : span + seen], sliding_window)
-            rows_q = scaled[heads, r0:r1].reshape(-1, head_dim)  # (G * b, D): one GEMM
-            logits = _tile_logits(rows_q, keys_t[:, : span + seen], first, hidden)
-            tile = _tile_max(logits, span, windowed=sliding_window is not None)
-            torch.maximum(best[heads], tile, out=best[heads])
-    return best
-
-
-def _tile_max(logits: torch.Tensor, span: int, *, windowed: bool) -> torch.Tensor:
-    """(G, S): one tile's max over its rows of the softmax probability of the first `span`
-    keys; logits (G, b, K) masked with -inf. With a window a row may see no key: 0, not NaN."""
-    probs = torch.softmax(logits, dim=-1)[..., :span]
-    if windowed:
-        probs = probs.nan_to_num(0.0)
-    return probs.amax(dim=1)
-
-
 def _row_tiles(
     query_positions: torch.Tensor, other_positions: torch.Tensor, rows: int
 ) -> list[tuple[int, int, int, int]]:
@@ -208,7 +143,7 @@ def probe_attention(
     attention output (c, H_q * D) in q's dtype, over every document key and the segment's keys
     up to the row's own (``prefill_attention``'s), and float32 (H_q, end - start) the max over
     the rows of each span key's probability in the softmax over the first `sinks` keys, the
-    span [start, end) and the segment's keys (``max_span_attention``'s). Both come from the
+    span [start, end) and the segment's keys (KVzip's score). Both come from the
     same exponentials exp(x - max over the row's keys); a tile where some row's scored keys sum
     to less than exp(-SCORE_GAP) of it (their exponentials could underflow) scores from their
     own softmax instead, so every score above ~1e-29 is exact to rounding.
