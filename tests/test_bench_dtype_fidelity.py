@@ -4,17 +4,15 @@ stderr with exit status 2."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench
 from tiny_models import make_hf_model, save_checkpoint
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "dtype_fidelity.py"
 CASE_KEYS = {
     "bench", "dtype", "reference", "case", "source", "file", "length", "tokens", "seed",
     "agreement", "kl", "cosine_mean", "cosine_min", "cosine", "accuracy", "accuracy_reference",
@@ -27,11 +25,7 @@ LENGTH, TOKENS, CASES = 48, 6, 2
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_dtype_fidelity", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("dtype_fidelity")
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,19 @@ test of what is counted; no timing is asserted)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import tiny_models
+from bench_scripts import load_bench
 from tiny_models import llama_config, make_hf_model, save_checkpoint
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "e2e.py"
 DTYPES = ("float32", "bfloat16")
 
 
 def _bench():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while defined
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("e2e")
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,13 @@ bytes line and the summary (a smoke test of what is measured; no speed is assert
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+from bench_scripts import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_serve", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("serve")
 
 
 def test_serve_bench_measures_every_cell_through_the_server(tiny_llama_dir, tmp_path, capsys):

@@ -1,16 +1,12 @@
 """The kernel microbenchmark runs end to end on a tiny sweep (a smoke test, no timing asserted)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+from bench_scripts import load_bench
 
 
 def test_bench_kernels_tiny_sweep_writes_json_and_png(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("kernels")
     tiny = "--contexts 64 --fractions 0.5 --gqa 2 --batch 1 --kv-heads 2 --head-dim 16"
     bench.main([*tiny.split(), "--warmup", "1", "--reps", "1", "--copy-mb", "1"])
     bench.main([*tiny.split(), "--reps", "1", "--copy-mb", "1", "--out", str(tmp_path)])
