@@ -35,6 +35,7 @@ from nanokv.recompress import arena_probe_attention
 from nanokv.report import CacheReport
 from nanokv.sampling import Sampler, SamplingParams
 from nanokv.sparsity import QuestOptions, QuestSparsity
+from nanokv.step_clock import STOPPED, StepClock
 from nanokv.stopping import StopChecker
 
 TextCallback = Callable[[int, str], None]
@@ -122,6 +123,7 @@ class Engine:
         self.device, self.dtype = first.device, first.dtype
         self._grams: list[torch.Tensor] | None = None
         self.last_report: CacheReport | None = None
+        self.clock: StepClock = STOPPED  # a running StepClock times the phases of decode steps
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Raises InputError for an empty prompt or one that leaves no room in the context."""
@@ -623,17 +625,22 @@ class Engine:
         """Feeds one token per sequence (B,) and returns the next-token logits (B, vocab).
         `capture` (a list) receives each layer's attention output (B, H_q * D), for fidelity
         measurements."""
-        positions = state.positions
+        clock, positions = self.clock, state.positions
+        clock.start()
         h = self.model.embed(tokens, positions)  # (B, hidden)
         self.policy.bind(state.memory)
         for layer, block in enumerate(self.model.blocks):
             q, k, v = block.qkv(h, positions)  # (B, H_q, D), (B, H_kv, D), (B, H_kv, D)
+            clock.mark("model")
             out = self.attend_layer(state, layer, q, k, v)
             if capture is not None:
                 capture.append(out.reshape(h.shape[0], -1).float().clone())
             h = block.finish(h, out.reshape(h.shape[0], -1))
+            clock.mark("model")
         state.positions += 1
-        return self.model.logits(h)
+        logits = self.model.logits(h)
+        clock.mark("lm head")
+        return logits
 
     def attend_layer(
         self, state: DecodeState, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -642,12 +649,15 @@ class Engine:
         stage (a full window frees W slots before the write), the write, attention (Quest's
         pages where sparse), the policy's observation. q (B, H_q, D), k and v (B, H_kv, D) ->
         (B, H_q, D). The policy must be bound to `state.memory`."""
-        positions, arena, quest = state.positions, state.arena, state.quest
+        positions, arena, quest, clock = state.positions, state.arena, state.quest, self.clock
         emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
         self._evict_if_full(state, layer)
+        clock.mark("eviction")
         norms = self._value_norms(layer, v.unsqueeze(-2))  # (B, H_q, 1) or None
+        clock.mark("value norms")
         slots = arena.append(layer, k, v, positions, None if norms is None else norms[..., 0])
         view = arena.layer(layer)
+        clock.mark("arena write")
         attention = dict(
             scale=self.scale, slot_pos=view.pos, query_pos=positions,
             sliding_window=self.cfg.sliding_window, value_norms=view.value_norms, emit=emit,
@@ -657,7 +667,9 @@ class Engine:
             out, emitted = quest.attend(layer, q, arena, **attention)
         else:
             out, emitted = decode_attention(q, view.k, view.v, view.lengths, **attention)
+        clock.mark("attention + emission" if emit else "attention")
         self.eviction.write_rows(arena, layer, self.policy.observe_decode(layer, view, emitted))
+        clock.mark("observation")
         return out
 
     def _evict_if_full(self, state: DecodeState, layer: int) -> None:
