@@ -38,13 +38,12 @@ class ArenaLayer:
     state: dict[str, torch.Tensor]  # name -> (B, H_kv, C) float32, policy-owned extras
 
 
-@functools.cache
-def _append_index(batch: int, kv_heads: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(sequence, kv head) index tensors (B, H_kv) and a float32 zero for `append`: made once per
-    shape and device and shared (read only), so that a decode step does not rebuild them."""
-    seq_index = torch.arange(batch, device=device).unsqueeze(1).expand(-1, kv_heads)
-    head_index = torch.arange(kv_heads, device=device).unsqueeze(0).expand(batch, -1)
-    return seq_index, head_index, torch.zeros((), device=device)
+@functools.lru_cache(maxsize=256)  # one entry per (batch, heads, layer capacity) in use
+def _row_starts(batch: int, heads: int, capacity: int, device: torch.device) -> torch.Tensor:
+    """(B, heads) int64: where each (sequence, head) row of a (B, heads, capacity) buffer starts
+    in its flat view. Made once per shape and device and shared (read only), so that a decode
+    step's write is one indexed copy a buffer."""
+    return (torch.arange(batch * heads, device=device) * capacity).view(batch, heads)
 
 
 class KVArena:
@@ -211,17 +210,21 @@ class KVArena:
         capacity = self.layer_capacity(layer)
         if not slots.is_cuda and int(slots.max()) >= capacity:  # CUDA indexing checks itself
             raise ArenaFullError(f"layer {layer} is full ({capacity} slots): evict first")
-        seq_index, head_index, zero = _append_index(*slots.shape, slots.device)
-        where = (seq_index, head_index, slots)  # (B, H_kv) each
-        self.k[layer].index_put_(where, k)
-        self.v[layer].index_put_(where, v)
-        self.pos[layer].index_put_(where, positions.to(torch.int32).unsqueeze(1).expand_as(slots))
+        batch, kv_heads = slots.shape
+        flat = (_row_starts(batch, kv_heads, capacity, slots.device) + slots).view(-1)  # (B H_kv,)
+        head_dim = k.shape[-1]
+        self.k[layer].view(-1, head_dim).index_copy_(0, flat, k.reshape(-1, head_dim))
+        self.v[layer].view(-1, head_dim).index_copy_(0, flat, v.reshape(-1, head_dim))
+        written = positions.to(torch.int32).unsqueeze(1).expand(batch, kv_heads)
+        self.pos[layer].view(-1).index_copy_(0, flat, written.reshape(-1))
         for buffer in self.slot_state.values():
-            buffer[layer].index_put_(where, zero)
+            buffer[layer].view(-1).index_fill_(0, flat, 0)
         if value_norms is not None and self.value_norms is not None:
-            group = value_norms.shape[1] // slots.shape[1]
-            q_slots = slots.repeat_interleave(group, dim=1).unsqueeze(-1)  # (B, H_q, 1)
-            self.value_norms[layer].scatter_(2, q_slots, value_norms.float().unsqueeze(-1))
+            q_heads = value_norms.shape[1]
+            q_slots = slots.repeat_interleave(q_heads // kv_heads, dim=1)  # (B, H_q)
+            q_flat = (_row_starts(batch, q_heads, capacity, slots.device) + q_slots).view(-1)
+            norms = value_norms.reshape(-1).float()
+            self.value_norms[layer].view(-1).index_copy_(0, q_flat, norms)
         self.lengths[layer] += 1
         return slots
 

@@ -675,17 +675,23 @@ class Engine:
     def _evict_if_full(self, state: DecodeState, layer: int) -> None:
         """Runs a multi-step eviction for the sequences whose decode window is full. The check
         uses host-side counters, so the decode loop never waits on the device for it."""
+        counts = state.filled[layer].numpy()  # (B,) a view of the host counters
         if state.window == 0:  # never evicts while decoding
-            state.filled[layer] += 1
+            counts += 1
             return
-        full = state.filled[layer] >= state.window  # (B,) on the host
-        if not bool(full.any()):
-            state.filled[layer] += 1
+        full = counts >= state.window
+        if not full.any():
+            counts += 1
             return
         self.eviction.evict(
-            state.arena, layer, state.cache_tokens[layer], state.window, full.to(self.device)
+            state.arena,
+            layer,
+            state.cache_tokens[layer],
+            state.window,
+            torch.from_numpy(full).to(self.device),
         )
-        state.filled[layer] = torch.where(full, 0, state.filled[layer]) + 1
+        counts[full] = 0
+        counts += 1
         if state.quest is not None:
             state.quest.refresh(state.arena, layer)
 

@@ -70,14 +70,20 @@ def valid_slot_mask(
     The sliding window follows Mistral: query at position i sees key at position p iff
     ``i - p < sliding_window``.
     """
-    slots = torch.arange(capacity, device=lengths.device)
-    mask = slots.view(1, 1, -1) < lengths.unsqueeze(-1)
+    mask = _slot_numbers(capacity, lengths.device) < lengths.unsqueeze(-1)
     if sliding_window is not None:
         if slot_pos is None or query_pos is None:
             raise ValueError("a sliding window needs slot_pos and query_pos")
         oldest = query_pos.view(-1, 1, 1) - sliding_window
         mask &= slot_pos > oldest
     return mask
+
+
+@functools.lru_cache(maxsize=64)  # arenas of a process have few capacities; bounded all the same
+def _slot_numbers(capacity: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, C) int64 0 .. C - 1, made once per capacity and device and shared (read only): the
+    mask of every decode step compares against it."""
+    return torch.arange(capacity, device=device).view(1, 1, -1)
 
 
 def masked_attention_reference(
