@@ -143,6 +143,7 @@ def cell_line(cell: Cell, args: argparse.Namespace) -> dict:
         "cell": cell.name, "policy": cell.policy, "budget": cell.budget, "length": cell.length,
         "dtype": args.dtype, "steps": args.new_tokens - 1, "rounds": args.repeats,
         "step_ms": round(statistics.median(cell.step_ms), 3),
+        "step_ms_rounds": [round(ms, 3) for ms in cell.step_ms],
         "timed_step_ms": round(sum(phases.values()), 3), "phases_ms": phases,
     }  # fmt: skip
 

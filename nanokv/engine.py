@@ -26,7 +26,7 @@ from nanokv.attention import arena_chunk_attention, prefill_attention
 from nanokv.budget import Budget
 from nanokv.config import ModelConfig
 from nanokv.eviction import EvictionStage, SequencePlan
-from nanokv.kernels.decode_attention import decode_attention
+from nanokv.kernels.decode_attention import decode_attention, emitted_over_steps
 from nanokv.kernels.value_norms import output_gram, value_output_norms
 from nanokv.policies import Policy, PromptLayer
 from nanokv.policies.base import ProbedKeys
@@ -39,6 +39,7 @@ from nanokv.step_clock import STOPPED, StepClock
 from nanokv.stopping import StopChecker
 
 TextCallback = Callable[[int, str], None]
+DEFERRED_STEPS = 32  # most decode steps whose statistics wait for one batched emission
 
 
 class InputError(ValueError):
@@ -88,6 +89,8 @@ class DecodeState:
     quest: QuestSparsity | None = None
     prefill_seconds: float = 0.0
     kept_after_prefill: torch.Tensor | None = None  # (L, B, H_kv)
+    # per layer, the (B, H_q, D) queries of the decode steps whose statistics wait (settle)
+    pending: list[list[torch.Tensor]] = field(default_factory=list)
 
     def clone(self) -> DecodeState:
         """An independent copy (a compressed context answers many questions from one prefill)."""
@@ -648,29 +651,87 @@ class Engine:
         """One layer of a decode step for the state's batch at `state.positions`: the eviction
         stage (a full window frees W slots before the write), the write, attention (Quest's
         pages where sparse), the policy's observation. q (B, H_q, D), k and v (B, H_kv, D) ->
-        (B, H_q, D). The policy must be bound to `state.memory`."""
+        (B, H_q, D). The policy must be bound to `state.memory`.
+
+        A policy that only adds up its statistics (`adds_decode_statistics`) gets them at the
+        next eviction instead, for all the steps since in one batched pass (`settle`): on CPU
+        the emission of a single query costs a dozen small ops a layer, about as much as the
+        attention itself, and a window of W steps then pays them once."""
         positions, arena, quest, clock = state.positions, state.arena, state.quest, self.clock
         emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
+        defer = emit and self.policy.adds_decode_statistics and quest is None
+        if defer and len(self._pending(state)[layer]) >= DEFERRED_STEPS:
+            self._settle_layer(state, layer)
         self._evict_if_full(state, layer)
         clock.mark("eviction")
-        norms = self._value_norms(layer, v.unsqueeze(-2))  # (B, H_q, 1) or None
+        norms = None if defer else self._value_norms(layer, v.unsqueeze(-2))  # (B, H_q, 1)
         clock.mark("value norms")
         slots = arena.append(layer, k, v, positions, None if norms is None else norms[..., 0])
         view = arena.layer(layer)
         clock.mark("arena write")
         attention = dict(
             scale=self.scale, slot_pos=view.pos, query_pos=positions,
-            sliding_window=self.cfg.sliding_window, value_norms=view.value_norms, emit=emit,
+            sliding_window=self.cfg.sliding_window, value_norms=view.value_norms,
+            emit=emit and not defer,
         )  # fmt: skip
         if quest is not None and quest.is_sparse(layer):
             quest.written(arena, layer, slots)
             out, emitted = quest.attend(layer, q, arena, **attention)
         else:
             out, emitted = decode_attention(q, view.k, view.v, view.lengths, **attention)
-        clock.mark("attention + emission" if emit else "attention")
-        self.eviction.write_rows(arena, layer, self.policy.observe_decode(layer, view, emitted))
+        clock.mark("attention + emission" if attention["emit"] else "attention")
+        if defer:
+            state.pending[layer].append(q)
+        else:
+            self.eviction.write_rows(arena, layer, self.policy.observe_decode(layer, view, emitted))
         clock.mark("observation")
         return out
+
+    @torch.inference_mode()
+    def settle(self, state: DecodeState) -> None:
+        """Brings every slot statistic of the state up to date: the deferred decode steps of
+        every layer (see `attend_layer`) are emitted and observed. Anything that reads or moves
+        the arena's statistics other than a decode step calls it first."""
+        self.policy.bind(state.memory)
+        for layer in range(len(state.pending)):
+            self._settle_layer(state, layer)
+
+    def _pending(self, state: DecodeState) -> list[list[torch.Tensor]]:
+        if not state.pending:
+            state.pending = [[] for _ in range(self.cfg.num_layers)]
+        return state.pending
+
+    def _settle_layer(self, state: DecodeState, layer: int) -> None:
+        """The deferred steps of one layer, between two decode steps: step t of n wrote the
+        token at slot `length - (n - t)` of each head and saw the slots before it, at query
+        position `positions - (n - t)`; their value norms, then their summed statistics, are
+        computed in one pass each and observed as one step."""
+        queries = state.pending[layer] if state.pending else []
+        if not queries:
+            return
+        self.clock.mark("eviction")  # what ran before, in the step that settles
+        state.pending[layer] = []
+        arena, steps = state.arena, len(queries)
+        back = torch.arange(steps, 0, -1, device=self.device)  # n - t for t = 0 .. n - 1
+        lengths = arena.lengths[layer].unsqueeze(1) - (back - 1).view(1, -1, 1)  # (B, n, H_kv)
+        if self.policy.needs_value_norms:
+            self._write_value_norms(arena, layer, lengths.transpose(1, 2) - 1)
+        view = arena.layer(layer)
+        emitted = emitted_over_steps(
+            torch.stack(queries, dim=1), view.k, lengths, scale=self.scale, slot_pos=view.pos,
+            query_pos=state.positions.unsqueeze(1) - back, sliding_window=self.cfg.sliding_window,
+            value_norms=view.value_norms,
+        )  # fmt: skip
+        self.eviction.write_rows(arena, layer, self.policy.observe_decode(layer, view, emitted))
+        self.clock.mark("deferred statistics")
+
+    def _write_value_norms(self, arena: KVArena, layer: int, slots: torch.Tensor) -> None:
+        """||v_j W_O^h|| of the values at `slots` (B, H_kv, n), into the arena's value norms."""
+        values = arena.v[layer]  # (B, H_kv, C, D)
+        index = slots.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1])
+        norms = self._value_norms(layer, values.gather(2, index))  # (B, H_q, n)
+        group = norms.shape[1] // slots.shape[1]
+        arena.value_norms[layer].scatter_(2, slots.repeat_interleave(group, dim=1), norms)
 
     def _evict_if_full(self, state: DecodeState, layer: int) -> None:
         """Runs a multi-step eviction for the sequences whose decode window is full. The check
@@ -683,6 +744,7 @@ class Engine:
         if not full.any():
             counts += 1
             return
+        self._settle_layer(state, layer)
         self.eviction.evict(
             state.arena,
             layer,
@@ -727,6 +789,7 @@ class Engine:
         """Writes the tokens' K/V into the arena and attends to it causally, layer by layer.
         Policy statistics are not updated by these tokens (no eviction follows them before the
         window refills), and attention is dense even under Quest."""
+        self.settle(state)  # the deferred steps assume one token a step
         batch, m = state.positions.shape[0], len(tokens)
         positions = state.positions.unsqueeze(1) + torch.arange(m, device=self.device)  # (B, m)
         ids = torch.tensor(tokens, device=self.device).repeat(batch)
@@ -818,6 +881,7 @@ class Engine:
         its `eviction_scores`; the sinks and the policy's observation window (the last
         positions seen) are protected. Nothing is re-prefilled."""
         arena = state.arena
+        self.settle(state)
         if int(arena.lengths.max()) <= cache:
             return
         began = time.perf_counter()
@@ -841,6 +905,7 @@ class Engine:
         chunk), against the arena's slots and itself; the policy reduces what the rows saw
         (`Policy.score_probe`). The arena is only read: the probe's K/V are one layer's
         temporaries."""
+        self.settle(state)
         cfg, arena = self.cfg, state.arena
         output = self.policy.needs_value_norms
         seen = [

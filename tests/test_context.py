@@ -127,6 +127,7 @@ def test_chunked_extension_equals_one_step_a_token(tmp_path_factory, kind, polic
     chunk_logits = llm.engine.extend(chunked, question)
     for token in question:
         step_logits = llm.engine.step(stepped, torch.tensor([token]))
+    llm.engine.settle(stepped)  # the steps' deferred value norms and statistics
     torch.testing.assert_close(chunk_logits, step_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(chunked.arena.lengths, stepped.arena.lengths)
     assert same_buffer(chunked.arena.pos, stepped.arena.pos)

@@ -201,6 +201,44 @@ def masked_attention_torch(
     return out, _emitted(probs, value_norms)
 
 
+def emitted_over_steps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+    slot_pos: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    value_norms: torch.Tensor | None = None,
+) -> Emitted:
+    """What ``decode_attention(..., emit=True)`` emits at each of n decode steps of one arena
+    layer, summed over the steps, from one batched pass: the statistics a policy that only adds
+    them up needs (the engine defers them to its next eviction, see `Engine.settle`). Exact
+    when only appends happened between the steps, so that every slot step t saw is unchanged.
+
+    q: (B, n, H_q, D) step t's queries; k: (B, H_kv, C, D); lengths: (B, n, H_kv) the valid
+    slots at step t; query_pos: (B, n); slot_pos (B, H_kv, C) and value_norms (B, H_q, C) as
+    in the contract. Mass and contribution are float32 (B, H_kv, C)."""
+    batch, steps, q_heads, head_dim = q.shape
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    qg = q.view(batch, steps, kv_heads, group, head_dim).transpose(1, 2)  # (B, H_kv, n, G, D)
+    logits = _blocked_logits(qg.reshape(batch, kv_heads, steps * group, head_dim), k, scale)
+    seen = _slot_numbers(capacity, k.device) < lengths.transpose(1, 2).unsqueeze(-1)
+    if sliding_window is not None:  # (B, H_kv, n, C) as `valid_slot_mask` at each step
+        if slot_pos is None or query_pos is None:
+            raise ValueError("a sliding window needs slot_pos and query_pos")
+        seen &= slot_pos.unsqueeze(2) > query_pos.view(batch, 1, steps, 1) - sliding_window
+    logits = logits.view(batch, kv_heads, steps, group, capacity)
+    probs = torch.softmax(logits.masked_fill_(~seen.unsqueeze(3), float("-inf")), dim=-1)
+    contribution = None
+    if value_norms is not None:
+        norms = value_norms.float().view(batch, kv_heads, 1, group, capacity)
+        contribution = (probs * norms).sum(dim=(2, 3))
+    return Emitted(mass=probs.sum(dim=(2, 3)), contribution=contribution)
+
+
 def _blocked_logits(qg: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """fp32 logits (B, H_kv, G, C) of queries qg (B, H_kv, G, D) against k (B, H_kv, C, D) of a
     half dtype, converting LOGIT_BLOCK slots of k at a time (never the whole layer)."""

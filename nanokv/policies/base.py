@@ -160,6 +160,9 @@ class Policy:
     needs_all_queries = False  # prompt column statistics (H2O, AUV)
     needs_decode_mass = False  # the decode kernel's emitted attention mass
     needs_value_norms = False  # ||v_j W_O^h|| per slot, and emitted output contributions
+    # observe_decode adds a linear function of the emitted statistics to the scores, so several
+    # steps' statistics may arrive summed in one call (the engine defers them, `Engine.settle`)
+    adds_decode_statistics = False
     reconstructs = False  # keeps a reconstructed K/V slot per head (AUV)
     observes_window = False  # scores from observation queries, so observe="repeat" applies
     slot_state: tuple[str, ...] = ()  # extra per-slot statistics the arena keeps for it

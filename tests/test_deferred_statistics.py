@@ -1,0 +1,90 @@
+"""Deferred decode statistics (`Engine.settle`): a policy that only adds up what decode
+attention emits (snapkv, h2o, laprox) gets the statistics of several steps in one batched pass
+at its next eviction. The batched emission must equal the per-step emissions summed (against
+the dense reference), and a deferred decode must keep the tokens, scores and value norms of a
+per-step one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_hf_model, save_checkpoint
+
+import nanokv
+from nanokv.kernels.decode_attention import decode_attention_reference, emitted_over_steps
+from nanokv.kernels.value_norms import output_gram, value_output_norms
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emission_over_steps_is_the_sum_of_each_steps_emission(window, dtype):
+    """B = 2 sequences, GQA 3, a head-dependent start length; step t appends one slot a head
+    and attends with its own query, as decode does."""
+    gen = torch.Generator().manual_seed(0)
+    batch, kv_heads, group, dim, capacity, steps = 2, 2, 3, 16, 40, 6
+    q_heads = kv_heads * group
+    k = torch.randn(batch, kv_heads, capacity, dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, capacity, dim, generator=gen).to(dtype)
+    gram = output_gram(torch.randn(q_heads * dim, q_heads * dim, generator=gen), q_heads, dim)
+    norms = value_output_norms(v, gram)  # (B, H_q, C)
+    start = torch.tensor([[10, 17], [23, 12]])  # (B, H_kv) lengths before the first step
+    base = torch.tensor([30, 40])  # position of each sequence's first step
+    query_pos = base.view(-1, 1) + torch.arange(steps)  # (B, n)
+    # the slot written at step t (start + t) holds that step's position
+    slot_pos = (base.view(-1, 1, 1) - start.unsqueeze(-1) + torch.arange(capacity)).int()
+    queries = torch.randn(batch, steps, q_heads, dim, generator=gen).to(dtype)
+    mass = torch.zeros(batch, kv_heads, capacity)
+    contribution = torch.zeros(batch, kv_heads, capacity)
+    for t in range(steps):
+        _, emitted = decode_attention_reference(
+            queries[:, t], k, v, start + t + 1, scale=0.25, slot_pos=slot_pos,
+            query_pos=query_pos[:, t], sliding_window=window, value_norms=norms, emit=True,
+        )  # fmt: skip
+        mass += emitted.mass
+        contribution += emitted.contribution
+    lengths = (start.unsqueeze(1) + torch.arange(1, steps + 1).view(1, -1, 1)).to(torch.int32)
+    summed = emitted_over_steps(
+        queries, k, lengths, scale=0.25, slot_pos=slot_pos, query_pos=query_pos,
+        sliding_window=window, value_norms=norms,
+    )  # fmt: skip
+    torch.testing.assert_close(summed.mass, mass, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(summed.contribution, contribution, atol=1e-5, rtol=1e-5)
+    assert float(summed.mass[0, 0, 10 + steps :].abs().max()) == 0  # never-valid slots
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def model_dir(request, tmp_path_factory):
+    """Mistral's sliding window is shorter than the prompt: the batched mask must follow it."""
+    model = make_hf_model(request.param)
+    return save_checkpoint(model, tmp_path_factory.mktemp(f"deferred-{request.param}"))
+
+
+def _decode(engine, prompts, steps):
+    state, logits = engine.start(prompts, steps + 1)
+    tokens = [logits.argmax(-1)]
+    for _ in range(steps):
+        tokens.append(engine.step(state, tokens[-1]).argmax(-1))
+    engine.settle(state)
+    return torch.stack(tokens, 1), state
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "laprox"])
+def test_deferred_decode_keeps_what_per_step_statistics_keep(model_dir, policy, monkeypatch):
+    """Two prompts of different lengths, 45 steps: several evictions (each settles first) and
+    a settle at DEFERRED_STEPS; the same tokens, kept positions, scores and value norms as
+    with the statistics observed at every step."""
+    llm = nanokv.LLM(model_dir, dtype="float32")
+    llm.configure(policy, budget=0.3, min_cache=0)
+    prompts = [list(range(5, 75)), list(range(40, 95))]
+    tokens, deferred = _decode(llm.engine, prompts, 45)
+    assert deferred.pending and not any(deferred.pending)  # it deferred, and settled all
+    monkeypatch.setattr(type(llm.engine.policy), "adds_decode_statistics", False)
+    expected_tokens, stepped = _decode(llm.engine, prompts, 45)
+    assert torch.equal(tokens, expected_tokens)
+    a, b = deferred.arena, stepped.arena
+    assert torch.equal(a.lengths, b.lengths)
+    for layer in range(len(a.k)):
+        assert torch.equal(a.pos[layer], b.pos[layer])
+        torch.testing.assert_close(a.score[layer], b.score[layer], atol=1e-5, rtol=1e-5)
+        if a.value_norms is not None:
+            torch.testing.assert_close(a.value_norms[layer], b.value_norms[layer])
