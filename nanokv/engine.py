@@ -653,13 +653,13 @@ class Engine:
         pages where sparse), the policy's observation. q (B, H_q, D), k and v (B, H_kv, D) ->
         (B, H_q, D). The policy must be bound to `state.memory`.
 
-        A policy that only adds up its statistics (`adds_decode_statistics`) gets them at the
-        next eviction instead, for all the steps since in one batched pass (`settle`): on CPU
-        the emission of a single query costs a dozen small ops a layer, about as much as the
-        attention itself, and a window of W steps then pays them once."""
+        A policy that only adds up its statistics or keeps the latest (`decode_statistics`)
+        gets them at the next eviction instead, for all the steps since in one batched pass
+        (`settle`): on CPU the emission of a single query costs a dozen small ops a layer,
+        about as much as the attention itself, and a window of W steps then pays them once."""
         positions, arena, quest, clock = state.positions, state.arena, state.quest, self.clock
         emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
-        defer = emit and self.policy.adds_decode_statistics and quest is None
+        defer = emit and self.policy.decode_statistics != "every step" and quest is None
         if defer and len(self._pending(state)[layer]) >= DEFERRED_STEPS:
             self._settle_layer(state, layer)
         self._evict_if_full(state, layer)
@@ -705,7 +705,8 @@ class Engine:
         """The deferred steps of one layer, between two decode steps: step t of n wrote the
         token at slot `length - (n - t)` of each head and saw the slots before it, at query
         position `positions - (n - t)`; their value norms, then their summed statistics, are
-        computed in one pass each and observed as one step."""
+        computed in one pass each and observed as one step (the last step only, for a policy
+        that keeps only the latest statistics)."""
         queries = state.pending[layer] if state.pending else []
         if not queries:
             return
@@ -716,6 +717,8 @@ class Engine:
         lengths = arena.lengths[layer].unsqueeze(1) - (back - 1).view(1, -1, 1)  # (B, n, H_kv)
         if self.policy.needs_value_norms:
             self._write_value_norms(arena, layer, lengths.transpose(1, 2) - 1)
+        if self.policy.decode_statistics == "last":
+            queries, back, lengths = queries[-1:], back[-1:], lengths[:, -1:]
         view = arena.layer(layer)
         emitted = emitted_over_steps(
             torch.stack(queries, dim=1), view.k, lengths, scale=self.scale, slot_pos=view.pos,

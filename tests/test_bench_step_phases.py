@@ -60,7 +60,7 @@ def test_a_running_clock_times_every_phase_and_changes_no_result(tiny_llama_dir,
     assert tokens == untimed_tokens
     assert all(torch.equal(a, b) for a, b in zip(logits, untimed_logits, strict=True))
     assert clock.steps == steps
-    emits, defers = policy == "auv", policy in ("snapkv", "laprox")  # per step / in batches
+    emits, defers = policy == "auv", policy in ("snapkv", "laprox")  # per step / deferred
     attention = "attention + emission" if emits else "attention"
     expected = {"model", "eviction", "value norms", "arena write", attention, "observation"}
     settled = {"deferred statistics"} if defers else set()

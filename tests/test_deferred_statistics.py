@@ -1,8 +1,8 @@
 """Deferred decode statistics (`Engine.settle`): a policy that only adds up what decode
-attention emits (snapkv, h2o, laprox) gets the statistics of several steps in one batched pass
-at its next eviction. The batched emission must equal the per-step emissions summed (against
-the dense reference), and a deferred decode must keep the tokens, scores and value norms of a
-per-step one."""
+attention emits (snapkv, h2o, laprox) or keeps the latest step's (tova) gets the statistics of
+several steps in one batched pass at its next eviction. The batched emission must equal the
+per-step emissions summed (against the dense reference), and a deferred decode must keep the
+tokens, scores and value norms of a per-step one."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def _decode(engine, prompts, steps):
     return torch.stack(tokens, 1), state
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o", "laprox"])
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "laprox", "tova"])
 def test_deferred_decode_keeps_what_per_step_statistics_keep(model_dir, policy, monkeypatch):
     """Two prompts of different lengths, 45 steps: several evictions (each settles first) and
     a settle at DEFERRED_STEPS; the same tokens, kept positions, scores and value norms as
@@ -78,7 +78,7 @@ def test_deferred_decode_keeps_what_per_step_statistics_keep(model_dir, policy, 
     prompts = [list(range(5, 75)), list(range(40, 95))]
     tokens, deferred = _decode(llm.engine, prompts, 45)
     assert deferred.pending and not any(deferred.pending)  # it deferred, and settled all
-    monkeypatch.setattr(type(llm.engine.policy), "adds_decode_statistics", False)
+    monkeypatch.setattr(type(llm.engine.policy), "decode_statistics", "every step")
     expected_tokens, stepped = _decode(llm.engine, prompts, 45)
     assert torch.equal(tokens, expected_tokens)
     a, b = deferred.arena, stepped.arena

@@ -160,9 +160,11 @@ class Policy:
     needs_all_queries = False  # prompt column statistics (H2O, AUV)
     needs_decode_mass = False  # the decode kernel's emitted attention mass
     needs_value_norms = False  # ||v_j W_O^h|| per slot, and emitted output contributions
-    # observe_decode adds a linear function of the emitted statistics to the scores, so several
-    # steps' statistics may arrive summed in one call (the engine defers them, `Engine.settle`)
-    adds_decode_statistics = False
+    # what observe_decode needs of the emitted statistics: "every step" (one call a step), or
+    # "summed" (it adds a linear function of them to the scores) or "last" (it keeps only the
+    # latest step's), which let the engine defer them to the next eviction and emit the steps
+    # since in one batched pass (`Engine.settle`)
+    decode_statistics = "every step"
     reconstructs = False  # keeps a reconstructed K/V slot per head (AUV)
     observes_window = False  # scores from observation queries, so observe="repeat" applies
     slot_state: tuple[str, ...] = ()  # extra per-slot statistics the arena keeps for it

@@ -16,7 +16,7 @@ class H2O(Policy):
     name = "h2o"
     needs_all_queries = True
     needs_decode_mass = True
-    adds_decode_statistics = True
+    decode_statistics = "summed"
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
         stats = prompt_column_statistics(prompt)

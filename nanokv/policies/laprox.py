@@ -41,7 +41,7 @@ from nanokv.policies.base import (
 class LaProx(Policy):
     name = "laprox"
     needs_value_norms = True
-    adds_decode_statistics = True
+    decode_statistics = "summed"
     observes_window = True
     defaults = {"allocation": "global", "pool": 31}
 

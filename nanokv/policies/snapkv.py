@@ -19,7 +19,7 @@ from nanokv.policies.base import Policy, PromptLayer, observation_attention, pro
 class SnapKV(Policy):
     name = "snapkv"
     needs_decode_mass = True
-    adds_decode_statistics = True
+    decode_statistics = "summed"
     observes_window = True
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:

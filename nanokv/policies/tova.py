@@ -16,6 +16,7 @@ from nanokv.policies.base import Policy, PromptLayer, observation_attention, pro
 class TOVA(Policy):
     name = "tova"
     needs_decode_mass = True
+    decode_statistics = "last"
     observes_window = True
 
     def prefill_scores(self, prompt: PromptLayer) -> torch.Tensor:
