@@ -706,7 +706,7 @@ class Engine:
         token at slot `length - (n - t)` of each head and saw the slots before it, at query
         position `positions - (n - t)`; their value norms, then their summed statistics, are
         computed in one pass each and observed as one step (the last step only, for a policy
-        that keeps only the latest statistics)."""
+        that keeps only the latest statistics; step by step in one call for a "stepwise" one)."""
         queries = state.pending[layer] if state.pending else []
         if not queries:
             return
@@ -719,13 +719,17 @@ class Engine:
             self._write_value_norms(arena, layer, lengths.transpose(1, 2) - 1)
         if self.policy.decode_statistics == "last":
             queries, back, lengths = queries[-1:], back[-1:], lengths[:, -1:]
-        view = arena.layer(layer)
+        view, stepwise = arena.layer(layer), self.policy.decode_statistics == "stepwise"
         emitted = emitted_over_steps(
             torch.stack(queries, dim=1), view.k, lengths, scale=self.scale, slot_pos=view.pos,
             query_pos=state.positions.unsqueeze(1) - back, sliding_window=self.cfg.sliding_window,
-            value_norms=view.value_norms,
+            value_norms=view.value_norms, summed=not stepwise,
         )  # fmt: skip
-        self.eviction.write_rows(arena, layer, self.policy.observe_decode(layer, view, emitted))
+        if stepwise:
+            rows = self.policy.observe_steps(layer, view, emitted, lengths)
+        else:
+            rows = self.policy.observe_decode(layer, view, emitted)
+        self.eviction.write_rows(arena, layer, rows)
         self.clock.mark("deferred statistics")
 
     def _write_value_norms(self, arena: KVArena, layer: int, slots: torch.Tensor) -> None:

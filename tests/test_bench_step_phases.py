@@ -60,7 +60,7 @@ def test_a_running_clock_times_every_phase_and_changes_no_result(tiny_llama_dir,
     assert tokens == untimed_tokens
     assert all(torch.equal(a, b) for a, b in zip(logits, untimed_logits, strict=True))
     assert clock.steps == steps
-    emits, defers = policy == "auv", policy in ("snapkv", "laprox")  # per step / deferred
+    emits, defers = False, policy in ("snapkv", "laprox", "auv")  # per step / deferred
     attention = "attention + emission" if emits else "attention"
     expected = {"model", "eviction", "value norms", "arena write", attention, "observation"}
     settled = {"deferred statistics"} if defers else set()
@@ -73,7 +73,7 @@ def test_step_phases_bench_writes_a_line_per_cell_and_a_summary(tiny_llama_dir, 
     out = tmp_path / "phases.jsonl"
     argv = [
         "--model", str(tiny_llama_dir), "--length", "80", "--reference", "40", "--budget", "0.25",
-        "--policies", "streaming", "auv", "quest@0.5", "--new-tokens", "4", "--repeats", "2",
+        "--policies", "streaming", "auv", "laprox+quest@0.5", "--new-tokens", "4", "--repeats", "2",
         "--dtype", "float32", "--out", str(out),
     ]  # fmt: skip
     assert bench.main(argv) == 0
@@ -82,12 +82,13 @@ def test_step_phases_bench_writes_a_line_per_cell_and_a_summary(tiny_llama_dir, 
     header, cells, summary = lines[0], lines[1:-1], lines[-1]
     assert header["dtype"] == "float32"
     assert [c["cell"] for c in cells] == [
-        "full@1.0@40", "streaming@0.25@80", "auv@0.25@80", "quest@0.5@80",
+        "full@1.0@40", "streaming@0.25@80", "auv@0.25@80", "laprox+quest@0.5@80",
     ]  # fmt: skip
     for cell in cells:
         assert cell["steps"] == 3 and cell["rounds"] == 2 and cell["step_ms"] > 0
         assert cell["timed_step_ms"] == pytest.approx(sum(cell["phases_ms"].values()), abs=0.01)
-    assert "attention + emission" in cells[2]["phases_ms"]
+    assert "attention + emission" in cells[3]["phases_ms"]  # Quest's pages: every step
+    assert "attention + emission" not in cells[2]["phases_ms"]  # auv: deferred
     assert "attention + emission" not in cells[1]["phases_ms"]
     assert summary["reference"] == "full@1.0@40" and summary["baseline"] == "streaming@0.25@80"
     assert set(summary["speed_vs_reference"]) == {c["cell"] for c in cells[1:]}

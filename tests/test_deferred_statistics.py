@@ -33,23 +33,27 @@ def test_emission_over_steps_is_the_sum_of_each_steps_emission(window, dtype):
     # the slot written at step t (start + t) holds that step's position
     slot_pos = (base.view(-1, 1, 1) - start.unsqueeze(-1) + torch.arange(capacity)).int()
     queries = torch.randn(batch, steps, q_heads, dim, generator=gen).to(dtype)
-    mass = torch.zeros(batch, kv_heads, capacity)
-    contribution = torch.zeros(batch, kv_heads, capacity)
+    masses, contributions = [], []
     for t in range(steps):
         _, emitted = decode_attention_reference(
             queries[:, t], k, v, start + t + 1, scale=0.25, slot_pos=slot_pos,
             query_pos=query_pos[:, t], sliding_window=window, value_norms=norms, emit=True,
         )  # fmt: skip
-        mass += emitted.mass
-        contribution += emitted.contribution
+        masses.append(emitted.mass)
+        contributions.append(emitted.contribution)
     lengths = (start.unsqueeze(1) + torch.arange(1, steps + 1).view(1, -1, 1)).to(torch.int32)
-    summed = emitted_over_steps(
-        queries, k, lengths, scale=0.25, slot_pos=slot_pos, query_pos=query_pos,
-        sliding_window=window, value_norms=norms,
+    options = dict(
+        scale=0.25, slot_pos=slot_pos, query_pos=query_pos, sliding_window=window,
+        value_norms=norms,
     )  # fmt: skip
-    torch.testing.assert_close(summed.mass, mass, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(summed.contribution, contribution, atol=1e-5, rtol=1e-5)
+    summed = emitted_over_steps(queries, k, lengths, **options)
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(summed.mass, sum(masses), **close)
+    torch.testing.assert_close(summed.contribution, sum(contributions), **close)
     assert float(summed.mass[0, 0, 10 + steps :].abs().max()) == 0  # never-valid slots
+    stepwise = emitted_over_steps(queries, k, lengths, summed=False, **options)
+    torch.testing.assert_close(stepwise.mass, torch.stack(masses, dim=2), **close)
+    torch.testing.assert_close(stepwise.contribution, torch.stack(contributions, dim=2), **close)
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])
@@ -68,7 +72,7 @@ def _decode(engine, prompts, steps):
     return torch.stack(tokens, 1), state
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o", "laprox", "tova"])
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "laprox", "tova", "auv"])
 def test_deferred_decode_keeps_what_per_step_statistics_keep(model_dir, policy, monkeypatch):
     """Two prompts of different lengths, 45 steps: several evictions (each settles first) and
     a settle at DEFERRED_STEPS; the same tokens, kept positions, scores and value norms as

@@ -211,15 +211,18 @@ def emitted_over_steps(
     query_pos: torch.Tensor | None = None,
     sliding_window: int | None = None,
     value_norms: torch.Tensor | None = None,
+    summed: bool = True,
 ) -> Emitted:
     """What ``decode_attention(..., emit=True)`` emits at each of n decode steps of one arena
-    layer, summed over the steps, from one batched pass: the statistics a policy that only adds
-    them up needs (the engine defers them to its next eviction, see `Engine.settle`). Exact
-    when only appends happened between the steps, so that every slot step t saw is unchanged.
+    layer, from one batched pass, summed over the steps (what a policy that only adds them up
+    needs) or per step (`summed=False`). The engine defers them to its next eviction (see
+    `Engine.settle`); exact when only appends happened between the steps, so that every slot
+    step t saw is unchanged.
 
     q: (B, n, H_q, D) step t's queries; k: (B, H_kv, C, D); lengths: (B, n, H_kv) the valid
     slots at step t; query_pos: (B, n); slot_pos (B, H_kv, C) and value_norms (B, H_q, C) as
-    in the contract. Mass and contribution are float32 (B, H_kv, C)."""
+    in the contract. Mass and contribution are float32 (B, H_kv, C), or (B, H_kv, n, C) per
+    step."""
     batch, steps, q_heads, head_dim = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -232,11 +235,12 @@ def emitted_over_steps(
         seen &= slot_pos.unsqueeze(2) > query_pos.view(batch, 1, steps, 1) - sliding_window
     logits = logits.view(batch, kv_heads, steps, group, capacity)
     probs = torch.softmax(logits.masked_fill_(~seen.unsqueeze(3), float("-inf")), dim=-1)
+    over = (2, 3) if summed else 3  # steps and the group, or the group
     contribution = None
     if value_norms is not None:
         norms = value_norms.float().view(batch, kv_heads, 1, group, capacity)
-        contribution = (probs * norms).sum(dim=(2, 3))
-    return Emitted(mass=probs.sum(dim=(2, 3)), contribution=contribution)
+        contribution = (probs * norms).sum(dim=over)
+    return Emitted(mass=probs.sum(dim=over), contribution=contribution)
 
 
 def _blocked_logits(qg: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

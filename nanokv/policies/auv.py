@@ -31,6 +31,7 @@ class AUV(Policy):
     name = "auv"
     needs_all_queries = True
     needs_decode_mass = True
+    decode_statistics = "stepwise"
     reconstructs = True
     slot_state = ("usage", "score_count")
     defaults = {"pool": 1}
@@ -68,12 +69,34 @@ class AUV(Policy):
             "usage": self._counted_usage(view, emitted.mass.masked_fill(~valid, -1.0)),
         }
 
+    def observe_steps(
+        self, layer: int, view: ArenaLayer, emitted: Emitted, lengths: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """`observe_decode` over n steps at once (mass (B, H_kv, n, C)): eq. 3's running mean
+        after n more rows is the mean of the old count of rows and the new valid ones, so the
+        rows are summed rather than folded in one by one; usage counts each step's top-k."""
+        mass = emitted.mass
+        valid = (view.pos >= 0).unsqueeze(2) & (mass > 0)  # (B, H_kv, n, C)
+        group_mass = mass.sum(dim=-1, keepdim=True)
+        attended = lengths.transpose(1, 2).float().unsqueeze(-1)  # (B, H_kv, n, 1): N_i
+        longest = self.memory["longest_row"].to(attended.device).view(-1, 1, 1, 1)
+        rows = mass / group_mass * attended / torch.maximum(longest, attended)
+        count, new_rows = view.state["score_count"], valid.float().sum(dim=2)
+        total = (view.score * count + (rows * valid).sum(dim=2)) / (count + new_rows)
+        return {
+            "score": torch.where(new_rows > 0, total, view.score),
+            "score_count": count + new_rows,
+            "usage": self._counted_usage(view, mass.masked_fill(~valid, -1.0)),
+        }
+
     def _counted_usage(self, view: ArenaLayer, mass: torch.Tensor) -> torch.Tensor:
-        """(B, H_kv, C) usage after this step: +1 for the `usage_top_k` most attended slots."""
+        """(B, H_kv, C) usage after the steps of `mass` ((B, H_kv, C) one step, or
+        (B, H_kv, n, C)): +1 for the `usage_top_k` most attended slots of each."""
         k = min(self.options.usage_top_k, mass.shape[-1])
-        top = torch.topk(mass, k, dim=-1).indices  # (B, H_kv, k)
+        top = torch.topk(mass, k, dim=-1).indices  # (B, H_kv, [n,] k)
         hit = (mass.gather(-1, top) > 0).float()
-        return view.state["usage"].scatter_add(-1, top, hit)
+        usage = view.state["usage"]
+        return usage.scatter_add(-1, top.flatten(2), hit.flatten(2))
 
     def eviction_scores(self, layer: int, view: ArenaLayer) -> torch.Tensor:
         usage, aas = view.state["usage"], view.score

@@ -161,9 +161,10 @@ class Policy:
     needs_decode_mass = False  # the decode kernel's emitted attention mass
     needs_value_norms = False  # ||v_j W_O^h|| per slot, and emitted output contributions
     # what observe_decode needs of the emitted statistics: "every step" (one call a step), or
-    # "summed" (it adds a linear function of them to the scores) or "last" (it keeps only the
-    # latest step's), which let the engine defer them to the next eviction and emit the steps
-    # since in one batched pass (`Engine.settle`)
+    # "summed" (it adds a linear function of them to the scores), "last" (it keeps only the
+    # latest step's) or "stepwise" (`observe_steps` takes several steps' at once), which let
+    # the engine defer them to the next eviction and emit the steps since in one batched pass
+    # (`Engine.settle`)
     decode_statistics = "every step"
     reconstructs = False  # keeps a reconstructed K/V slot per head (AUV)
     observes_window = False  # scores from observation queries, so observe="repeat" applies
@@ -224,6 +225,13 @@ class Policy:
         new (B, H_kv, C) values, which the eviction stage writes. `view` is read, never
         written. Default: nothing changes (None)."""
         return None
+
+    def observe_steps(
+        self, layer: int, view: ArenaLayer, emitted: Emitted, lengths: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """`observe_decode` for n deferred steps at once, for a "stepwise" policy: emitted
+        statistics (B, H_kv, n, C) of step t, which saw `lengths` (B, n, H_kv) valid slots."""
+        raise NotImplementedError(f"{self.name} observes every step (decode_statistics)")
 
     def before_eviction(
         self, layer: int, view: ArenaLayer, victims: torch.Tensor
