@@ -93,6 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     threads_ok = args.threads is None or args.threads >= 1
     if min(args.lengths) < 1 or args.new_tokens < 2 or args.repeats < 1 or not threads_ok:
         p.error("--lengths and --threads must be >= 1, --new-tokens >= 2, --repeats >= 1")
+    return check_device_and_cells(p, args)
+
+
+def check_device_and_cells(
+    p: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.Namespace:
+    """The checks every decode bench shares: a CUDA device that exists, and `args.cells` parsed
+    from `--policies` and `--budget` (`policy_cell`); bad input exits through `p.error`."""
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for but torch sees no CUDA device")
     try:

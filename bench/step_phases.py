@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from e2e import emit, machine_info, policy_cell, stdlib_token_stream, sync
+from e2e import check_device_and_cells, emit, machine_info, stdlib_token_stream, sync
 
 import nanokv
 from nanokv.step_clock import STOPPED, StepClock
@@ -60,13 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--length and --reference must be >= 1, --new-tokens >= 2, --repeats >= 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda asked for but torch sees no CUDA device")
-    try:
-        args.cells = [policy_cell(text, args.budget) for text in args.policies]
-    except ValueError as exc:
-        p.error(str(exc))
-    return args
+    return check_device_and_cells(p, args)
 
 
 @dataclass

@@ -228,11 +228,16 @@ def emitted_over_steps(
     group = q_heads // kv_heads
     qg = q.view(batch, steps, kv_heads, group, head_dim).transpose(1, 2)  # (B, H_kv, n, G, D)
     logits = _blocked_logits(qg.reshape(batch, kv_heads, steps * group, head_dim), k, scale)
-    seen = _slot_numbers(capacity, k.device) < lengths.transpose(1, 2).unsqueeze(-1)
-    if sliding_window is not None:  # (B, H_kv, n, C) as `valid_slot_mask` at each step
-        if slot_pos is None or query_pos is None:
-            raise ValueError("a sliding window needs slot_pos and query_pos")
-        seen &= slot_pos.unsqueeze(2) > query_pos.view(batch, 1, steps, 1) - sliding_window
+    if slot_pos is not None:  # one row of slot positions for each (sequence, step)
+        slot_pos = slot_pos.unsqueeze(1).expand(-1, steps, -1, -1).reshape(-1, kv_heads, capacity)
+    flat_query_pos = None if query_pos is None else query_pos.reshape(-1)
+    seen = (
+        valid_slot_mask(
+            lengths.reshape(-1, kv_heads), capacity, slot_pos, flat_query_pos, sliding_window
+        )
+        .view(batch, steps, kv_heads, capacity)
+        .transpose(1, 2)
+    )  # (B, H_kv, n, C)
     logits = logits.view(batch, kv_heads, steps, group, capacity)
     probs = torch.softmax(logits.masked_fill_(~seen.unsqueeze(3), float("-inf")), dim=-1)
     over = (2, 3) if summed else 3  # steps and the group, or the group
