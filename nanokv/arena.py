@@ -46,6 +46,18 @@ def _row_starts(batch: int, heads: int, capacity: int, device: torch.device) -> 
     return (torch.arange(batch * heads, device=device) * capacity).view(batch, heads)
 
 
+@dataclass(frozen=True)
+class _FlatRows:
+    """One layer's buffers as flat rows of slots, so that a decode step's write is one indexed
+    copy a buffer with no view made on the way (`KVArena.append`)."""
+
+    k: torch.Tensor  # (B * H_kv * C, D)
+    v: torch.Tensor  # (B * H_kv * C, D)
+    pos: torch.Tensor  # (B * H_kv * C,) int32
+    slot_state: tuple[torch.Tensor, ...]  # every per-slot statistic, score first: (B * H_kv * C,)
+    value_norms: torch.Tensor | None  # (B * H_q * C,) float32
+
+
 class KVArena:
     """Preallocated K/V plus per-slot metadata; allocated once per generate call."""
 
@@ -77,6 +89,7 @@ class KVArena:
         self.score = self.slot_state["score"]
         self.lengths = torch.zeros(shape[:3], dtype=torch.int32, device=device)
         self._views: list[ArenaLayer] | None = None
+        self._flat: list[_FlatRows] | None = None
         self.value_norms = None
         if q_heads is not None:
             norms_shape = (num_layers, batch, q_heads, capacity)
@@ -134,8 +147,31 @@ class KVArena:
             self._views = [self._layer_views(layer) for layer in range(len(self.k))]
         return self._views[index]
 
+    def _flat_rows(self, index: int) -> _FlatRows:
+        """Flat views of one layer (see `_FlatRows`), cached like `layer`'s."""
+        if self._flat is None:
+            self._flat = [self._layer_rows(layer) for layer in range(len(self.k))]
+        return self._flat[index]
+
+    def _layer_rows(self, index: int) -> _FlatRows:
+        head_dim = self.k[index].shape[-1]
+        norms = None if self.value_norms is None else self.value_norms[index].view(-1)
+        return _FlatRows(
+            self.k[index].view(-1, head_dim),
+            self.v[index].view(-1, head_dim),
+            self.pos[index].view(-1),
+            tuple(buffer[index].view(-1) for buffer in self.slot_state.values()),
+            norms,
+        )
+
+    def _forget_views(self) -> None:
+        """After the buffers were reallocated: views are rebuilt on next use."""
+        self._views = None
+        self._flat = None
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_views": None}  # a deep copy rebuilds views of its own buffers
+        # a deep copy rebuilds views of its own buffers
+        return {**self.__dict__, "_views": None, "_flat": None}
 
     def _layer_views(self, index: int) -> ArenaLayer:
         norms = None if self.value_norms is None else self.value_norms[index]
@@ -206,26 +242,25 @@ class KVArena:
         k, v: (B, H_kv, D); positions: (B,); value_norms: (B, H_q). Returns the slots written,
         (B, H_kv).
         """
-        slots = self.lengths[layer].long()  # (B, H_kv)
-        capacity = self.layer_capacity(layer)
+        view, rows = self.layer(layer), self._flat_rows(layer)
+        slots = view.lengths.long()  # (B, H_kv)
+        capacity = view.k.shape[2]
         if not slots.is_cuda and int(slots.max()) >= capacity:  # CUDA indexing checks itself
             raise ArenaFullError(f"layer {layer} is full ({capacity} slots): evict first")
         batch, kv_heads = slots.shape
         flat = (_row_starts(batch, kv_heads, capacity, slots.device) + slots).view(-1)  # (B H_kv,)
         head_dim = k.shape[-1]
-        self.k[layer].view(-1, head_dim).index_copy_(0, flat, k.reshape(-1, head_dim))
-        self.v[layer].view(-1, head_dim).index_copy_(0, flat, v.reshape(-1, head_dim))
-        written = positions.to(torch.int32).unsqueeze(1).expand(batch, kv_heads)
-        self.pos[layer].view(-1).index_copy_(0, flat, written.reshape(-1))
-        for buffer in self.slot_state.values():
-            buffer[layer].view(-1).index_fill_(0, flat, 0)
-        if value_norms is not None and self.value_norms is not None:
+        rows.k.index_copy_(0, flat, k.reshape(-1, head_dim))
+        rows.v.index_copy_(0, flat, v.reshape(-1, head_dim))
+        rows.pos.index_copy_(0, flat, positions.to(torch.int32).repeat_interleave(kv_heads))
+        for buffer in rows.slot_state:
+            buffer.index_fill_(0, flat, 0)
+        if value_norms is not None and rows.value_norms is not None:
             q_heads = value_norms.shape[1]
             q_slots = slots.repeat_interleave(q_heads // kv_heads, dim=1)  # (B, H_q)
             q_flat = (_row_starts(batch, q_heads, capacity, slots.device) + q_slots).view(-1)
-            norms = value_norms.reshape(-1).float()
-            self.value_norms[layer].view(-1).index_copy_(0, q_flat, norms)
-        self.lengths[layer] += 1
+            rows.value_norms.index_copy_(0, q_flat, value_norms.reshape(-1).float())
+        view.lengths.add_(1)
         return slots
 
     def compact(self, layer: int, kept_slots: torch.Tensor, kept_counts: torch.Tensor) -> None:
@@ -355,7 +390,7 @@ class KVArena:
         self.score = self.slot_state["score"]
         if self.value_norms is not None:
             self.value_norms = cut(self.value_norms, wanted)
-        self._views = None
+        self._forget_views()
 
     def grow(self, capacity: int) -> None:
         """Reallocates every buffer with `capacity` slots, keeping every slot and marking the new
@@ -374,7 +409,7 @@ class KVArena:
         self.score = self.slot_state["score"]
         if self.value_norms is not None:
             self.value_norms = _padded(self.value_norms, capacity)
-        self._views = None
+        self._forget_views()
 
 
 class LayerStack(tuple):

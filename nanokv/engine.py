@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from nanokv.arena import ArenaLayer, KVArena
@@ -84,7 +85,7 @@ class DecodeState:
     positions: torch.Tensor  # (B,) int64, position of each sequence's next token
     cache_tokens: torch.Tensor  # (L, B, H_kv) tokens a head keeps after each eviction
     window: int  # W, slots freed by one multi-step eviction (0: never evicts)
-    filled: torch.Tensor  # (L, B) int64 on the host: tokens each sequence wrote past its cache
+    filled: np.ndarray  # (L, B) int64 host counters: tokens each sequence wrote past its cache
     memory: dict[str, torch.Tensor]  # the policy's per-call statistics (Policy.bind)
     quest: QuestSparsity | None = None
     prefill_seconds: float = 0.0
@@ -362,7 +363,7 @@ class Engine:
             arena.shrink_layers(needed.amax(dim=(1, 2)).tolist())
         else:
             arena.shrink(int(needed.max()))
-        filled = (arena.lengths[:, :, 0] - cache[:, :, 0]).cpu()  # same for every head
+        filled = (arena.lengths[:, :, 0] - cache[:, :, 0]).cpu().numpy()  # same for every head
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
         state = DecodeState(arena, positions, cache, window, filled, memory={})
         state.kept_after_prefill = arena.lengths.clone()
@@ -743,7 +744,7 @@ class Engine:
     def _evict_if_full(self, state: DecodeState, layer: int) -> None:
         """Runs a multi-step eviction for the sequences whose decode window is full. The check
         uses host-side counters, so the decode loop never waits on the device for it."""
-        counts = state.filled[layer].numpy()  # (B,) a view of the host counters
+        counts = state.filled[layer]  # (B,) a view of the host counters
         if state.window == 0:  # never evicts while decoding
             counts += 1
             return
@@ -875,7 +876,7 @@ class Engine:
         self.policy.bind(memory, batch=1)
         cache = torch.zeros(layers, 1, kv_heads, dtype=torch.long, device=self.device)
         positions = torch.zeros(1, dtype=torch.long, device=self.device)
-        filled = torch.zeros(layers, 1, dtype=torch.long)  # on the host, as _decode_state's
+        filled = np.zeros((layers, 1), dtype=np.int64)  # on the host, as _decode_state's
         state = DecodeState(arena, positions, cache, 0, filled, memory)
         state.kept_after_prefill = arena.lengths.clone()
         return state

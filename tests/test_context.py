@@ -68,12 +68,13 @@ def _snapshot(context) -> dict[str, object]:
     tensors = {
         "k": arena.k, "v": arena.v, "pos": arena.pos, "lengths": arena.lengths,
         "value_norms": arena.value_norms, "positions": state.positions,
-        "cache_tokens": state.cache_tokens, "filled": state.filled,
+        "cache_tokens": state.cache_tokens,
         **{f"slot_state.{name}": t for name, t in arena.slot_state.items()},
         **{f"memory.{name}": t for name, t in state.memory.items()},
     }  # fmt: skip
     copies = {name: None if t is None else t.clone() for name, t in tensors.items()}
-    return {**copies, "window": state.window, "token_ids": list(context.token_ids)}
+    counters = {"filled": state.filled.tolist(), "window": state.window}  # on the host
+    return {**copies, **counters, "token_ids": list(context.token_ids)}
 
 
 def _assert_same(before: dict[str, object], after: dict[str, object]) -> None:

@@ -25,11 +25,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.weight_fp32: torch.Tensor | None = None  # set by `prepare` for half precision
+
+    def prepare(self) -> None:
+        """Keeps an fp32 copy of a half-precision weight (hidden floats) for `forward`."""
+        half = self.weight.dtype != torch.float32
+        self.weight_fp32 = self.weight.detach().float() if half else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised in fp32 whatever x's dtype, rounded once (one call; fp32 results are
-        bit-for-bit those of `weight * (x * rsqrt(mean(x^2) + eps))`)."""
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        bit-for-bit those of `weight * (x * rsqrt(mean(x^2) + eps))`). A half-precision x goes
+        through the fp32 kernel and is rounded at the end, with the same bits: on CPU the fused
+        kernel's bf16 path cost ~85 us a call inside a decode step against ~14 us this way
+        (30 layers x 2 norms a step)."""
+        if self.weight_fp32 is None or x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight_fp32, self.eps).to(x.dtype)
 
 
 class LlamaAttentionWeights(nn.Module):
@@ -96,8 +107,8 @@ class LlamaBlock(nn.Module):
         cfg = self.cfg
         qk, v = self.self_attn.project(self.input_layernorm(h))
         qk = qk.view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
-        cos, sin = self.rotary[0].cos_sin(positions, qk.dtype)
-        q, k = Rotary.apply(qk, cos, sin).split((cfg.num_heads, cfg.num_kv_heads), dim=1)
+        cos, signed_sin = self.rotary[0].cos_sin(positions, qk.dtype)
+        q, k = Rotary.apply(qk, cos, signed_sin).split((cfg.num_heads, cfg.num_kv_heads), dim=1)
         return q, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim)
 
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -136,6 +147,9 @@ class LlamaForCausalLM(nn.Module):
         for block in self.blocks:
             block.self_attn.fuse()
             block.mlp.fuse()
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.prepare()
         tied = self.cfg.tie_word_embeddings
         self.head = head_weight(self.model.embed_tokens.weight if tied else self.lm_head.weight)
 

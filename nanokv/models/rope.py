@@ -55,7 +55,8 @@ class Rotary(torch.nn.Module):
         self._last = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(T, 1, D) cos and sin of positions (T,), in `dtype`."""
+        """(T, 1, D) cos and signed sin of positions (T,), in `dtype`: the sin's first half is
+        negated, which is what `apply`'s rotation by half the head needs."""
         last = self._last
         if (
             last is not None
@@ -66,13 +67,16 @@ class Rotary(torch.nn.Module):
             return last[2], last[3]
         freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (T, 1, D)
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        sign = torch.ones_like(angles)
+        sign[..., : self.head_dim // 2] = -1
+        cos, sin = angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
         if positions.device.type == "cpu":
             self._last = (positions.clone(), dtype, cos, sin)
         return cos, sin
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), as x rolled by half
+        the head times the signed sin: the same products (a negation is exact), in four ops
+        instead of seven, which counts in a decode step's thirty layers."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
