@@ -19,8 +19,13 @@ These functions compute; the engine runs the model and the arena moves the data.
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
+
 import torch
 
+from nanokv.kernels.prefill_scores import SCORE_GAP
 from nanokv.policies.selection import keep_order, protection_rank
 from nanokv.probe import ProbeSegment
 
@@ -39,6 +44,7 @@ def arena_probe_attention(
     sinks: int,
     scale: float,
     sliding_window: int | None = None,
+    tile_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of probe rows against one layer of one sequence's arena.
 
@@ -48,31 +54,68 @@ def arena_probe_attention(
     attention output (c, H_q * D) in q's dtype (over every valid slot and the segment's keys,
     causal: what the model computes) and (H_q, C) float32 scores of the slots per query head,
     max over the rows (the module's rule before the GQA reduction, which is the policy's; 0 for
-    slots outside the span and the sinks, and for empty slots)."""
+    slots outside the span and the sinks, and for empty slots).
+
+    As `kernels/prefill_scores.probe_attention` does for a document, the rows go through in
+    tiles of one GQA group and a few rows (`tile_elements` logits, in cache on CPU), and the
+    output and the score come from the same exponentials exp(x - the row's max): the output
+    divides them by their sum over every visible key, the score by their sum over the scored
+    ones (a tile where that sum could have underflowed scores from its own softmax)."""
     c, q_heads, head_dim = q.shape
     kv_heads, capacity, _ = k.shape
     group = q_heads // kv_heads
+    if tile_elements is None:
+        tile_elements = 1 << 19 if q.device.type == "cpu" else 1 << 26
+    rows = max(1, tile_elements // (group * (capacity + own_k.shape[0])))
     query_pos = own_pos[-c:]
-    qg = q.float().view(c, kv_heads, group, head_dim).permute(1, 2, 0, 3)  # (H_kv, G, c, D)
-    logits = torch.cat(
-        [
-            torch.einsum("hgcd,hsd->hgcs", qg, k.float()),  # (H_kv, G, c, C)
-            torch.einsum("hgcd,rhd->hgcr", qg, own_k.float()),  # (H_kv, G, c, r)
-        ],
-        dim=-1,
-    ) * scale  # fmt: skip
     seen_slots, scored_slots = _slot_masks(slot_pos, lengths, query_pos, segment, sinks)
-    seen_own = _visible(query_pos.view(-1, 1), own_pos.view(1, -1), sliding_window)  # (c, r)
     if sliding_window is not None:
         seen_slots &= _visible(query_pos.view(1, -1, 1), slot_pos.unsqueeze(1), sliding_window)
-    visible = torch.cat([seen_slots, seen_own.expand(kv_heads, -1, -1)], dim=-1)  # (H_kv, c, K)
-    probs = _softmax(logits, visible)
-    values = torch.cat([v.float(), own_v.float().transpose(0, 1)], dim=1)  # (H_kv, K, D)
-    out = probs @ values.unsqueeze(1)  # (H_kv, G, c, D)
+    seen_own = _visible(query_pos.view(-1, 1), own_pos.view(1, -1), sliding_window)  # (c, r)
+    scaled = (q.float() * scale).view(c, kv_heads, group, head_dim)
+    out = torch.empty(kv_heads, group, c, head_dim, dtype=torch.float32, device=q.device)
+    best = torch.zeros(kv_heads, group, capacity, dtype=torch.float32, device=q.device)
+    for g in range(kv_heads):
+        keys_t = torch.cat([k[g], own_k[:, g]]).float().T  # (D, C + r)
+        values = torch.cat([v[g], own_v[:, g]]).float()  # (C + r, D)
+        scored = scored_slots[g, 0].float()  # (C,) 1 for a sink or a span slot
+        for r0 in range(0, c, rows):
+            r1 = min(r0 + rows, c)
+            hidden = ~torch.cat([seen_slots[g, r0:r1], seen_own[r0:r1]], dim=-1)  # (b, C + r)
+            rows_q = scaled[r0:r1, g].transpose(0, 1).reshape(-1, head_dim)  # (G * b, D)
+            logits = functools.partial(_tile_logits, rows_q, keys_t, hidden)
+            out[g, :, r0:r1], score = _probe_tile(logits, values, scored)
+            torch.maximum(best[g], score, out=best[g])
     out = out.permute(2, 0, 1, 3).reshape(c, q_heads * head_dim).to(q.dtype)
-    scored = torch.cat([seen_slots & scored_slots, seen_own.expand(kv_heads, -1, -1)], dim=-1)
-    scores = _softmax(logits, scored)[..., :capacity].amax(dim=2)  # (H_kv, G, C)
-    return out, scores.reshape(q_heads, capacity)
+    return out, best.reshape(q_heads, capacity)
+
+
+def _tile_logits(rows_q: torch.Tensor, keys_t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """(G, b, C + r) logits of one group's scaled rows (G * b, D) against keys_t (D, C + r), -inf
+    where `hidden` (b, C + r) says a row does not see a key."""
+    logits = (rows_q @ keys_t).view(-1, hidden.shape[0], keys_t.shape[1])
+    return logits.masked_fill_(hidden, -math.inf)
+
+
+def _probe_tile(
+    logits: Callable[[], torch.Tensor], values: torch.Tensor, scored: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile of `arena_probe_attention`: logits() its masked logits (G, b, C + r), values
+    (C + r, D) float32, scored (C,) the slots in the score's softmax (the segment's own keys
+    always are). Returns the output (G, b, D) and (G, C) the rows' max of each slot's
+    probability in the softmax over the scored keys."""
+    capacity = scored.shape[0]
+    weights = logits()
+    weights = weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()  # a row sees its own key
+    out = (weights @ values).div_(weights.sum(dim=-1, keepdim=True))
+    own_sum = weights[..., capacity:].sum(dim=-1, keepdim=True)
+    slot_weights = weights[..., :capacity].mul_(scored)  # (G, b, C), 0 where not scored
+    scored_sum = slot_weights.sum(dim=-1, keepdim=True) + own_sum
+    if float(scored_sum.min()) < math.exp(-SCORE_GAP):  # rare: the scored keys' own softmax
+        exact = logits()
+        exact[..., :capacity].masked_fill_(scored == 0, -math.inf)
+        return out, torch.softmax(exact, dim=-1)[..., :capacity].amax(dim=1)
+    return out, slot_weights.div_(scored_sum).amax(dim=1)
 
 
 def _slot_masks(
@@ -98,12 +141,6 @@ def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None)
     diff = query_pos - key_pos
     mask = diff >= 0
     return mask & (diff < window) if window is not None else mask
-
-
-def _softmax(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Softmax of (H_kv, G, c, K) logits over the keys `visible` (H_kv, c, K) shows."""
-    masked = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
-    return torch.softmax(masked, dim=-1).nan_to_num(0.0)
 
 
 def kept_to_budget(
