@@ -210,3 +210,38 @@ def test_rotary_tables_are_reused_only_for_the_same_positions(tiny_llama_dir):
     fresh = Rotary(cfg.rope, cfg.head_dim).cos_sin(torch.tensor([4, 8]), torch.float32)
     assert torch.equal(again[0], fresh[0]) and torch.equal(again[1], fresh[1])
     assert rotary.cos_sin(positions, torch.bfloat16)[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rms_norm_equals_the_fused_kernel_bit_for_bit(dtype):
+    """RMSNorm sends a half-precision input through the fp32 kernel (cheaper on CPU inside a
+    decode step): the bits are those of F.rms_norm's own half-precision path."""
+    from nanokv.models.llama import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = (torch.randn(64, generator=gen) * 2).to(dtype)
+    norm.prepare()
+    for scale in (1e-3, 1.0, 30.0, 1e3):
+        x = (torch.randn(300, 64, generator=gen) * scale).to(dtype)
+        fused = torch.nn.functional.rms_norm(x, (64,), norm.weight, 1e-5)
+        assert torch.equal(norm(x), fused) and norm(x).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_by_roll_equals_rotate_half(tiny_llama_dir, dtype):
+    """Rotary.apply rolls x by half the head against a signed sin: the products of HF's
+    x * cos + rotate_half(x) * sin, exactly."""
+    from nanokv.models.rope import Rotary
+
+    cfg = load_config(tiny_llama_dir)
+    rotary = Rotary(cfg.rope, cfg.head_dim)
+    positions = torch.tensor([0, 5, 17, 400])
+    x = torch.randn(4, 3, cfg.head_dim).to(dtype)
+    cos, signed_sin = rotary.cos_sin(positions, dtype)
+    angles = positions.float().unsqueeze(-1) * rotary.inv_freq
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+    half = cfg.head_dim // 2
+    rotate_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    want = x * angles.cos().to(dtype) + rotate_half * angles.sin().to(dtype)
+    assert torch.equal(Rotary.apply(x, cos, signed_sin), want)
