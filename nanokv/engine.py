@@ -221,6 +221,19 @@ class Engine:
         window = self._decode_window([plan], None)
         return [min(count + window, total) for count in plan.layer_counts]
 
+    def deferred_bytes(self, max_new_tokens: int = DEFERRED_STEPS, batch: int = 1) -> int:
+        """The most bytes of queries a decode of `max_new_tokens` steps keeps for its deferred
+        statistics (`settle`): (B, H_q, D) a layer for up to DEFERRED_STEPS steps, for a policy
+        that defers them (not under Quest, which emits every step). A request's memory besides
+        its arena."""
+        policy, cfg = self.policy, self.cfg
+        emit = policy.needs_decode_mass or policy.needs_value_norms
+        if not emit or policy.decode_statistics == "every step" or self.quest is not None:
+            return 0
+        steps = min(DEFERRED_STEPS, max_new_tokens)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return steps * cfg.num_layers * batch * cfg.num_heads * cfg.head_dim * element
+
     def arena_bytes(self, capacity: int | list[int], batch: int = 1) -> int:
         """Bytes of an arena of `capacity` slots a head (what `_allocate` would make), or of
         one with a capacity per layer (`KVArena.shrink_layers`)."""

@@ -327,7 +327,8 @@ class Scheduler:
         item.state.prefill_seconds = item.prefill_seconds
         arena = item.state.arena
         capacities = [arena.layer_capacity(layer) for layer in range(self.llm.config.num_layers)]
-        self.pool.resize(item.request_id, *self._pages(engine, capacities))
+        new_tokens = request.params.max_new_tokens
+        self.pool.resize(item.request_id, *self._pages(engine, capacities, new_tokens))
         item.sequence = Sequence(list(request.prompt_ids))
         item.sampler = Sampler(request.params, 1, engine.device)
         params = request.params
@@ -424,23 +425,25 @@ class Scheduler:
             pages = self._context_pages(engine, request)
             return pages, pages
         ids, new_tokens = request.prompt_ids, request.params.max_new_tokens
-        peak = self._pages(engine, engine.arena_capacity([ids], new_tokens))
-        return peak, self._pages(engine, engine.decode_capacities(ids, new_tokens))
+        peak = self._pages(engine, engine.arena_capacity([ids], new_tokens), new_tokens)
+        return peak, self._pages(engine, engine.decode_capacities(ids, new_tokens), new_tokens)
 
     def _context_pages(self, engine: Engine, request: Request) -> tuple[int, int]:
         """(pages, bytes) of a context request's copy of the compressed arena (it does not
         grow: compress reserved room for the question and the answer)."""
-        arena = request.context.arena
-        return self._pages(engine, [arena.layer_capacity(i) for i in range(len(arena.k))])
+        arena, new_tokens = request.context.arena, request.params.max_new_tokens
+        capacities = [arena.layer_capacity(i) for i in range(len(arena.k))]
+        return self._pages(engine, capacities, new_tokens)
 
-    def _pages(self, engine: Engine, capacity: int | list[int]) -> tuple[int, int]:
+    def _pages(self, engine: Engine, capacity: int | list[int], new_tokens: int) -> tuple[int, int]:
         """(pages, bytes) of a one-sequence arena of `capacity` slots a head (or per layer), in
-        whole pages."""
+        whole pages; the bytes also count the queries a decode of `new_tokens` keeps for the
+        policy's deferred statistics (`Engine.deferred_bytes`)."""
         cfg = self.llm.config
         layers = [capacity] * cfg.num_layers if isinstance(capacity, int) else capacity
         paged = [-(-slots // PAGE_SIZE) * PAGE_SIZE for slots in layers]
         pages = sum(pages_for(1, cfg.num_kv_heads, slots) for slots in paged)
-        return pages, engine.arena_bytes(paged)
+        return pages, engine.arena_bytes(paged) + engine.deferred_bytes(new_tokens)
 
 
 def _extend_steps(

@@ -16,7 +16,7 @@ def test_serve_bench_measures_every_cell_through_the_server(tiny_llama_dir, tmp_
     bench = _bench()
     out = tmp_path / "serve.jsonl"
     argv = [
-        "--model", str(tiny_llama_dir), "--dtype", "float32", "--cells", "full", "snapkv@0.2",
+        "--model", str(tiny_llama_dir), "--dtype", "float32", "--cells", "full", "snapkv@0.1",
         "--prompt-tokens", "120", "--max-tokens", "20", "--requests", "6", "--conversations", "1",
         "--bytes-tokens", "200", "--min-cache", "0", "--out", str(out),
     ]  # fmt: skip
@@ -31,7 +31,7 @@ def test_serve_bench_measures_every_cell_through_the_server(tiny_llama_dir, tmp_
     assert full["peak_admitted"] == full["pool_holds"] == 1  # the pool holds one full request
     assert snapkv["pool_holds"] > 1
     assert snapkv["peak_admitted"] > full["peak_admitted"]
-    assert 0 < size["arena_vs_full"]["snapkv@0.2"] < 1
-    ratios = summary["snapkv@0.2"]
+    assert 0 < size["arena_vs_full"]["snapkv@0.1"] < 1
+    ratios = summary["snapkv@0.1"]
     assert ratios["admitted_vs_full"] == round(snapkv["peak_admitted"] / full["peak_admitted"], 2)
     assert len(summary["targets"]) == 2

@@ -92,3 +92,26 @@ def test_deferred_decode_keeps_what_per_step_statistics_keep(model_dir, policy, 
         torch.testing.assert_close(a.score[layer], b.score[layer], atol=1e-5, rtol=1e-5)
         if a.value_norms is not None:
             torch.testing.assert_close(a.value_norms[layer], b.value_norms[layer])
+
+
+DEFERS = [("laprox", True), ("snapkv", True), ("streaming", False), ("laprox+quest", False)]
+
+
+@pytest.mark.parametrize(("policy", "defers"), DEFERS)
+def test_deferred_bytes_bound_the_queries_a_decode_keeps(tiny_llama_dir, policy, defers):
+    """`Engine.deferred_bytes` (what the server's pool counts besides the arena) is the most a
+    decode's pending queries ever hold, reached when DEFERRED_STEPS steps wait (a window W of
+    at least that many); 0 for a policy that emits nothing or emits every step (Quest)."""
+    from nanokv.engine import DEFERRED_STEPS
+
+    llm = nanokv.LLM(tiny_llama_dir, policy=policy, budget=0.3, min_cache=0, dtype="float32")
+    engine, cfg = llm.engine, llm.config
+    bound = engine.deferred_bytes()
+    want = DEFERRED_STEPS * cfg.num_layers * cfg.num_heads * cfg.head_dim * 4 if defers else 0
+    assert bound == want
+    state, logits = engine.start([list(range(5, 125))], 80, decode_window=40)  # W > 32
+    most = 0
+    for _ in range(70):
+        logits = engine.step(state, logits.argmax(-1))
+        most = max(most, sum(q.nbytes for layer in state.pending for q in layer))
+    assert most == bound

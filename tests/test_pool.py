@@ -98,8 +98,8 @@ def test_the_pool_never_loses_or_double_counts_memory(llm, operations):
 
 
 def check_accounting(scheduler: Scheduler) -> None:
-    """Every admitted request holds exactly its reservation, at least its arena's bytes, and
-    nothing else holds pages."""
+    """Every admitted request holds exactly its reservation, at least its arena's bytes and
+    the queries its deferred statistics keep, and nothing else holds pages."""
     pool, admitted = scheduler.pool, scheduler.admitted()
     holders = pool.holders()
     assert set(holders) == {item.request_id for item in admitted}
@@ -107,7 +107,8 @@ def check_accounting(scheduler: Scheduler) -> None:
     for item in admitted:
         pages, nbytes = holders[item.request_id]
         if item.state is not None:
-            assert nbytes >= item.state.arena.nbytes
+            pending = sum(q.nbytes for layer in item.state.pending for q in layer)
+            assert nbytes >= item.state.arena.nbytes + pending
             assert pages * 16 >= item.state.arena.capacity * llm_rows(scheduler)
 
 
