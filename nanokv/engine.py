@@ -221,14 +221,21 @@ class Engine:
         window = self._decode_window([plan], None)
         return [min(count + window, total) for count in plan.layer_counts]
 
+    @property
+    def defers_statistics(self) -> bool:
+        """True when the policy's decode statistics can wait for the next eviction (`settle`):
+        it needs emitted statistics and not at every step. Quest's sparse steps still emit."""
+        policy = self.policy
+        emit = policy.needs_decode_mass or policy.needs_value_norms
+        return emit and policy.decode_statistics != "every step"
+
     def deferred_bytes(self, max_new_tokens: int = DEFERRED_STEPS, batch: int = 1) -> int:
         """The most bytes of queries a decode of `max_new_tokens` steps keeps for its deferred
         statistics (`settle`): (B, H_q, D) a layer for up to DEFERRED_STEPS steps, for a policy
         that defers them (not under Quest, which emits every step). A request's memory besides
         its arena."""
-        policy, cfg = self.policy, self.cfg
-        emit = policy.needs_decode_mass or policy.needs_value_norms
-        if not emit or policy.decode_statistics == "every step" or self.quest is not None:
+        cfg = self.cfg
+        if not self.defers_statistics or self.quest is not None:
             return 0
         steps = min(DEFERRED_STEPS, max_new_tokens)
         element = torch.empty((), dtype=self.dtype).element_size()
@@ -673,7 +680,7 @@ class Engine:
         about as much as the attention itself, and a window of W steps then pays them once."""
         positions, arena, quest, clock = state.positions, state.arena, state.quest, self.clock
         emit = self.policy.needs_decode_mass or self.policy.needs_value_norms
-        defer = emit and self.policy.decode_statistics != "every step" and quest is None
+        defer = quest is None and self.defers_statistics
         if defer and len(self._pending(state)[layer]) >= DEFERRED_STEPS:
             self._settle_layer(state, layer)
         self._evict_if_full(state, layer)

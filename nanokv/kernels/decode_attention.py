@@ -111,13 +111,18 @@ def masked_attention_reference(
     return out.to(q.dtype), (_emitted(probs, value_norms) if emit else None)
 
 
-def _emitted(probs: torch.Tensor, value_norms: torch.Tensor | None) -> Emitted:
-    """Per-slot mass and output contribution from probabilities (B, H_kv, G, C) float32."""
+def _emitted(
+    probs: torch.Tensor, value_norms: torch.Tensor | None, over: int | tuple[int, ...] = 2
+) -> Emitted:
+    """Per-slot mass and output contribution from float32 probabilities (B, H_kv, G, C), or
+    (B, H_kv, n, G, C) over n steps, summed over the dims `over` (the group by default)."""
     contribution = None
     if value_norms is not None:
-        norms = value_norms.float().reshape(probs.shape)  # (B, H_q, C) -> (B, H_kv, G, C)
-        contribution = (probs * norms).sum(dim=2)
-    return Emitted(mass=probs.sum(dim=2), contribution=contribution)
+        batch, kv_heads, *_, group, capacity = probs.shape
+        steps = [1] * (probs.dim() - 4)  # value norms are the same at every step
+        norms = value_norms.float().reshape(batch, kv_heads, *steps, group, capacity)
+        contribution = (probs * norms).sum(dim=over)
+    return Emitted(mass=probs.sum(dim=over), contribution=contribution)
 
 
 def decode_attention_reference(
@@ -240,12 +245,7 @@ def emitted_over_steps(
     )  # (B, H_kv, n, C)
     logits = logits.view(batch, kv_heads, steps, group, capacity)
     probs = torch.softmax(logits.masked_fill_(~seen.unsqueeze(3), float("-inf")), dim=-1)
-    over = (2, 3) if summed else 3  # steps and the group, or the group
-    contribution = None
-    if value_norms is not None:
-        norms = value_norms.float().view(batch, kv_heads, 1, group, capacity)
-        contribution = (probs * norms).sum(dim=over)
-    return Emitted(mass=probs.sum(dim=over), contribution=contribution)
+    return _emitted(probs, value_norms, over=(2, 3) if summed else 3)  # steps and group
 
 
 def _blocked_logits(qg: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
