@@ -29,7 +29,6 @@ from e2e import copy_bandwidth_gb_s, emit, machine_info, stdlib_token_stream, sy
 
 import nanokv
 from nanokv.eval.specs import PolicySpec, parse_spec
-from nanokv.probe import repeat_probe
 
 POLICIES = ("full", "streaming", "h2o", "snapkv", "tova", "auv", "laprox", "quest", "laprox+quest")
 
@@ -56,10 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_policy(llm: nanokv.LLM, prompt: list[int], new_tokens: int) -> dict:
     """One prefill + greedy decode under the LLM's current policy."""
     engine, device = llm.engine, llm.device
-    probes = None
-    if engine.policy.options.observe == "repeat":
-        context = llm.config.max_position_embeddings
-        probes = [repeat_probe(llm.tokenizer, prompt, context=context)]
+    probes = engine.probes(llm.tokenizer, [prompt])
     sync(device)
     start = time.perf_counter()
     state, logits = engine.start([prompt], new_tokens, probes=probes)

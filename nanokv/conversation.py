@@ -39,7 +39,7 @@ import torch
 
 from nanokv.engine import DecodeState, Engine, InputError, Sequence
 from nanokv.llm import LLM, GenerationOutput
-from nanokv.probe import Probe, repeat_probe, segment_overhead
+from nanokv.probe import segment_overhead
 from nanokv.sampling import Sampler, SamplingParams
 from nanokv.stopping import StopChecker
 
@@ -236,8 +236,8 @@ class Conversation:
         cache = self._cache_tokens(seen)
         if not self.engine.policy.evicts or int(self.state.arena.lengths.max()) <= cache:
             return
-        probe = self._probe(self._ids[:seen]) if _uses_probe(self.engine) else None
-        self.engine.recompress(self.state, cache, probe)
+        probes = self.engine.probes(self.tokenizer, [self._ids[:seen]])
+        self.engine.recompress(self.state, cache, probes[0] if probes else None)
 
     def _cache_tokens(self, seen: int) -> int:
         """Slots a head keeps after an answer: the budget of `seen` tokens, never below the
@@ -245,10 +245,6 @@ class Conversation:
         budget, options = self.engine.budget, self.engine.policy.options
         floor = max(budget.floor, options.sinks + options.observation_window)
         return max(budget.cache_tokens(seen, 0), floor if budget.floor else 0)
-
-    def _probe(self, ids: list[int]) -> Probe:
-        options, context = self.engine.policy.options, self.llm.config.max_position_embeddings
-        return repeat_probe(self.tokenizer, ids, sinks=options.sinks, context=context)
 
     def _probe_reserve(self, ids: list[int]) -> int:
         """Positions kept free after the answer for the probe: none without one."""

@@ -31,13 +31,14 @@ from nanokv.kernels.decode_attention import decode_attention, emitted_over_steps
 from nanokv.kernels.value_norms import output_gram, value_output_norms
 from nanokv.policies import Policy, PromptLayer
 from nanokv.policies.base import ProbedKeys
-from nanokv.probe import Probe, ProbeScores, ProbeSegment
+from nanokv.probe import Probe, ProbeScores, ProbeSegment, repeat_probe
 from nanokv.recompress import arena_probe_attention
 from nanokv.report import CacheReport
 from nanokv.sampling import Sampler, SamplingParams
 from nanokv.sparsity import QuestOptions, QuestSparsity
 from nanokv.step_clock import STOPPED, StepClock
 from nanokv.stopping import StopChecker
+from nanokv.tokenizer import Tokenizer
 
 TextCallback = Callable[[int, str], None]
 DEFERRED_STEPS = 32  # most decode steps whose statistics wait for one batched emission
@@ -128,6 +129,18 @@ class Engine:
         self._grams: list[torch.Tensor] | None = None
         self.last_report: CacheReport | None = None
         self.clock: StepClock = STOPPED  # a running StepClock times the phases of decode steps
+
+    def probes(self, tokenizer: Tokenizer, prompts: list[list[int]]) -> list[Probe] | None:
+        """KVzip's probe of every prompt when the policy observes "repeat" (with the policy's
+        sinks, inside the model's context), else None: what `start` wants as `probes`."""
+        options = self.policy.options
+        if options.observe != "repeat":
+            return None
+        context = self.cfg.max_position_embeddings
+        return [
+            repeat_probe(tokenizer, prompt, sinks=options.sinks, context=context)
+            for prompt in prompts
+        ]
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Raises InputError for an empty prompt or one that leaves no room in the context."""

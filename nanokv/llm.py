@@ -16,7 +16,6 @@ from nanokv.engine import Engine, InputError, TextCallback
 from nanokv.loader import load_config, load_model, resolve_model_dir
 from nanokv.policies import POLICIES, Policy, make_policy, parse_policy
 from nanokv.pool import KVPool
-from nanokv.probe import Probe, repeat_probe
 from nanokv.report import CacheReport
 from nanokv.sampling import SamplingParams
 from nanokv.scheduler import Scheduler
@@ -146,17 +145,6 @@ class LLM:
             prefill_chunk=self.prefill_chunk,
         )  # fmt: skip
 
-    def _probes(self, engine: Engine, ids: list[list[int]]) -> list[Probe | None] | None:
-        """KVzip's probe of every prompt when the engine's policy observes "repeat"."""
-        options = engine.policy.options
-        if options.observe != "repeat":
-            return None
-        context = self.config.max_position_embeddings
-        return [
-            repeat_probe(self.tokenizer, prompt, sinks=options.sinks, context=context)
-            for prompt in ids
-        ]
-
     @property
     def last_report(self) -> CacheReport | None:
         """What the last generate call kept and what it cost."""
@@ -194,7 +182,7 @@ class LLM:
         ids, suffix = split_context(self.tokenizer, text, chat)
         reserve = max_question_tokens + max_new_tokens
         engine = self.compress_engine
-        probes = self._probes(engine, [ids])
+        probes = engine.probes(self.tokenizer, [ids])
         state, _ = engine.start([ids], reserve, decode_window=reserve, probes=probes)
         report = engine.report(state, [ids], reserve)
         self.engine.last_report = engine.last_report = report

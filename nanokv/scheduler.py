@@ -284,7 +284,7 @@ class Scheduler:
         if request.context is not None:
             item.prefill = _extend_steps(engine, request.context, request.prompt_ids)
         else:
-            probes = self.llm._probes(engine, [request.prompt_ids])
+            probes = engine.probes(self.llm.tokenizer, [request.prompt_ids])
             item.prefill = engine.start_steps(
                 [request.prompt_ids], request.params.max_new_tokens, probes=probes
             )

@@ -16,6 +16,7 @@ from nanokv.attention import prefill_attention
 from nanokv.budget import Budget
 from nanokv.cli import main
 from nanokv.engine import Engine, InputError
+from nanokv.eval.ask import Prompt, probe_for
 from nanokv.kernels import prefill_scores
 from nanokv.kernels.prefill_scores import window_attention
 from nanokv.loader import load_config, load_model
@@ -345,6 +346,22 @@ def test_laprox_weights_the_probe_by_value_output_norms():
     torch.testing.assert_close(policy.prefill_scores(prompt), want)
     snap = make_policy("snapkv", observe="repeat").prefill_scores(prompt)
     torch.testing.assert_close(snap, attention.view(kv_heads, group, n).amax(dim=1))
+
+
+def test_every_caller_builds_the_probe_with_the_policys_sinks(tiny_llama_dir):
+    """LLM.compress, the scheduler, conversations and the eval all take the probe from
+    Engine.probes: the policy's own sinks, clipped to the model's context."""
+    llm = nanokv.LLM(tiny_llama_dir, policy="snapkv", budget=0.3, min_cache=0)
+    llm.configure("snapkv", budget=0.3, observe="repeat", sinks=7)
+    engine, ids = llm.engine, llm.tokenizer.encode(DOC)
+    (probe,) = engine.probes(llm.tokenizer, [ids])
+    context = llm.config.max_position_embeddings
+    assert probe == repeat_probe(llm.tokenizer, ids, sinks=7, context=context)
+    assert probe != repeat_probe(llm.tokenizer, ids, context=context)  # default sinks: 4
+    prompt = Prompt("context", ids, [])
+    assert probe_for(engine, llm.tokenizer, prompt) == probe
+    llm.configure("snapkv", budget=0.3, observe="last")
+    assert llm.engine.probes(llm.tokenizer, [ids]) is None
 
 
 # --- (d) LLM.compress observes 'repeat' by default, generate does not --------------------------

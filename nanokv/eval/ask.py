@@ -89,7 +89,7 @@ def answer(
         state = compress(engine, tokenizer, prompt, len(prompt.follow) + new, record)
     else:
         records = None if record is None else [record]
-        probes = None if record is not None else probes_for(engine, tokenizer, prompt)
+        probes = None if record is not None else engine.probes(tokenizer, [prompt.prefill])
         state, logits = engine.start([prompt.prefill], new, records=records, probes=probes)
     kept = kept_tokens(state)
     tracked = None if track is None else kept_share(state, track)
@@ -111,7 +111,7 @@ def compress(
     question and its answer (at most `reserve` tokens together) run; `record` (of the prefill)
     replaces its forward pass. Ask it with `ask`, as many questions as needed."""
     records = None if record is None else [record]
-    probes = None if record is not None else probes_for(engine, tokenizer, prompt)
+    probes = None if record is not None else engine.probes(tokenizer, [prompt.prefill])
     state, _ = engine.start(
         [prompt.prefill], reserve, decode_window=reserve, records=records, probes=probes
     )
@@ -157,16 +157,11 @@ def kept_tokens(state: DecodeState) -> float:
 
 
 def probe_for(engine: Engine, tokenizer: Tokenizer, prompt: Prompt) -> Probe:
-    """KVzip's probe of the prompt's prefilled part, as `LLM` builds it."""
+    """KVzip's probe of the prompt's prefilled part, as `LLM` builds it (recorded once for
+    every policy of a grid, whichever observes)."""
+    options = engine.policy.options
     context = engine.cfg.max_position_embeddings
-    return repeat_probe(tokenizer, prompt.prefill, context=context)
-
-
-def probes_for(engine: Engine, tokenizer: Tokenizer, prompt: Prompt) -> list[Probe] | None:
-    """The probe when the engine's policy observes KVzip's "repeat", else None."""
-    if engine.policy.options.observe != "repeat":
-        return None
-    return [probe_for(engine, tokenizer, prompt)]
+    return repeat_probe(tokenizer, prompt.prefill, sinks=options.sinks, context=context)
 
 
 def kept_share(state: DecodeState, positions: list[int]) -> list[float]:
