@@ -216,7 +216,7 @@ class LLM:
             ids.append(question_ids)
         engine = self.compress_engine  # the policy that compressed the context
         requests = [Request(i, params, context=context.state, engine=engine) for i in ids]
-        results = self._submit_all(requests, on_text)
+        results = self.run_requests(requests, on_text)
         return [
             GenerationOutput(q, i, r.text, r.token_ids, r.finish_reason)
             for q, i, r in zip(questions, ids, results, strict=True)
@@ -262,7 +262,7 @@ class LLM:
         engine = self._requests().engine_for(None, None)
         engine.eviction.seconds = 0.0
         requests = [Request(prompt_ids, params, report=True) for prompt_ids in ids]
-        results = self._submit_all(requests, on_text)
+        results = self.run_requests(requests, on_text)
         reports = [result.report for result in results]
         self.engine.last_report = CacheReport.combine(reports, engine.eviction.seconds)
         return [
@@ -270,12 +270,14 @@ class LLM:
             for p, i, r in zip(prompts, ids, results, strict=True)
         ]
 
-    def _submit_all(
-        self, requests: list[Request], on_text: TextCallback | None
-    ) -> list[_Collected]:
-        """Submits the requests and steps the scheduler until all of them are done."""
+    def run_requests(
+        self, requests: list[Request], on_text: TextCallback | None = None
+    ) -> list[RequestOutput]:
+        """Runs requests (each with its own policy, budget, sampling, or engine) through the
+        scheduler, the server's path, until all of them are done; `generate` and `chat` are
+        this with one request a prompt. A request that failed raises RuntimeError."""
         scheduler = self._requests()
-        results = [_Collected(index, on_text) for index in range(len(requests))]
+        results = [RequestOutput(index, on_text) for index in range(len(requests))]
         for request, result in zip(requests, results, strict=True):
             scheduler.submit(request, result)
         while not scheduler.idle():
@@ -301,8 +303,9 @@ class LLM:
         return ids
 
 
-class _Collected:
-    """One request's events gathered into its output (and streamed to `on_text`)."""
+class RequestOutput:
+    """One request's events gathered into its output (and streamed to `on_text`): its text,
+    token ids, why it finished, and its CacheReport when the request asked for one."""
 
     def __init__(self, index: int, on_text: TextCallback | None) -> None:
         self.index, self.on_text = index, on_text

@@ -283,6 +283,8 @@ class Scheduler:
         request, engine = item.request, item.engine
         if request.context is not None:
             item.prefill = _extend_steps(engine, request.context, request.prompt_ids)
+        elif request.record is not None:
+            item.prefill = _recorded_steps(engine, request)
         else:
             probes = engine.probes(self.llm.tokenizer, [request.prompt_ids])
             item.prefill = engine.start_steps(
@@ -332,9 +334,11 @@ class Scheduler:
         item.sequence = Sequence(list(request.prompt_ids))
         item.sampler = Sampler(request.params, 1, engine.device)
         params = request.params
-        item.stopper = StopChecker(
+        item.stopper = request.stopper or StopChecker(
             self.llm.tokenizer.decode, self.llm.eos_token_ids, params.stop, params.ignore_eos
         )
+        if request.on_prefilled is not None:
+            request.on_prefilled(item.state)
         self._running.append(item)
         self._peak_running = max(self._peak_running, len(self._running))
         self._advance(item, logits)
@@ -454,6 +458,16 @@ def _extend_steps(
     state = context.clone()
     yield
     return state, engine.extend(state, ids)
+
+
+def _recorded_steps(
+    engine: Engine, request: Request
+) -> Generator[None, None, tuple[DecodeState, torch.Tensor]]:
+    """A request's prefill from its recorded pass (`Engine.start` with `records`): no forward
+    pass, so one step."""
+    yield
+    ids, new_tokens = request.prompt_ids, request.params.max_new_tokens
+    return engine.start([ids], new_tokens, records=[request.record])
 
 
 def _one_line(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from nanokv.sampling import SamplingParams
 if TYPE_CHECKING:
     import torch
 
-    from nanokv.engine import DecodeState, Engine, Sequence
+    from nanokv.engine import DecodeState, Engine, PromptRecord, Sequence
     from nanokv.report import CacheReport
     from nanokv.sampling import Sampler
     from nanokv.stopping import StopChecker
@@ -40,6 +40,13 @@ class Request:
     # `prompt_ids` are then the tokens after it (a question), fed to a copy of the state
     context: DecodeState | None = None
     engine: Engine | None = None
+    # library use (the eval, benchmarks): a recorded pass of `prompt_ids` that replaces their
+    # forward pass (`Engine.record_prompt`), a stop rule of its own instead of EOS and
+    # `params.stop`, and a look at the state after prefill and compression, before the first
+    # token is sampled (which prompt tokens were kept)
+    record: PromptRecord | None = None
+    stopper: StopChecker | None = None
+    on_prefilled: Callable[[DecodeState], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ def test_each_answer_equals_asking_that_question_alone(long_tiny_llm, policy):
     engine, _ = engine_for(llm, parse_spec(policy), 0.2, 0, "context")
     state = compress(engine, tokenizer, prompts[0], reserve)
     before = (state.arena.lengths.clone(), state.arena.k.clone(), state.positions.clone())
-    mine = [ask(engine, tokenizer, llm.eos_token_ids, state, p, params) for p in prompts]
+    mine = [ask(llm, engine, state, p, params) for p in prompts]
     assert torch.equal(state.arena.lengths, before[0]) and same_buffer(state.arena.k, before[1])
     assert torch.equal(state.positions, before[2])  # asking did not touch the compressed arena
     alone = []

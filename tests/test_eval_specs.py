@@ -61,7 +61,7 @@ def test_needle_oracle_keeps_the_value_that_its_base_drops(long_tiny_llm, case, 
         engine, oracle = engine_for(long_tiny_llm, parse_spec(text), 0.1)
         if oracle is not None:
             oracle.forced = torch.tensor(values)
-        outcome = answer(engine, tokenizer, long_tiny_llm.eos_token_ids, prompt, params, values)
+        outcome = answer(long_tiny_llm, engine, prompt, params, values)
         shares[text] = outcome.tracked_kept
     assert shares["streaming"] == [0.0] * long_tiny_llm.config.num_layers
     assert shares["needle-oracle:base=streaming"] == [1.0] * long_tiny_llm.config.num_layers
@@ -76,9 +76,8 @@ def test_eval_answers_equal_the_public_llm_calls(long_tiny_llm, case, policy):
     new = 6
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     engine, _ = engine_for(llm, parse_spec(policy), 0.2)
-    eos = llm.eos_token_ids
     question = build_prompt(tokenizer, "question", case.document, case.question, case.answer_prefix)
-    mine = answer(engine, tokenizer, eos, question, params).text
+    mine = answer(llm, engine, question, params).text
     chat = llm.chat([case.document + case.question], params, answer_prefix=case.answer_prefix)
     assert chat[0].prompt_token_ids == question.prefill  # the same prompt went in
     assert len(chat[0].token_ids) == new and chat[0].text.strip()
@@ -88,7 +87,7 @@ def test_eval_answers_equal_the_public_llm_calls(long_tiny_llm, case, policy):
         assert kept <= 0.2 * len(question.prefill) + 1
     context = build_prompt(tokenizer, "context", case.document, case.question, case.answer_prefix)
     engine, _ = engine_for(llm, parse_spec(policy), 0.2, setting="context")  # compress's policy
-    mine = answer(engine, tokenizer, eos, context, params).text
+    mine = answer(llm, engine, context, params).text
     compressed = llm.compress(
         case.document, max_question_tokens=len(context.follow), max_new_tokens=new
     )

@@ -18,6 +18,7 @@ from nanokv.runner import Member, decode_step
 from nanokv.sampling import SamplingParams
 from nanokv.scheduler import QueueFullError, Scheduler
 from nanokv.sequence import Request
+from nanokv.stopping import StopChecker
 
 MIN_CACHE = 8
 
@@ -324,3 +325,41 @@ def test_a_long_prompt_prefills_a_query_chunk_per_step(tiny_llama_dir):
     (expected,) = chunked.engine.generate([long], params, chunked._stopper(params))
     drain(scheduler)
     assert recorder.tokens(max(recorder.events)) == expected.token_ids
+
+
+def test_a_recorded_request_equals_a_live_one_and_shows_its_compressed_state(llm):
+    """A request may bring its prompt's recorded pass (the eval shares one between policies),
+    its own stop rule, and a hook that sees the arena after compression: the answer equals the
+    live request's, the hook sees the budget's arena, and the stop rule decides the end."""
+    (ids,) = prompts(llm, 1)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine = Scheduler(llm, KVPool(1 << 30)).engine_for("snapkv", 0.3)
+    seen = []
+    live, recorded = llm.run_requests(
+        [
+            Request(ids, params, engine=engine),
+            Request(
+                ids, params, engine=engine, record=engine.record_prompt(ids),
+                on_prefilled=lambda state: seen.append(state.arena.lengths.clone()),
+            ),
+        ]
+    )  # fmt: skip
+    assert recorded.token_ids == live.token_ids and len(live.token_ids) == 6
+    (lengths,) = seen
+    assert int(lengths.max()) < len(ids)  # the hook ran after compression
+    direct, _ = engine.start([ids], params.max_new_tokens)
+    assert torch.equal(lengths, direct.arena.lengths)
+
+    class AfterTwo(StopChecker):
+        def advance(self, seq, token, is_last):
+            delta = super().advance(seq, token, is_last)
+            if len(seq.token_ids) == 2:
+                seq.finish_reason = "stop"
+            return delta
+
+    stopper = AfterTwo(None, ())
+    (stopped,) = llm.run_requests([Request(ids, params, engine=engine, stopper=stopper)])
+    assert stopped.token_ids == live.token_ids[:2] and stopped.finish_reason == "stop"
+    wrong = Request(ids[:-1], params, engine=engine, record=engine.record_prompt(ids))
+    with pytest.raises(RuntimeError, match="records must be the recorded passes"):
+        llm.run_requests([wrong])

@@ -6,15 +6,18 @@
   template's tail and the answer prefix extend the compressed arena with nothing evicted
   (kvpress's setting) -- what `LLM.compress` + `LLM.chat(..., context=...)` do.
 
-The same steps are run on an `Engine` directly so that the evaluation can look at the arena after
-compression (which tokens survived) and run a policy wrapper (the needle oracle); a test checks
-that the answers equal those of the `LLM` calls.
+The answers run as requests through the LLM's scheduler (the server's path), each with the
+eval's own engine (a policy wrapper such as the needle oracle), a recorded prompt pass shared by
+the policies of a grid, and a look at the arena after compression (which tokens survived); a
+context-only document is compressed once (`compress`, as `LLM.compress`) and asked many times. A
+test checks that the answers equal those of the `LLM` calls.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,8 +25,12 @@ from nanokv.context import split_context
 from nanokv.engine import DecodeState, Engine, PromptRecord
 from nanokv.probe import Probe, repeat_probe
 from nanokv.sampling import SamplingParams
+from nanokv.sequence import Request
 from nanokv.stopping import StopChecker
 from nanokv.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from nanokv.llm import LLM
 
 SETTINGS = ("question", "context")
 
@@ -71,32 +78,33 @@ def build_prompt(
 
 
 def answer(
+    llm: LLM,
     engine: Engine,
-    tokenizer: Tokenizer,
-    eos_token_ids: set[int],
     prompt: Prompt,
     params: SamplingParams,
     track: list[int] | None = None,
     stopper: StopChecker | None = None,
     record: PromptRecord | None = None,
 ) -> Outcome:
-    """Runs `prompt` and returns the answer text, with what compression kept of the `track`ed
-    prompt positions (e.g. the needle's tokens). `stopper` replaces the usual EOS / stop-string
-    check; `record` (Engine.record_prompt of `prompt.prefill`) replaces its forward pass."""
+    """Runs `prompt` with `engine` (its policy and budget) as a request through `llm`'s
+    scheduler and returns the answer text, with what compression kept of the `track`ed prompt
+    positions (e.g. the needle's tokens). `stopper` replaces the usual EOS / stop-string check;
+    `record` (Engine.record_prompt of `prompt.prefill`) replaces its forward pass."""
     began = time.perf_counter()
-    new = params.max_new_tokens
     if prompt.follow:
-        state = compress(engine, tokenizer, prompt, len(prompt.follow) + new, record)
-    else:
-        records = None if record is None else [record]
-        probes = None if record is not None else engine.probes(tokenizer, [prompt.prefill])
-        state, logits = engine.start([prompt.prefill], new, records=records, probes=probes)
-    kept = kept_tokens(state)
-    tracked = None if track is None else kept_share(state, track)
-    if prompt.follow:
-        logits = engine.extend(state, prompt.follow)
-    text = _decode(engine, tokenizer, eos_token_ids, state, logits, prompt, params, stopper)
-    return Outcome(text, kept, tracked, time.perf_counter() - began)
+        reserve = len(prompt.follow) + params.max_new_tokens
+        state = compress(engine, llm.tokenizer, prompt, reserve, record)
+        kept, tracked = _kept(state, track)
+        text = ask(llm, engine, state, prompt, params, stopper)
+        return Outcome(text, kept, tracked, time.perf_counter() - began)
+    compressed: list[tuple[float, list[float] | None]] = []
+    request = Request(
+        prompt.prefill, params, engine=engine, record=record, stopper=stopper,
+        on_prefilled=lambda state: compressed.append(_kept(state, track)),
+    )  # fmt: skip
+    (result,) = llm.run_requests([request])
+    (kept, tracked) = compressed[0]
+    return Outcome(result.text, kept, tracked, time.perf_counter() - began)
 
 
 def compress(
@@ -119,36 +127,25 @@ def compress(
 
 
 def ask(
+    llm: LLM,
     engine: Engine,
-    tokenizer: Tokenizer,
-    eos_token_ids: set[int],
     compressed: DecodeState,
-    prompt: Prompt,
-    params: SamplingParams,
-) -> str:
-    """Context-only: the answer to `prompt.follow` (question, template tail, answer prefix)
-    from a copy of the `compressed` document (what `LLM.chat(..., context=)` does), which is
-    left as it was for the next question."""
-    state = compressed.clone()
-    logits = engine.extend(state, prompt.follow)
-    return _decode(engine, tokenizer, eos_token_ids, state, logits, prompt, params)
-
-
-def _decode(
-    engine: Engine,
-    tokenizer: Tokenizer,
-    eos_token_ids: set[int],
-    state: DecodeState,
-    logits: torch.Tensor,
     prompt: Prompt,
     params: SamplingParams,
     stopper: StopChecker | None = None,
 ) -> str:
-    """The answer's text, decoded from the prompt's last `logits` (B=1, vocab)."""
-    if stopper is None:
-        stopper = StopChecker(tokenizer.decode, eos_token_ids, params.stop, params.ignore_eos)
-    (seq,) = engine.decode(state, logits, [prompt.prefill + prompt.follow], params, stopper)
-    return seq.text
+    """Context-only: the answer to `prompt.follow` (question, template tail, answer prefix)
+    from a copy of the `compressed` document, as a request through `llm`'s scheduler (what
+    `LLM.chat(..., context=)` does); the compressed state is left as it was for the next
+    question."""
+    request = Request(prompt.follow, params, context=compressed, engine=engine, stopper=stopper)
+    (result,) = llm.run_requests([request])
+    return result.text
+
+
+def _kept(state: DecodeState, track: list[int] | None) -> tuple[float, list[float] | None]:
+    """What compression kept: slots a head on average, and the `track`ed positions' shares."""
+    return kept_tokens(state), None if track is None else kept_share(state, track)
 
 
 def kept_tokens(state: DecodeState) -> float:

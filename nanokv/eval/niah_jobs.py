@@ -162,10 +162,7 @@ class _NiahWork:
             oracle.forced = torch.tensor(_forced(self.tokenizer, prompt, [case]))
         params = SamplingParams(max_new_tokens=NEW_TOKENS[spec.task], stop=["\n"])
         values = prompt_positions(self.tokenizer, prompt, case.expected)
-        outcome = answer(
-            engine, self.tokenizer, self.llm.eos_token_ids, prompt, params, track=values,
-            record=record,
-        )  # fmt: skip
+        outcome = answer(self.llm, engine, prompt, params, track=values, record=record)
         fields = floor_fields(engine, policy, len(prompt.prefill), min_cache)
         return _row(case, "question", cell, prompt, outcome.text, fields) | {
             "kept_tokens": round(outcome.kept_tokens, 2),
@@ -183,8 +180,7 @@ class _NiahWork:
         shared = self.compressions.get(key, lambda: self._compress(spec, cell, record))
         values = prompt_positions(self.tokenizer, prompt, case.expected)
         params = SamplingParams(max_new_tokens=NEW_TOKENS[spec.task], stop=["\n"])
-        eos = self.llm.eos_token_ids
-        text = ask(shared.engine, self.tokenizer, eos, shared.state, prompt, params)
+        text = ask(self.llm, shared.engine, shared.state, prompt, params)
         fields = floor_fields(shared.engine, policy, shared.length, min_cache)
         return _row(case, "context", cell, prompt, text, fields) | {
             "kept_tokens": round(kept_tokens(shared.state), 2),

@@ -118,9 +118,7 @@ def _code_run(llm: LLM, spec: CodeSpec, cell: tuple[PolicySpec, float, int], cas
         params = SamplingParams(max_new_tokens=NEW_TOKENS["code"])
         stopper = FirstLine(tokenizer.decode, llm.eos_token_ids)
         prompt = Prompt("question", case.prompt, [])
-        outcome = answer(
-            engine, tokenizer, llm.eos_token_ids, prompt, params, stopper=stopper, record=record
-        )
+        outcome = answer(llm, engine, prompt, params, stopper=stopper, record=record)
         predicted = first_line(outcome.text)
         return {
             "suite": "code", "case": spec.id, "file": case.file, "line": case.line_number,
