@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from nanokv.budget import Budget
 from nanokv.eval.cli import add_eval_parser
-from nanokv.policies import parse_policy, policy_names
+from nanokv.policies import DEFAULT_POLICY, parse_policy, policy_for_budget, policy_names
 from nanokv.policies.allocation import ALLOCATIONS
 from nanokv.policies.base import OBSERVATIONS
 from nanokv.sampling import SamplingParams
@@ -114,8 +114,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     """The model, its policy and budget: what `generate`, `chat` and `serve` share."""
     p.add_argument("--model", help="HF-layout model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument(
-        "--policy", default="full",
-        help=f"eviction policy: {policy_names()}",
+        "--policy",
+        help=f"eviction policy: {policy_names()} (default: full, or {DEFAULT_POLICY} when "
+        "--budget is below 1)",
     )  # fmt: skip
     p.add_argument("--budget", default="1.0", help="KV budget: fraction in (0,1] or token count")
     p.add_argument(
@@ -170,13 +171,15 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> Budget:
-    """--budget, checked against --policy before the model loads."""
+    """--budget, checked against --policy before the model loads; an unset --policy becomes
+    the one the budget runs (`policy_for_budget`)."""
     budget = Budget.parse(args.budget)
-    name, uses_quest = parse_policy(args.policy)
-    if name == "full" and not uses_quest and budget.value != 1.0:
-        raise UsageError(
-            f"--budget {args.budget} needs an eviction policy: 'full' keeps all tokens"
-        )
+    if args.policy is not None:
+        parse_policy(args.policy)  # an unknown name says so itself
+    try:
+        args.policy = policy_for_budget(args.policy, budget.value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return budget
 
 

@@ -14,7 +14,7 @@ from nanokv.context import CompressedContext, split_context
 from nanokv.dtypes import resolve_dtype
 from nanokv.engine import Engine, InputError, TextCallback
 from nanokv.loader import load_config, load_model, resolve_model_dir
-from nanokv.policies import POLICIES, Policy, make_policy, parse_policy
+from nanokv.policies import POLICIES, Policy, make_policy, parse_policy, policy_for_budget
 from nanokv.pool import KVPool
 from nanokv.report import CacheReport
 from nanokv.sampling import SamplingParams
@@ -56,7 +56,7 @@ class LLM:
         self,
         model: str | Path | None = None,
         *,
-        policy: str = "full",
+        policy: str | None = None,
         budget: float | Budget = 1.0,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -67,8 +67,9 @@ class LLM:
         quest_dense_layers: int = 2,
         **policy_options,
     ) -> None:
-        """`policy` is a name ('snapkv'), 'quest', or '<name>+quest'. `min_cache` is the cache
-        floor in tokens (0: the budget is exact, even on a short prompt). `policy_options` are
+        """`policy` is a name ('snapkv'), 'quest', or '<name>+quest'; None runs the full cache
+        at a budget of 1.0 and LaProx (`DEFAULT_POLICY`) at any smaller one. `min_cache` is the
+        cache floor in tokens (0: the budget is exact, even on a short prompt). `policy_options` are
         PolicyOptions fields (sinks, observation_window, pool, chunk, decode_window, allocation,
         min_head_share, max_head_share, normalise, usage_top_k, usage_decay, reconstruct,
         observe); unset ones take the policy's defaults. `compress` scores with KVzip's probe
@@ -89,7 +90,7 @@ class LLM:
 
     def configure(
         self,
-        policy: str = "full",
+        policy: str | None = None,
         budget: float | Budget = 1.0,
         quest_budget: float | None = None,
         quest_oracle: bool = False,
@@ -98,16 +99,18 @@ class LLM:
         **policy_options,
     ) -> None:
         """Switches policy and budget without reloading the model (what an evaluation grid
-        needs). A number `budget` takes the cache floor `min_cache` (default: the LLM's); a
-        Budget is used as given. A Quest read budget defaults to the budget for plain 'quest'
-        and to half the eviction budget for '<name>+quest'. Also builds the query-agnostic
-        policy that `compress` runs (see `_compress_policy`)."""
+        needs); `policy` None picks by budget (`policy_for_budget`), and 'full' with a budget
+        below 1.0 is a ValueError. A number `budget` takes the cache floor `min_cache` (default:
+        the LLM's); a Budget is used as given. A Quest read budget defaults to the budget for
+        plain 'quest' and to half the eviction budget for '<name>+quest'. Also builds the
+        query-agnostic policy that `compress` runs (see `_compress_policy`)."""
         if min_cache is not None:
             self.min_cache = min_cache
         if isinstance(budget, Budget):
             self.budget = budget
         else:
             self.budget = Budget(budget, floor=self.min_cache)
+        policy = policy_for_budget(policy, self.budget.value)
         name, uses_quest = parse_policy(policy)
         self.policy = make_policy(name, **policy_options)
         self.compress_policy = self._compress_policy(name, policy_options)

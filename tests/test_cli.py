@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -176,13 +177,31 @@ def test_console_script_exit_status(tiny_llama_dir, tmp_path):
 @pytest.mark.parametrize(
     ("budget", "fragment"),
     [("0", "fraction in (0, 1]"), ("-1", "fraction in (0, 1]"), ("abc", "not a number"),
-     ("nan", "fraction in (0, 1]"), ("2.5", "whole"), ("0.5", "needs an eviction policy")],
+     ("nan", "fraction in (0, 1]"), ("2.5", "whole")],
 )  # fmt: skip
 def test_bad_budget(tiny_llama_dir, capsys, budget, fragment):
     code, _, err = _run(
         ["generate", "--model", str(tiny_llama_dir), "--budget", budget, "hi"], capsys
     )
     _assert_one_line_error(code, err, fragment)
+
+
+def test_a_budget_for_the_full_cache_is_refused(tiny_llama_dir, capsys):
+    argv = ["generate", "--model", str(tiny_llama_dir), "--policy", "full", "--budget", "0.5"]
+    code, _, err = _run([*argv, "hi"], capsys)
+    _assert_one_line_error(code, err, "needs an eviction policy", "unset for laprox")
+
+
+def test_a_budget_without_a_policy_runs_the_default_eviction_policy(tiny_llama_dir, capsys):
+    """`nanokv generate --budget 0.05 "prompt"` compresses (with LaProx), it does not keep the
+    full cache; without --budget the full cache runs."""
+    argv = ["generate", "--model", str(tiny_llama_dir), "--max-new-tokens", "2", "--verbose"]
+    code, _, err = _run([*argv, "--budget", "0.3", "--min-cache", "0", LONG_PROMPT], capsys)
+    assert code == 0 and "policy laprox:" in err
+    kept = float(re.search(r"kept per head after prefill: mean ([\d.]+)", err).group(1))
+    assert kept <= 0.3 * 94 + 1  # the prompt: 94 tokens with the template
+    code, _, err = _run([*argv, LONG_PROMPT], capsys)
+    assert code == 0 and "policy full:" in err
 
 
 def test_missing_directory(tmp_path, capsys):

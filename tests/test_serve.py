@@ -202,6 +202,16 @@ def test_per_request_kv_policy_and_budget(server: ServerHandle, client: openai.O
         start_server(llm, policy="lru", kv_memory_bytes=16 << 20)
 
 
+def test_a_kv_budget_alone_runs_the_default_eviction_policy(server: ServerHandle, client, llm):
+    """The full-cache server given kv_budget without kv_policy compresses with LaProx, as
+    `nanokv generate --budget` does, instead of keeping every token."""
+    response = complete(client, LONG_PROMPT, extra_body={"kv_budget": 0.5})
+    named = complete(client, LONG_PROMPT, extra_body={"kv_policy": "laprox", "kv_budget": 0.5})
+    assert response.choices[0].text == named.choices[0].text
+    (full,) = llm.generate(LONG_PROMPT, max_new_tokens=NEW_TOKENS)
+    assert response.choices[0].text != full.text
+
+
 def test_a_client_that_disconnects_frees_its_memory(server: ServerHandle, llm: LLM):
     prompt, new_tokens = PROMPTS[3], 240
     before = wait_idle(server)
@@ -235,7 +245,8 @@ BAD_REQUESTS = {
     "kv_budget 2.5": ("completions", {"prompt": "x", "kv_policy": "snapkv", "kv_budget": 2.5},
                       400, "kv_budget"),
     "kv_budget string": ("completions", {"prompt": "x", "kv_budget": "half"}, 400, "kv_budget"),
-    "kv_budget on full": ("completions", {"prompt": "x", "kv_budget": 0.5}, 400, "kv_budget"),
+    "kv_budget on full": ("completions", {"prompt": "x", "kv_policy": "full", "kv_budget": 0.5},
+                          400, "kv_budget"),
     "kv_policy unknown": ("completions", {"prompt": "x", "kv_policy": "lru"}, 400, "kv_policy"),
     "kv_policy quest": ("completions", {"prompt": "x", "kv_policy": "quest"}, 400, "kv_policy"),
     "temperature -1": ("completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
@@ -349,7 +360,7 @@ def test_health_is_503_until_the_model_is_attached(llm: LLM, server: ServerHandl
         ["--max-kv-tokens", "0"],
         ["--port", "70000"],
         ["--policy", "snapkv+quest"],
-        ["--budget", "0.5"],
+        ["--policy", "full", "--budget", "0.5"],
         ["--max-waiting", "0"],
         ["--max-body", "big"],
     ],

@@ -22,6 +22,25 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
+DEFAULT_POLICY = "laprox"  # what a budget below the whole cache runs when no policy is named
+
+
+def policy_for_budget(policy: str | None, budget: float) -> str:
+    """The policy a budget runs: the one named, else 'full' for a budget of 1.0 (every token
+    kept) and nanokv's default eviction policy, LaProx (the most needles kept and the lowest
+    KL in docs/eval.md), for any smaller budget. A named 'full' with a smaller budget is a
+    ValueError: it would keep every token and ignore the budget without a word."""
+    if policy is None:
+        return "full" if budget == 1.0 else DEFAULT_POLICY
+    name, uses_quest = parse_policy(policy)
+    if name == "full" and not uses_quest and budget != 1.0:
+        raise ValueError(
+            f"budget {budget:g} needs an eviction policy: 'full' keeps every token; name one "
+            f"({', '.join(list(POLICIES)[1:])}) or leave the policy unset for {DEFAULT_POLICY}"
+        )
+    return policy
+
+
 def policy_names() -> str:
     """What `--policy` and `LLM(policy=...)` accept, for help texts and error messages."""
     return f"{', '.join(POLICIES)}, quest, or <policy>+quest"
@@ -49,6 +68,6 @@ def parse_policy(spec: str) -> tuple[str, bool]:
 
 
 __all__ = [
-    "POLICIES", "Policy", "PolicyOptions", "PromptLayer", "make_policy", "parse_policy",
-    "policy_names",
+    "DEFAULT_POLICY", "POLICIES", "Policy", "PolicyOptions", "PromptLayer", "make_policy",
+    "parse_policy", "policy_for_budget", "policy_names",
 ]  # fmt: skip

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from nanokv.budget import Budget
-from nanokv.policies import parse_policy
+from nanokv.policies import parse_policy, policy_for_budget
 from nanokv.sampling import SamplingParams
 from nanokv.scheduler import QueueFullError, Scheduler
 from nanokv.sequence import Request
@@ -69,18 +69,23 @@ def make_request(
     default_max_tokens: int = 256,
 ) -> Request:
     """The scheduler's request. `policy` / `budget` are the server's defaults for requests that
-    do not set kv_policy / kv_budget (None: the LLM's own)."""
-    _check_kv(body.kv_policy, body.kv_budget, policy or llm.policy.name)
-    policy = body.kv_policy if body.kv_policy is not None else policy
+    do not set kv_policy / kv_budget (None: the LLM's own). A kv_budget below 1 without a
+    kv_policy, sent to a full-cache server, runs the default eviction policy (as
+    `nanokv generate --budget` does)."""
+    _check_kv(body.kv_policy, body.kv_budget)
+    server_policy = policy or llm.policy.name
+    if body.kv_policy is not None:
+        policy = body.kv_policy
+    elif body.kv_budget is not None and parse_policy(server_policy)[0] == "full":
+        policy = policy_for_budget(None, body.kv_budget)
     budget = body.kv_budget if body.kv_budget is not None else budget
     params = _sampling(llm, body, len(ids), default_max_tokens)
     return Request(ids, params, policy=policy, budget=budget)
 
 
-def _check_kv(policy: str | None, budget: float | None, default_policy: str) -> None:
+def _check_kv(policy: str | None, budget: float | None) -> None:
     """A 400 naming kv_policy or kv_budget when the scheduler could not build their engine,
-    or when a budget is asked of the full cache (which keeps every token)."""
-    name = parse_policy(default_policy)[0]
+    or when a budget is asked of kv_policy 'full' (which keeps every token)."""
     if policy is not None:
         try:
             name, uses_quest = parse_policy(policy)
@@ -95,7 +100,7 @@ def _check_kv(policy: str | None, budget: float | None, default_policy: str) -> 
         Budget(budget)
     except ValueError as exc:
         raise ApiError(400, f"kv_budget: {one_line(exc)}", param="kv_budget") from None
-    if name == "full" and budget != 1.0:
+    if policy is not None and parse_policy(policy)[0] == "full" and budget != 1.0:
         message = "kv_budget needs an eviction policy (kv_policy): 'full' keeps every token"
         raise ApiError(400, message, param="kv_budget")
 
