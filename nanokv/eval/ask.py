@@ -103,7 +103,7 @@ def answer(
         on_prefilled=lambda state: compressed.append(_kept(state, track)),
     )  # fmt: skip
     (result,) = llm.run_requests([request])
-    (kept, tracked) = compressed[0]
+    kept, tracked = compressed[0]
     return Outcome(result.text, kept, tracked, time.perf_counter() - began)
 
 
