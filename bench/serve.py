@@ -38,6 +38,7 @@ import torch
 import nanokv
 from nanokv.eval.corpus import docs_text
 from nanokv.sampling import SamplingParams
+from nanokv.scheduler import PREFILL_SHARE
 from nanokv.sequence import Request
 from nanokv.serve.server import start_server
 
@@ -58,8 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds a cell may take")
     p.add_argument("--min-cache", type=int, default=None, help="cache floor (default: LLM's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--prefill-share", type=float, default=PREFILL_SHARE,
+        help="the scheduler's share of time for prefills while a batch decodes",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
     args = p.parse_args(argv)
+    if not 0 <= args.prefill_share < 1:
+        p.error(f"--prefill-share must be in [0, 1), got {args.prefill_share}")
     args.cells = [parse_cell(text) for text in args.cells]
     return args
 
@@ -220,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     batch = prompts(llm, args.requests, args.prompt_tokens)
     meta = {"model": llm.model_dir.name, "dtype": str(llm.dtype).removeprefix("torch.")}
     meta |= {"kv_memory_bytes": args.conversations * one_full, "threads": torch.get_num_threads()}
+    meta |= {"prefill_share": args.prefill_share}
     rows = []
     with start_server(
-        llm, kv_memory_bytes=args.conversations * one_full, max_waiting=args.requests
-    ) as server:
+        llm, kv_memory_bytes=args.conversations * one_full, max_waiting=args.requests,
+        prefill_share=args.prefill_share,
+    ) as server:  # fmt: skip
         model = llm.model_dir.name
         for cell in args.cells:
             rows.append(asyncio.run(run_cell(server, model, cell, batch, args)))

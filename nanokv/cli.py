@@ -18,6 +18,7 @@ from nanokv.policies import DEFAULT_POLICY, parse_policy, policy_for_budget, pol
 from nanokv.policies.allocation import ALLOCATIONS
 from nanokv.policies.base import OBSERVATIONS
 from nanokv.sampling import SamplingParams
+from nanokv.scheduler import PREFILL_SHARE
 
 if TYPE_CHECKING:
     from nanokv.conversation import Conversation
@@ -107,6 +108,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         help="requests that may wait for KV memory; more get 503 (default 64)",
     )  # fmt: skip
     p.add_argument("--max-body", default="1MiB", metavar="SIZE", help="request body limit")
+    p.add_argument(
+        "--prefill-share", type=float, default=PREFILL_SHARE, metavar="F",
+        help="share of time queued prompts' prefills get while a batch decodes, in [0, 1): "
+        "higher for throughput and time to first token, lower for smooth streams (default "
+        f"{PREFILL_SHARE})",
+    )  # fmt: skip
     p.set_defaults(run=_run_serve)
 
 
@@ -259,7 +266,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         model_name=_model_name(args.model), host=args.host, port=args.port,
         kv_memory_bytes=parse_size(args.kv_memory), max_kv_tokens=args.max_kv_tokens,
         api_key=args.api_key, max_waiting=args.max_waiting,
-        max_body_bytes=parse_size(args.max_body),
+        max_body_bytes=parse_size(args.max_body), prefill_share=args.prefill_share,
     )  # fmt: skip
     return run_server(options, lambda: _load_llm(args, budget))
 

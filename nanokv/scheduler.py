@@ -4,9 +4,10 @@ steps, and continuous batching of every running request.
 Each `step` does, in order: drop cancelled requests (their pages go back to the pool at once);
 admit waiting requests, first come first served, while the pool holds their decode-time pages;
 start the next admitted prompt's prefill when none runs (its pages grow to the prefill's peak
-for as long as it lasts); run one query chunk (`prefill_chunk` rows) of one layer of that
-prefill, so a long prompt never stalls the running batch for more than that; and one decode
-step of every running request together.
+for as long as it lasts); run query chunks (`prefill_chunk` rows of one layer each) of the
+prefills for the step's prefill allowance (at least one chunk: `prefill_share` of the time
+while a batch decodes, so a long prompt never stalls streaming for long and a queue of them
+still reaches the batch); and one decode step of every running request together.
 A request leaves the batch at EOS, a stop string, `max_new_tokens`, cancellation or an error,
 and every one of those returns its pages.
 
@@ -35,6 +36,14 @@ from nanokv.sequence import EventCallback, Request, RequestEvent, RunningRequest
 from nanokv.stopping import StopChecker
 
 MAX_ENGINES = 16  # (policy, budget) engines kept for per-request KV settings
+PREFILL_SHARE = 0.5  # of the scheduler's time, for prefills, while a batch decodes
+
+
+def prefill_allowance(share: float, decode_seconds: float) -> float:
+    """Seconds of prefill chunks a step may run before its decode step, so that prefill takes
+    `share` of the time while a batch decodes (`decode_seconds`: its last step's time); a
+    step always runs at least one chunk."""
+    return share / (1.0 - share) * decode_seconds
 
 
 class QueueFullError(RuntimeError):
@@ -68,10 +77,20 @@ class SchedulerStats:
 class Scheduler:
     """Runs requests on one loaded model (`nanokv.LLM`) within one KV pool."""
 
-    def __init__(self, llm, pool: KVPool, *, max_waiting: int = 64) -> None:
+    def __init__(
+        self, llm, pool: KVPool, *, max_waiting: int = 64, prefill_share: float = PREFILL_SHARE
+    ) -> None:
         """`llm` gives the model, tokenizer, default policy and budget (its engine);
-        `max_waiting` bounds the waiting queue (QueueFullError past it)."""
+        `max_waiting` bounds the waiting queue (QueueFullError past it). `prefill_share` in
+        [0, 1) is the share of time prefills get while a batch decodes: higher brings queued
+        prompts into the batch sooner (throughput, time to first token), lower keeps the
+        running streams' inter-token latency closer to one decode step; 0 runs one chunk a
+        step."""
+        if not 0.0 <= prefill_share < 1.0:
+            raise ValueError(f"prefill_share must be in [0, 1), got {prefill_share}")
         self.llm, self.pool, self.max_waiting = llm, pool, max_waiting
+        self.prefill_share = prefill_share
+        self.decode_seconds = 0.0  # the last decode step's time: what the allowance scales
         self._engines: dict[tuple[str, float], Engine] = {}
         self._waiting: deque[RunningRequest] = deque()  # no memory yet
         self._admitted: deque[RunningRequest] = deque()  # their decode-time pages, prefill next
@@ -211,14 +230,27 @@ class Scheduler:
     def step(self) -> bool:
         """One scheduling step; False when there was nothing to do."""
         self._drop_cancelled()
-        if self._next_prefill():
-            self._admit()
-            self._next_prefill()
-        worked = self._prefill_one_chunk()
+        worked = self._prefill_for(prefill_allowance(self.prefill_share, self.decode_seconds))
         if self._running:
+            began = time.perf_counter()
             self._decode()
+            self.decode_seconds = time.perf_counter() - began
             worked = True
         return worked
+
+    def _prefill_for(self, seconds: float) -> bool:
+        """Admits and prefills, one chunk at a time, until `seconds` have passed (at least one
+        chunk; with nothing decoding, one chunk a step); False when there was nothing to do."""
+        began, worked = time.perf_counter(), False
+        while True:
+            if self._next_prefill():
+                self._admit()
+                self._next_prefill()
+            if not self._prefill_one_chunk():
+                return worked
+            worked = True
+            if not self._running or time.perf_counter() - began >= seconds:
+                return worked
 
     def _drop_cancelled(self) -> None:
         with self._wake:

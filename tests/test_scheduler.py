@@ -16,7 +16,7 @@ from nanokv.policies import make_policy
 from nanokv.pool import KVPool
 from nanokv.runner import Member, decode_step
 from nanokv.sampling import SamplingParams
-from nanokv.scheduler import QueueFullError, Scheduler
+from nanokv.scheduler import QueueFullError, Scheduler, prefill_allowance
 from nanokv.sequence import Request
 from nanokv.stopping import StopChecker
 
@@ -105,7 +105,7 @@ def test_one_member_decode_step_is_engine_step(llm):
 
 
 def test_prefill_runs_a_layer_per_step_while_the_batch_decodes(llm):
-    scheduler = Scheduler(llm, KVPool(2**24))
+    scheduler = Scheduler(llm, KVPool(2**24), prefill_share=0.0)  # one chunk a step
     recorder = Recorder()
     short, long = prompts(llm, 3)[0], prompts(llm, 3)[-1]
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
@@ -307,7 +307,7 @@ def test_a_long_prompt_prefills_a_query_chunk_per_step(tiny_llama_dir):
     """With prefill chunks of 32 rows, a prompt of n tokens takes ceil(n / 32) steps a layer:
     the running batch decodes a token after each chunk, not after each layer."""
     chunked = LLM(tiny_llama_dir, dtype="float32", min_cache=MIN_CACHE, prefill_chunk=32)
-    scheduler, recorder = Scheduler(chunked, KVPool(2**24)), Recorder()
+    scheduler, recorder = Scheduler(chunked, KVPool(2**24), prefill_share=0.0), Recorder()
     short, long = prompts(chunked, 3)[0], prompts(chunked, 3)[-1]
     params = SamplingParams(max_new_tokens=60, ignore_eos=True)
     first = scheduler.submit(Request(short, params), recorder)
@@ -363,3 +363,30 @@ def test_a_recorded_request_equals_a_live_one_and_shows_its_compressed_state(llm
     wrong = Request(ids[:-1], params, engine=engine, record=engine.record_prompt(ids))
     with pytest.raises(RuntimeError, match="records must be the recorded passes"):
         llm.run_requests([wrong])
+
+
+def test_the_prefill_share_sets_how_much_prefill_a_decode_step_waits_for(llm):
+    """While a batch decodes, a step prefills for share / (1 - share) of the last decode step's
+    time: with a decode step taken as 100 s, a share of 0.5 runs the whole prefill of a queued
+    prompt in one step, and the answers are those of one chunk a step."""
+    assert prefill_allowance(0.5, 0.2) == pytest.approx(0.2)
+    assert prefill_allowance(0.75, 0.2) == pytest.approx(0.6)
+    assert prefill_allowance(0.0, 0.2) == 0.0
+    with pytest.raises(ValueError, match="prefill_share"):
+        Scheduler(llm, KVPool(2**24), prefill_share=1.0)
+    short, long = prompts(llm, 3)[0], prompts(llm, 3)[-1]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    texts = []
+    for share in (0.0, 0.5):
+        scheduler, recorder = Scheduler(llm, KVPool(2**24), prefill_share=share), Recorder()
+        first = scheduler.submit(Request(short, params), recorder)
+        while scheduler.stats().running == 0:
+            scheduler.step()
+        second = scheduler.submit(Request(long, params), recorder)
+        scheduler.decode_seconds = 100.0  # a slow decode step: a large allowance
+        scheduler.step()
+        done = scheduler.stats().prefilling == 0 and scheduler.stats().running == 2
+        assert done == (share > 0)  # share 0: one chunk, the prefill is still running
+        drain(scheduler)
+        texts.append((recorder.tokens(first), recorder.tokens(second)))
+    assert texts[0] == texts[1]

@@ -363,6 +363,7 @@ def test_health_is_503_until_the_model_is_attached(llm: LLM, server: ServerHandl
         ["--policy", "full", "--budget", "0.5"],
         ["--max-waiting", "0"],
         ["--max-body", "big"],
+        ["--prefill-share", "1"],
     ],
 )
 def test_serve_refuses_bad_flags_in_one_line(flags: list[str], capsys):

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from nanokv.engine import Engine
 from nanokv.policies import make_policy
 from nanokv.pool import PAGE_SIZE, KVPool
-from nanokv.scheduler import Scheduler
+from nanokv.scheduler import PREFILL_SHARE, Scheduler
 from nanokv.serve.app import DEFAULT_MAX_BODY_BYTES, build_app
 
 if TYPE_CHECKING:
@@ -129,13 +129,15 @@ def start_server(
     max_waiting: int = 64,
     model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    prefill_share: float = PREFILL_SHARE,
 ) -> ServerHandle:
     """Serves a loaded model on a background thread and returns once it answers. `policy` /
     `budget`: the KV settings of requests that set none (None: the LLM's). The pool holds
-    `kv_memory_bytes`, or `max_kv_tokens` tokens of full cache when that is given."""
+    `kv_memory_bytes`, or `max_kv_tokens` tokens of full cache when that is given;
+    `prefill_share`: the scheduler's (`Scheduler`)."""
     capacity = kv_memory_bytes if max_kv_tokens is None else kv_bytes_for_tokens(llm, max_kv_tokens)
     pool = KVPool(capacity)
-    scheduler = Scheduler(llm, pool, max_waiting=max_waiting)
+    scheduler = Scheduler(llm, pool, max_waiting=max_waiting, prefill_share=prefill_share)
     if policy is not None or budget is not None:
         scheduler.engine_for(policy, budget)  # ValueError now for a bad policy or budget
     app = build_app(
@@ -172,6 +174,7 @@ class ServeOptions:
     api_key: str | None = None
     max_waiting: int = 64
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    prefill_share: float = PREFILL_SHARE
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -180,6 +183,8 @@ class ServeOptions:
             raise ValueError(f"--max-kv-tokens must be at least 1, got {self.max_kv_tokens}")
         if self.max_waiting < 1:
             raise ValueError(f"--max-waiting must be at least 1, got {self.max_waiting}")
+        if not 0 <= self.prefill_share < 1:
+            raise ValueError(f"--prefill-share must be in [0, 1), got {self.prefill_share}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api-key is empty: give a key or leave the flag out")
 
@@ -201,7 +206,9 @@ def run_server(options: ServeOptions, load: Callable[[], LLM]) -> int:
     try:
         llm = load()
         pool = KVPool(options.pool_bytes(llm))
-        scheduler = Scheduler(llm, pool, max_waiting=options.max_waiting)
+        scheduler = Scheduler(
+            llm, pool, max_waiting=options.max_waiting, prefill_share=options.prefill_share
+        )
         scheduler.start()
         app.state.nanokv.attach(llm, scheduler)
         print(ready_line(thread.url, options.model_name, llm, pool), file=sys.stderr, flush=True)
