@@ -88,6 +88,7 @@ class KVArena:
         }
         self.score = self.slot_state["score"]
         self.lengths = torch.zeros(shape[:3], dtype=torch.int32, device=device)
+        self._longest = [0] * num_layers  # per layer, the longest head's length, on the host
         self._views: list[ArenaLayer] | None = None
         self._flat: list[_FlatRows] | None = None
         self.value_norms = None
@@ -243,10 +244,10 @@ class KVArena:
         (B, H_kv).
         """
         view, rows = self.layer(layer), self._flat_rows(layer)
-        slots = view.lengths.long()  # (B, H_kv)
         capacity = view.k.shape[2]
-        if not slots.is_cuda and int(slots.max()) >= capacity:  # CUDA indexing checks itself
+        if self._longest[layer] >= capacity:  # a flat index past a row would write the next
             raise ArenaFullError(f"layer {layer} is full ({capacity} slots): evict first")
+        slots = view.lengths.long()  # (B, H_kv)
         batch, kv_heads = slots.shape
         flat = (_row_starts(batch, kv_heads, capacity, slots.device) + slots).view(-1)  # (B H_kv,)
         head_dim = k.shape[-1]
@@ -261,6 +262,7 @@ class KVArena:
             q_flat = (_row_starts(batch, q_heads, capacity, slots.device) + q_slots).view(-1)
             rows.value_norms.index_copy_(0, q_flat, value_norms.reshape(-1).float())
         view.lengths.add_(1)
+        self._longest[layer] += 1
         return slots
 
     def compact(self, layer: int, kept_slots: torch.Tensor, kept_counts: torch.Tensor) -> None:
@@ -321,6 +323,7 @@ class KVArena:
         beyond = slots.view(1, 1, -1) >= lengths.unsqueeze(-1)
         self.pos[layer][rows].masked_fill_(beyond, -1)
         self.lengths[layer, rows] = lengths.to(torch.int32)
+        self._longest[layer] = int(self.lengths[layer].max())
 
     def write_slot(
         self,

@@ -69,6 +69,22 @@ def test_append_beyond_capacity_is_refused():
         arena.append(0, torch.zeros(1, KV_HEADS, DIM), torch.zeros(1, KV_HEADS, DIM), positions[:1])
 
 
+def test_append_is_refused_when_any_head_is_full():
+    """The fullness check follows the longest head of a layer (kept on the host), through
+    fill, compaction and appends: one full head refuses the write for all."""
+    arena = _arena(batch=1, capacity=4)
+    k, v, positions = _prompt(4)
+    arena.fill(0, 0, k, v, positions)
+    counts = torch.tensor([1] * (KV_HEADS - 1) + [3])  # the last head is the longest
+    kept = torch.arange(3).expand(KV_HEADS, 3)
+    arena.compact_sequence(0, 0, kept, counts)
+    token = torch.zeros(1, KV_HEADS, DIM)
+    arena.append(0, token, token, torch.tensor([4]))  # the last head: 4 of 4 slots
+    with pytest.raises(ArenaFullError):
+        arena.append(0, token, token, torch.tensor([5]))
+    assert arena.lengths[0, 0].tolist() == [2] * (KV_HEADS - 1) + [4]
+
+
 @given(
     n=st.integers(2, 30),
     data=st.data(),

@@ -197,8 +197,10 @@ def masked_attention_torch(
     kv_heads = k.shape[1]
     qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # a group's heads: G queries
     mask = mask.unsqueeze(2)  # (B, H_kv, 1, C)
-    out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v, attn_mask=mask, scale=scale)
-    out = out.reshape(batch, q_heads, head_dim).to(q.dtype)
+    q_kv = qg if qg.dtype == k.dtype else qg.to(k.dtype)  # a no-op `to` still dispatches
+    out = F.scaled_dot_product_attention(q_kv, k, v, attn_mask=mask, scale=scale)
+    out = out.reshape(batch, q_heads, head_dim)
+    out = out if out.dtype == q.dtype else out.to(q.dtype)
     if not emit:
         return out, None
     logits = _blocked_logits(qg, k, scale).masked_fill_(~mask, float("-inf"))
