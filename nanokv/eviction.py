@@ -1,6 +1,6 @@
 """The eviction stage of the decode loop: budgets per sequence, policy scores -> kept slots after
-each prefill layer, the model-wide selection of `global` allocation, and multi-step eviction
-during decode. The engine calls it; only the arena moves data."""
+each prefill layer, the model-wide selection of `global` and `layerwise` allocations, and
+multi-step eviction during decode. The engine calls it; only the arena moves data."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import torch
 from nanokv.arena import KVArena
 from nanokv.budget import Budget
 from nanokv.policies import Policy, PromptLayer
-from nanokv.policies.allocation import kept_slots, pyramid_budgets, select_across_rows
+from nanokv.policies.allocation import (
+    MODEL_WIDE,
+    kept_slots,
+    pyramid_budgets,
+    select_across_rows,
+    select_layer_widths,
+)
 from nanokv.policies.selection import protection_rank, select_prompt_tokens, select_victims
 from nanokv.recompress import kept_to_budget
 from nanokv.reconstruct import fold_victims, reconstruct_prefill
@@ -45,7 +51,7 @@ class EvictionStage:
         self.policy, self.budget, self.num_layers = policy, budget, num_layers
         self.options = policy.options
         self.seconds = 0.0
-        if self.reconstructs and self.options.allocation == "global":
+        if self.reconstructs and self.options.allocation in MODEL_WIDE:
             raise ValueError(
                 f"{policy.name}'s reconstructed slot needs a per-layer allocation; use "
                 "--allocation uniform, pyramid or layer (or turn reconstruction off)"
@@ -67,7 +73,7 @@ class EvictionStage:
             counts = pyramid_budgets(cache, self.num_layers, min(protected, cache))
             counts = tuple(max(count, floor) for count in counts)
             cap = max(counts)
-        elif allocation in ("layer", "global"):
+        elif allocation in ("layer", *MODEL_WIDE):
             # a head may take up to max_head_share of the mean, never more than the prompt
             cap = min(math.ceil(self.options.max_head_share * cache), max(cache, n))
         return SequencePlan(n, False, counts, cap, min(floor, n))
@@ -129,7 +135,7 @@ class EvictionStage:
             )  # fmt: skip
             return kept_slots(keep)
         else:
-            width = plan.head_cap if self.options.allocation == "global" else count
+            width = plan.head_cap if self.options.allocation in MODEL_WIDE else count
             kept = self._top(scores, width)
         return kept, torch.full((heads,), kept.shape[1], device=scores.device)
 
@@ -177,8 +183,9 @@ class EvictionStage:
 
     def finish_prefill(self, arena: KVArena, seq: int, plan: SequencePlan) -> None:
         """`global` allocation: one top-k over every layer's and head's provisional tokens,
-        then each head is compacted to its share. Other allocations are already final."""
-        if self.options.allocation != "global" or plan.keep_all:
+        then each head is compacted to its share; `layerwise`: one top-k over layer widths.
+        Other allocations are already final."""
+        if self.options.allocation not in MODEL_WIDE or plan.keep_all:
             return
         n, mean = plan.prompt_length, plan.layer_counts[0]
         if n <= mean:
@@ -199,7 +206,7 @@ class EvictionStage:
         options, num_layers = self.options, len(arena.k)
         cap = max(math.ceil(options.max_head_share * cache), cache)
         plan = SequencePlan(seen, False, (cache,) * num_layers, cap)
-        if options.allocation == "global":
+        if options.allocation in MODEL_WIDE:
             self._select_across(arena, seq, scores, plan, range(num_layers))
         elif options.allocation == "layer":
             for layer in range(num_layers):
@@ -217,19 +224,27 @@ class EvictionStage:
     def _select_across(
         self, arena: KVArena, seq: int, scores: torch.Tensor, plan: SequencePlan, layers: range
     ) -> None:
-        """One top-k of the plan's mean count a head over every head of `layers` of `seq`,
-        ranked by scores (L, H_kv, C); each head is compacted to what it won."""
+        """One top-k of the plan's mean count a head over every head of `layers` of `seq`
+        (`layerwise`: over the layers' widths), ranked by scores (L, H_kv, C); each head is
+        compacted to what it won."""
         mean, n = plan.layer_counts[0], plan.prompt_length
         chosen = slice(layers.start, layers.stop)
         lengths = arena.lengths[chosen, seq].long()  # (l, H_kv)
         pos = arena.pos[chosen, seq]  # (l, H_kv, C)
         slots = torch.arange(arena.capacity, device=pos.device)
         valid = slots < lengths.unsqueeze(-1)
-        keep = select_across_rows(
-            scores[chosen].flatten(0, 1), self._protection_rank(pos, n).flatten(0, 1),
-            valid.flatten(0, 1), total=mean * lengths.numel(), floor=self._floor(mean, plan),
-            cap=plan.head_cap, protect_limit=mean,
-        ).view_as(valid)  # fmt: skip
+        protected, total = self._protection_rank(pos, n), mean * lengths.numel()
+        if self.options.allocation == "layerwise":
+            keep = select_layer_widths(
+                scores[chosen], protected, valid, total, floor=self._floor(mean, plan),
+                cap=plan.head_cap, protect_limit=mean,
+            )  # fmt: skip
+        else:
+            keep = select_across_rows(
+                scores[chosen].flatten(0, 1), protected.flatten(0, 1), valid.flatten(0, 1),
+                total=total, floor=self._floor(mean, plan), cap=plan.head_cap,
+                protect_limit=mean,
+            ).view_as(valid)  # fmt: skip
         for index, layer in enumerate(layers):
             kept, counts = kept_slots(keep[index])
             arena.compact_sequence(layer, seq, kept, counts)
@@ -241,7 +256,7 @@ class EvictionStage:
         planned = torch.tensor(plan.layer_counts, device=lengths.device).unsqueeze(1)
         if plan.keep_all:
             return planned.expand_as(lengths).clone()
-        if self.options.allocation in ("layer", "global") and plan.prompt_length > planned[0]:
+        if self.options.allocation in ("layer", *MODEL_WIDE) and plan.prompt_length > planned[0]:
             return lengths.clone()
         return torch.maximum(lengths, planned)
 

@@ -3,6 +3,8 @@ model-wide selection against brute force."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +14,7 @@ from nanokv.budget import Budget
 from nanokv.engine import Engine
 from nanokv.loader import load_config, load_model
 from nanokv.policies import make_policy
-from nanokv.policies.allocation import pyramid_budgets, select_across_rows
+from nanokv.policies.allocation import pyramid_budgets, select_across_rows, select_layer_widths
 
 PROMPT = [(13 * i + 7) % 300 + 3 for i in range(60)]
 
@@ -61,6 +63,46 @@ def test_select_across_rows_equals_brute_force(rows, n, data):
     for _, r, j in sorted(order)[: max(total - int(want.sum()), 0)]:
         want[r, j] = True
     assert torch.equal(keep, want)
+
+
+@given(
+    layers=st.integers(1, 3), heads=st.integers(1, 3), n=st.integers(1, 6), data=st.data(),
+)  # fmt: skip
+@settings(max_examples=80, deadline=None)
+def test_layer_widths_are_the_best_widths_by_brute_force(layers, heads, n, data):
+    """Every head of a layer keeps its own best w_l entries (protected first); the widths sum to
+    the budget and maximise the kept score over every feasible choice of widths."""
+    values = data.draw(st.lists(st.integers(0, 5), min_size=layers * heads * n,
+                                max_size=layers * heads * n))  # fmt: skip
+    scores = torch.tensor(values, dtype=torch.float32).view(layers, heads, n)
+    sinks = data.draw(st.integers(0, min(1, n)))
+    rank = torch.where(torch.arange(n) < sinks, torch.arange(n), -1).expand(layers, heads, n)
+    valid = torch.ones(layers, heads, n, dtype=torch.bool)
+    cap = data.draw(st.integers(max(sinks, 1), n))
+    floor = data.draw(st.integers(0, 1))
+    least = min(max(sinks, floor), cap)
+    total = heads * data.draw(st.integers(layers * least, layers * cap))
+    keep = select_layer_widths(scores, rank, valid, total, floor=floor, cap=cap)
+    widths = keep.sum(dim=-1)  # (L, H)
+    assert (widths == widths[:, :1]).all() and int(widths.sum()) == total
+    best_of = []  # per layer, the kept score of each width: protected first, then by score
+    for layer in range(layers):
+        ranked = [sorted(scores[layer, h, sinks:].tolist(), reverse=True) for h in range(heads)]
+        sink_score = float(scores[layer, :, :sinks].sum())
+        best_of.append(
+            {
+                w: sink_score + sum(sum(r[: w - sinks]) for r in ranked)
+                for w in range(least, cap + 1)
+            }
+        )
+    feasible = [
+        ws for ws in itertools.product(range(least, cap + 1), repeat=layers)
+        if sum(ws) * heads == total
+    ]  # fmt: skip
+    best = max(sum(best_of[layer][w] for layer, w in enumerate(ws)) for ws in feasible)
+    got = sum(float(scores[layer][keep[layer]].sum()) for layer in range(layers))
+    assert got == pytest.approx(best)
+    assert keep[..., :sinks].all()  # the protected entries are kept
 
 
 def _engine(path, policy, budget, **options) -> Engine:
@@ -124,6 +166,24 @@ def test_layer_allocation_and_floor(tiny_llama_dir):
     lengths = state.arena.lengths[:, 0]
     assert (lengths.sum(dim=1) == budget * lengths.shape[1]).all()  # exact per layer
     assert int(lengths.min()) >= int(0.75 * budget)
+
+
+@pytest.mark.parametrize("policy", ["laprox", "snapkv"])
+def test_layerwise_allocation_gives_each_layer_one_width(tiny_llama_dir, policy):
+    """Every head of a layer keeps the same count, the layers' counts differ and add up to the
+    budget, and each layer's arena is exactly its width plus the decode window."""
+    budget = 10
+    engine = _engine(
+        tiny_llama_dir, policy, float(budget), allocation="layerwise", max_head_share=3.0,
+        observation_window=3, sinks=2,
+    )  # fmt: skip
+    state, _ = engine.start([PROMPT], 4)
+    lengths = state.arena.lengths[:, 0]  # (L, H_kv)
+    assert (lengths == lengths[:, :1]).all()
+    assert int(lengths.sum()) == budget * lengths.numel()
+    assert len(set(lengths[:, 0].tolist())) > 1  # the layers really differ
+    for layer in range(lengths.shape[0]):
+        assert state.arena.layer_capacity(layer) == int(lengths[layer, 0]) + state.window
 
 
 def test_pyramid_allocation_keeps_the_schedule(tiny_llama_dir):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from nanokv.budget import Budget
 from nanokv.engine import Engine
 from nanokv.loader import load_config, load_model
 from nanokv.policies import POLICIES, make_policy
+from nanokv.policies.allocation import MODEL_WIDE
 from nanokv.reconstruct import RECONSTRUCTED_POS
 
 SINKS = 2
@@ -30,7 +31,7 @@ def _held(state, layer, seq, head) -> list[int]:
 
 @given(
     policy=st.sampled_from([p for p in POLICIES if p != "full"]),
-    allocation=st.sampled_from(["uniform", "pyramid", "layer"]),
+    allocation=st.sampled_from(["uniform", "pyramid", "layer", "global", "layerwise"]),
     lengths=st.lists(st.integers(3, 50), min_size=1, max_size=2),
     budget=st.integers(4, 30),
     window=st.integers(0, 5),
@@ -44,6 +45,7 @@ def _held(state, layer, seq, head) -> list[int]:
 @example(policy="auv", allocation="layer", lengths=[14], budget=13, window=0, steps=2)
 def test_arena_invariants_through_decode(tiny, policy, allocation, lengths, budget, window, steps):
     cfg, model = tiny
+    assume(not (policy == "auv" and allocation in MODEL_WIDE))  # its slot needs a layer's plan
     chosen = make_policy(
         policy, allocation=allocation, sinks=SINKS, observation_window=3, decode_window=window,
         pool=3,

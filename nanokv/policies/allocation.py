@@ -6,6 +6,10 @@
 - `layer`: one top-k over the kv heads of each layer: a layer keeps heads x budget tokens,
   distributed by score.
 - `global`: one top-k over every layer and head (LaProx's model-wide selection).
+- `layerwise`: one top-k over layer widths: each layer gets its own count, chosen model-wide by
+  the summed scores of its heads, and every head of the layer keeps that many (per-layer budgets
+  as SqueezeAttention and CAKE set them, from the policy's scores): a layer's rectangle of the
+  arena then holds exactly what its heads keep, which `global` cannot promise.
 
 `layer` and `global` take an optional per-head floor (AdaKV's safeguard): every head keeps at least
 `min_head_share` of the uniform budget. Every head is capped at the arena's kept capacity.
@@ -17,7 +21,8 @@ import torch
 
 from nanokv.policies.selection import keep_order
 
-ALLOCATIONS = ("uniform", "pyramid", "layer", "global")
+ALLOCATIONS = ("uniform", "pyramid", "layer", "global", "layerwise")
+MODEL_WIDE = ("global", "layerwise")  # allocations that cut once prefill has seen every layer
 PYRAMID_BETA = 20
 
 
@@ -73,6 +78,49 @@ def select_across_rows(
     keep = guaranteed.flatten().clone()
     keep[chosen] = True
     return keep.view(rows, n)
+
+
+def select_layer_widths(
+    scores: torch.Tensor,
+    protected_rank: torch.Tensor,
+    valid: torch.Tensor,
+    total: int,
+    *,
+    floor: int = 0,
+    cap: int | None = None,
+    protect_limit: int | None = None,
+) -> torch.Tensor:
+    """Bool (L, H, n): which entries to keep when every head of a layer keeps the same count
+    w_l and the L layers share one budget of sum(w_l) = total / H.
+
+    scores, protected_rank, valid: (L, H, n). A head's entries are taken in keep order
+    (protected first, then by score); widening layer l by one slot gains the sum over its heads
+    of the next entries' scores (>= 0), which never grows with the width, so the best widths
+    are the top gains over all layers. Every layer first takes its protected entries (up to
+    `protect_limit`, at least `floor`); no layer is wider than `cap`."""
+    layers, heads, n = scores.shape
+    cap = n if cap is None else min(cap, n)
+    ranked = scores.float().masked_fill(~valid, 0.0).flatten(0, 1)
+    rank = torch.where(valid, protected_rank, -1).flatten(0, 1)
+    order = keep_order(ranked.masked_fill(~valid.flatten(0, 1), float("-inf")), rank)
+    in_order = ranked.gather(-1, order).view(layers, heads, n)  # each head's scores, kept first
+    gains = in_order.sum(dim=1)[:, :cap]  # (L, cap): what each layer's next slot adds
+    protected = (rank >= 0).view(layers, heads, n).sum(dim=-1).amax(dim=1)  # (L,)
+    if protect_limit is not None:
+        protected = protected.clamp(max=protect_limit)
+    guaranteed = torch.clamp(protected, min=floor, max=cap)  # (L,)
+    widths = guaranteed.clone()
+    remaining = max(total // heads - int(guaranteed.sum()), 0)
+    slots = torch.arange(cap, device=scores.device)
+    open_ = slots.unsqueeze(0) >= guaranteed.unsqueeze(1)  # (L, cap): widths still to win
+    flat = gains.masked_fill(~open_, float("-inf")).flatten()
+    chosen = torch.argsort(-flat, stable=True)[:remaining]
+    chosen = chosen[torch.isfinite(flat[chosen])]
+    widths += torch.bincount(chosen // cap, minlength=layers)
+    places = torch.arange(n, device=scores.device).expand_as(order).contiguous()
+    position = torch.empty_like(order).scatter_(-1, order, places)  # each entry's place in order
+    keep = position.view(layers, heads, n) < widths.view(-1, 1, 1)
+    return keep & valid
 
 
 def kept_slots(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,9 +42,9 @@ class PolicyOptions:
     pool: int = 7  # max-pool kernel along tokens (SnapKV); 1 disables pooling
     chunk: int = 1  # rank chunks of this many consecutive tokens and keep whole chunks
     decode_window: int = 16  # W: new tokens written before a multi-step eviction frees W slots
-    allocation: str = "uniform"  # uniform | pyramid | layer | global (see allocation.py)
+    allocation: str = "uniform"  # uniform | pyramid | layer | global | layerwise (allocation.py)
     min_head_share: float = 0.0  # layer/global: every head keeps >= this share of the budget
-    max_head_share: float = 4.0  # layer/global: no head keeps more than this share (arena size)
+    max_head_share: float = 4.0  # layer/global/layerwise: no head (layer) keeps more than this
     normalise: str = "fro"  # LaProx: per-layer score normaliser, fro (||O||_F) | sum | none
     usage_top_k: int = 8  # AUV: most attended slots of a step whose usage count grows
     usage_decay: float = 0.5  # AUV: alpha of eq. 6
