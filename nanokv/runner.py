@@ -35,10 +35,10 @@ def decode_step(
     for layer, block in enumerate(model.blocks):
         q, k, v = block.qkv(h, positions)  # (B, H_q, D), (B, H_kv, D), (B, H_kv, D)
         outs = []
-        for row, member in enumerate(members):
+        # each member's rows, (1, H, D) views: one split a tensor, not three slices a member
+        for member, *rows in zip(members, q.split(1), k.split(1), v.split(1), strict=True):
             member.engine.policy.bind(member.state.memory)
-            rows = slice(row, row + 1)
-            outs.append(member.engine.attend_layer(member.state, layer, q[rows], k[rows], v[rows]))
+            outs.append(member.engine.attend_layer(member.state, layer, *rows))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (B, H_q, D)
         h = block.finish(h, out.reshape(h.shape[0], -1))
     for member in members:
