@@ -27,7 +27,7 @@ from nanokv.cli import main
 from nanokv.engine import DecodeState, Engine
 from nanokv.loader import load_config, load_model
 from nanokv.policies import POLICIES, make_policy, parse_policy
-from nanokv.policies.allocation import ALLOCATIONS, pyramid_budgets
+from nanokv.policies.allocation import ALLOCATIONS, MODEL_WIDE, pyramid_budgets
 from nanokv.sparsity import QuestOptions
 
 SPECS = [*(name for name in POLICIES if name != "full"), "laprox+quest"]
@@ -110,7 +110,7 @@ def test_the_arena_holds_at_most_the_budget_plus_the_window(tiny, spec, allocati
     # A short observation window, so that the protected tokens do not fill a 10% budget and the
     # layer / global selections really give heads different counts.
     options = dict(observation_window=8, max_head_share=share)
-    if spec == "auv" and allocation == "global":
+    if spec == "auv" and allocation in MODEL_WIDE:
         with pytest.raises(ValueError, match="reconstructed slot needs a per-layer allocation"):
             _engine(tiny, spec, allocation, budget, **options)
         options["reconstruct"] = False

@@ -10,7 +10,7 @@ from nanokv.budget import Budget
 from nanokv.engine import Engine
 from nanokv.loader import load_config, load_model
 from nanokv.policies import POLICIES, make_policy
-from nanokv.policies.allocation import ALLOCATIONS
+from nanokv.policies.allocation import ALLOCATIONS, MODEL_WIDE
 from nanokv.sparsity import QuestOptions
 
 PROMPT = [(13 * i + 7) % 300 + 3 for i in range(90)]
@@ -26,7 +26,7 @@ def model(tiny_llama_dir):
 def _engine(model, name: str, allocation: str, quest: bool = False) -> Engine:
     net, cfg = model
     options = dict(allocation=allocation, decode_window=4, observation_window=8, pool=3)
-    if name == "auv" and allocation == "global":
+    if name == "auv" and allocation in MODEL_WIDE:
         options["reconstruct"] = False
     budget = Budget(1.0) if name == "full" else Budget(0.25)
     quest_options = QuestOptions(budget=Budget(0.5)) if quest else None
