@@ -132,3 +132,14 @@ def test_scorer_accepts_right_and_rejects_wrong_answers():
         score("4444444, 3333333, 2222222, 1111111", ("1111111", "2222222", "3333333", "4444444"))
         == 1.0
     )
+
+
+def test_the_prose_corpus_leaves_out_nanokvs_own_readme():
+    """Haystacks come from texts installed packages ship, but never from nanokv's own package
+    description (this README, which changes with every results table): the cases of a corpus
+    must not move when the README does."""
+    from nanokv.eval.corpus import _prose_sources
+
+    names = [name for name, _ in _prose_sources()]
+    assert names and not any("nanokv" in name.lower() for name in names)
+    assert any(name.startswith("site-packages/") for name in names)
