@@ -131,16 +131,16 @@ class Engine:
         self.clock: StepClock = STOPPED  # a running StepClock times the phases of decode steps
 
     def probes(self, tokenizer: Tokenizer, prompts: list[list[int]]) -> list[Probe] | None:
-        """KVzip's probe of every prompt when the policy observes "repeat" (with the policy's
-        sinks, inside the model's context), else None: what `start` wants as `probes`."""
-        options = self.policy.options
-        if options.observe != "repeat":
+        """KVzip's probe of every prompt when the policy observes "repeat", else None: what
+        `start` wants as `probes`."""
+        if self.policy.options.observe != "repeat":
             return None
-        context = self.cfg.max_position_embeddings
-        return [
-            repeat_probe(tokenizer, prompt, sinks=options.sinks, context=context)
-            for prompt in prompts
-        ]
+        return [self.probe(tokenizer, prompt) for prompt in prompts]
+
+    def probe(self, tokenizer: Tokenizer, prompt: list[int]) -> Probe:
+        """KVzip's probe of one prompt with the policy's sinks, inside the model's context."""
+        sinks, context = self.policy.options.sinks, self.cfg.max_position_embeddings
+        return repeat_probe(tokenizer, prompt, sinks=sinks, context=context)
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Raises InputError for an empty prompt or one that leaves no room in the context."""

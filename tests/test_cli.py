@@ -18,6 +18,7 @@ from tiny_models import llama_config, make_hf_model, save_checkpoint
 from nanokv.cli import main
 from nanokv.llm import LLM
 from nanokv.policies import POLICIES
+from nanokv.policies.allocation import ALLOCATIONS
 from nanokv.sampling import SamplingParams
 
 EVICTING = ["streaming", "h2o", "snapkv", "tova", "auv", "laprox"]
@@ -80,6 +81,18 @@ def test_generate_batch_prints_each_prompt(tiny_llama_dir, capsys):
     assert code == 0, err
     want = LLM(tiny_llama_dir).generate(prompts, _params(4))
     assert out == "".join(f"--- [{i}] ---\n{o.text}\n" for i, o in enumerate(want))
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+def test_every_allocation_streams_what_llm_chat_returns(three_layer_dir, capsys, allocation):
+    """Each --allocation the README lists runs from the CLI and prints what the Python API gives
+    for the same options."""
+    argv = _generate(three_layer_dir, "--policy", "snapkv", "--budget", "0.3", *EXACT_FLAGS)
+    code, out, err = _run([*argv, "--allocation", allocation, LONG_PROMPT], capsys)
+    assert code == 0, err
+    llm = LLM(three_layer_dir, policy="snapkv", budget=0.3, allocation=allocation, **EXACT)
+    (want,) = llm.chat(LONG_PROMPT, _params())
+    assert want.text and out == want.text + "\n"
 
 
 def test_the_policy_specs_cover_the_registry():

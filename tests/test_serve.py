@@ -376,6 +376,7 @@ def test_serve_command_serves_until_ctrl_c(tiny_llama_dir: Path):
     command = [
         sys.executable, "-m", "nanokv.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0",
         "--dtype", "float32", "--device", "cpu", "--max-kv-tokens", "512",
+        "--prefill-share", "0.25",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)

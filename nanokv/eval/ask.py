@@ -23,7 +23,7 @@ import torch
 
 from nanokv.context import split_context
 from nanokv.engine import DecodeState, Engine, PromptRecord
-from nanokv.probe import Probe, repeat_probe
+from nanokv.probe import Probe
 from nanokv.sampling import SamplingParams
 from nanokv.sequence import Request
 from nanokv.stopping import StopChecker
@@ -156,9 +156,7 @@ def kept_tokens(state: DecodeState) -> float:
 def probe_for(engine: Engine, tokenizer: Tokenizer, prompt: Prompt) -> Probe:
     """KVzip's probe of the prompt's prefilled part, as `LLM` builds it (recorded once for
     every policy of a grid, whichever observes)."""
-    options = engine.policy.options
-    context = engine.cfg.max_position_embeddings
-    return repeat_probe(tokenizer, prompt.prefill, sinks=options.sinks, context=context)
+    return engine.probe(tokenizer, prompt.prefill)
 
 
 def kept_share(state: DecodeState, positions: list[int]) -> list[float]:

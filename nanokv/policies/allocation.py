@@ -65,16 +65,12 @@ def select_across_rows(
     protect_limit = n if protect_limit is None else protect_limit
     ranked = scores.float().masked_fill(~valid, torch.finfo(torch.float32).min)
     rank = torch.where(valid, protected_rank, -1)
-    row_order = keep_order(ranked, rank)  # (R, n)
-    row_rank = torch.empty_like(row_order)
-    row_rank.scatter_(-1, row_order, torch.arange(n).expand(rows, n).contiguous())
+    _, row_rank = _keep_places(ranked, rank)  # (R, n)
     n_protected = (rank >= 0).sum(dim=-1, keepdim=True).clamp(max=protect_limit)
     guaranteed = valid & (row_rank < torch.clamp(n_protected, min=floor, max=cap))
     allowed = valid & (row_rank < cap) & ~guaranteed
     remaining = max(total - int(guaranteed.sum()), 0)
-    flat = ranked.masked_fill(~allowed, float("-inf")).flatten()
-    chosen = torch.argsort(-flat, stable=True)[:remaining]
-    chosen = chosen[torch.isfinite(flat[chosen])]
+    chosen = _best(ranked.masked_fill(~allowed, float("-inf")).flatten(), remaining)
     keep = guaranteed.flatten().clone()
     keep[chosen] = True
     return keep.view(rows, n)
@@ -102,7 +98,7 @@ def select_layer_widths(
     cap = n if cap is None else min(cap, n)
     ranked = scores.float().masked_fill(~valid, 0.0).flatten(0, 1)
     rank = torch.where(valid, protected_rank, -1).flatten(0, 1)
-    order = keep_order(ranked.masked_fill(~valid.flatten(0, 1), float("-inf")), rank)
+    order, position = _keep_places(ranked.masked_fill(~valid.flatten(0, 1), float("-inf")), rank)
     in_order = ranked.gather(-1, order).view(layers, heads, n)  # each head's scores, kept first
     gains = in_order.sum(dim=1)[:, :cap]  # (L, cap): what each layer's next slot adds
     protected = (rank >= 0).view(layers, heads, n).sum(dim=-1).amax(dim=1)  # (L,)
@@ -113,14 +109,23 @@ def select_layer_widths(
     remaining = max(total // heads - int(guaranteed.sum()), 0)
     slots = torch.arange(cap, device=scores.device)
     open_ = slots.unsqueeze(0) >= guaranteed.unsqueeze(1)  # (L, cap): widths still to win
-    flat = gains.masked_fill(~open_, float("-inf")).flatten()
-    chosen = torch.argsort(-flat, stable=True)[:remaining]
-    chosen = chosen[torch.isfinite(flat[chosen])]
+    chosen = _best(gains.masked_fill(~open_, float("-inf")).flatten(), remaining)
     widths += torch.bincount(chosen // cap, minlength=layers)
-    places = torch.arange(n, device=scores.device).expand_as(order).contiguous()
-    position = torch.empty_like(order).scatter_(-1, order, places)  # each entry's place in order
     keep = position.view(layers, heads, n) < widths.view(-1, 1, 1)
     return keep & valid
+
+
+def _keep_places(ranked: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, n) each row's indices in keep order (`keep_order`), and each entry's place in it."""
+    order = keep_order(ranked, rank)
+    places = torch.arange(order.shape[-1], device=order.device).expand_as(order).contiguous()
+    return order, torch.empty_like(order).scatter_(-1, order, places)
+
+
+def _best(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` largest finite entries of `flat`, ties by index."""
+    chosen = torch.argsort(-flat, stable=True)[:count]
+    return chosen[torch.isfinite(flat[chosen])]
 
 
 def kept_slots(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
