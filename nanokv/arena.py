@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanokv.head_pages import HeadPages, PackedBuffer
+
 
 class ArenaFullError(RuntimeError):
     """A write would exceed the arena's capacity: the policy should have evicted first."""
@@ -88,7 +90,9 @@ class KVArena:
         }
         self.score = self.slot_state["score"]
         self.lengths = torch.zeros(shape[:3], dtype=torch.int32, device=device)
-        self._longest = [0] * num_layers  # per layer, the longest head's length, on the host
+        self.group = (q_heads or kv_heads) // kv_heads  # query heads a kv head
+        self._pages: list[HeadPages | None] = [None] * num_layers  # per layer, when packed
+        self._room = [capacity] * num_layers  # per layer, the fewest free slots of a head (host)
         self._views: list[ArenaLayer] | None = None
         self._flat: list[_FlatRows] | None = None
         self.value_norms = None
@@ -139,14 +143,26 @@ class KVArena:
         tensors = [self.k, self.v, self.pos, self.lengths, self.value_norms]
         tensors += list(self.slot_state.values())
         flat = [t for item in tensors if item is not None for t in _parts(item)]
-        return sum(t.numel() * t.element_size() for t in flat)
+        layouts = sum(pages.nbytes for pages in self._pages if pages is not None)
+        return sum(t.numel() * t.element_size() for t in flat) + layouts
 
     def layer(self, index: int) -> ArenaLayer:
         """Views of one layer. Made once per buffer allocation (a decode step asks for every
-        layer's), rebuilt after `shrink` / `grow` and in a copy of the arena."""
+        layer's), rebuilt after `shrink` / `grow` and in a copy of the arena. A packed layer's
+        (`pack_heads`) are rectangular copies, gathered when first read (`PackedLayerView`)."""
+        if self._pages[index] is not None:
+            return PackedLayerView(self, index)
         if self._views is None:
             self._views = [self._layer_views(layer) for layer in range(len(self.k))]
         return self._views[index]
+
+    def pages(self, index: int) -> HeadPages | None:
+        """Where each head's pages lie when layer `index` is packed, else None."""
+        return self._pages[index]
+
+    def room(self, index: int) -> int:
+        """The fewest slots any head of layer `index` can still take before an eviction."""
+        return self._room[index]
 
     def _flat_rows(self, index: int) -> _FlatRows:
         """Flat views of one layer (see `_FlatRows`), cached like `layer`'s."""
@@ -155,6 +171,15 @@ class KVArena:
         return self._flat[index]
 
     def _layer_rows(self, index: int) -> _FlatRows:
+        if self._pages[index] is not None:  # packed: the flat buffers themselves
+            norms = None if self.value_norms is None else _part(self.value_norms, index).flat
+            return _FlatRows(
+                _part(self.k, index).flat,
+                _part(self.v, index).flat,
+                _part(self.pos, index).flat,
+                tuple(_part(buffer, index).flat for buffer in self.slot_state.values()),
+                norms,
+            )
         head_dim = self.k[index].shape[-1]
         norms = None if self.value_norms is None else self.value_norms[index].view(-1)
         return _FlatRows(
@@ -166,9 +191,17 @@ class KVArena:
         )
 
     def _forget_views(self) -> None:
-        """After the buffers were reallocated: views are rebuilt on next use."""
+        """After the buffers were reallocated: views are rebuilt on next use, and each
+        layer's room is counted again."""
         self._views = None
         self._flat = None
+        for layer in range(len(self.k)):
+            self._count_room(layer)
+
+    def _count_room(self, layer: int) -> None:
+        pages = self._pages[layer]
+        caps = self.layer_capacity(layer) if pages is None else pages.caps
+        self._room[layer] = int((caps - self.lengths[layer].long()).min())
 
     def __getstate__(self) -> dict:
         # a deep copy rebuilds views of its own buffers
@@ -185,6 +218,9 @@ class KVArena:
             norms,
             {name: buffer[index] for name, buffer in self.slot_state.items() if name != "score"},
         )
+
+    def _edit(self, layer: int) -> _LayerEdit:
+        return _LayerEdit(self, layer)
 
     def fill(
         self,
@@ -209,24 +245,28 @@ class KVArena:
         kv_heads, n, head_dim = k.shape
         if kept is None:
             kept = torch.arange(n, device=k.device).expand(kv_heads, n)
-        width, capacity = kept.shape[1], self.layer_capacity(layer)
+        pages = self._pages[layer]
+        width = kept.shape[1]
+        capacity = self.layer_capacity(layer) if pages is None else int(pages.caps[seq].min())
         if width > capacity:
             raise ArenaFullError(f"{width} prompt tokens do not fit {capacity} slots")
+        edit = self._edit(layer)
         gather = kept.unsqueeze(-1).expand(-1, -1, head_dim)
-        self.k[layer][seq, :, :width] = k.gather(1, gather)
-        self.v[layer][seq, :, :width] = v.gather(1, gather)
-        self.pos[layer][seq, :, :width] = positions[kept].to(torch.int32)
-        for buffer in self.slot_state.values():
-            buffer[layer][seq] = 0
+        edit.k[seq, :, :width] = k.gather(1, gather)
+        edit.v[seq, :, :width] = v.gather(1, gather)
+        edit.pos[seq, :, :width] = positions[kept].to(torch.int32)
+        for name in self.slot_state:
+            edit.state(name)[seq] = 0
         initial = dict(state or {})
         if scores is not None:
             initial["score"] = scores
         for name, values in initial.items():
-            self.slot_state[name][layer][seq, :, :width] = values.float().gather(1, kept)
+            edit.state(name)[seq, :, :width] = values.float().gather(1, kept)
         if value_norms is not None and self.value_norms is not None:
             group = value_norms.shape[0] // kv_heads
             kept_q = kept.repeat_interleave(group, dim=0)  # (H_q, m)
-            self.value_norms[layer][seq, :, :width] = value_norms.float().gather(1, kept_q)
+            edit.value_norms[seq, :, :width] = value_norms.float().gather(1, kept_q)
+        edit.commit()
         counts = torch.full((kv_heads,), width) if counts is None else counts
         self.set_lengths(layer, counts.view(1, -1).to(self.lengths.device), seq=seq)
 
@@ -243,13 +283,12 @@ class KVArena:
         k, v: (B, H_kv, D); positions: (B,); value_norms: (B, H_q). Returns the slots written,
         (B, H_kv).
         """
-        view, rows = self.layer(layer), self._flat_rows(layer)
-        capacity = view.k.shape[2]
-        if self._longest[layer] >= capacity:  # a flat index past a row would write the next
-            raise ArenaFullError(f"layer {layer} is full ({capacity} slots): evict first")
-        slots = view.lengths.long()  # (B, H_kv)
+        if self._room[layer] <= 0:  # a flat index past a row would write the next
+            raise ArenaFullError(f"a head of layer {layer} is full: evict first")
+        lengths, rows = self.lengths[layer], self._flat_rows(layer)
+        slots = lengths.long()  # (B, H_kv)
         batch, kv_heads = slots.shape
-        flat = (_row_starts(batch, kv_heads, capacity, slots.device) + slots).view(-1)  # (B H_kv,)
+        flat = (self._first_slots(layer, batch, kv_heads) + slots).view(-1)  # (B H_kv,)
         head_dim = k.shape[-1]
         rows.k.index_copy_(0, flat, k.reshape(-1, head_dim))
         rows.v.index_copy_(0, flat, v.reshape(-1, head_dim))
@@ -257,13 +296,42 @@ class KVArena:
         for buffer in rows.slot_state:
             buffer.index_fill_(0, flat, 0)
         if value_norms is not None and rows.value_norms is not None:
-            q_heads = value_norms.shape[1]
-            q_slots = slots.repeat_interleave(q_heads // kv_heads, dim=1)  # (B, H_q)
-            q_flat = (_row_starts(batch, q_heads, capacity, slots.device) + q_slots).view(-1)
-            rows.value_norms.index_copy_(0, q_flat, value_norms.reshape(-1).float())
-        view.lengths.add_(1)
-        self._longest[layer] += 1
+            self._append_value_norms(layer, rows.value_norms, slots, flat, value_norms)
+        lengths.add_(1)
+        self._room[layer] -= 1
         return slots
+
+    def _first_slots(self, layer: int, batch: int, kv_heads: int) -> torch.Tensor:
+        """(B, H_kv): each (sequence, head) row's first slot in the layer's flat rows."""
+        pages = self._pages[layer]
+        if pages is not None:
+            return pages.starts
+        return _row_starts(batch, kv_heads, self.layer_capacity(layer), self.lengths.device)
+
+    def _append_value_norms(
+        self,
+        layer: int,
+        norms: torch.Tensor,
+        slots: torch.Tensor,
+        flat: torch.Tensor,
+        value_norms: torch.Tensor,
+    ) -> None:
+        """`append`'s value norms (B, H_q) at `slots` (B, H_kv) (flat: their flat kv slots)."""
+        if self._pages[layer] is not None:  # packed: (S, G), a kv slot's row of G norms
+            norms.index_copy_(0, flat, value_norms.reshape(flat.shape[0], -1).float())
+            return
+        batch, q_heads = value_norms.shape
+        q_slots = slots.repeat_interleave(self.group, dim=1)  # (B, H_q)
+        capacity = self.layer_capacity(layer)
+        q_flat = (_row_starts(batch, q_heads, capacity, slots.device) + q_slots).view(-1)
+        norms.index_copy_(0, q_flat, value_norms.reshape(-1).float())
+
+    def write_value_norms(self, layer: int, slots: torch.Tensor, norms: torch.Tensor) -> None:
+        """Value norms (B, H_q, n) of the tokens at `slots` (B, H_kv, n)."""
+        edit = self._edit(layer)
+        q_slots = slots.long().repeat_interleave(self.group, dim=1)
+        edit.value_norms.scatter_(2, q_slots, norms.float())
+        edit.commit()
 
     def compact(self, layer: int, kept_slots: torch.Tensor, kept_counts: torch.Tensor) -> None:
         """Moves each head's kept slots to the front and sets its length; frees the rest.
@@ -281,16 +349,17 @@ class KVArena:
         m = kept_slots.shape[-1]
         valid = torch.arange(m, device=kept_slots.device) < kept_counts.unsqueeze(-1)
         source = torch.where(valid, kept_slots, kept_slots[..., :1]).long()  # (H_kv, m)
-        head_dim = self.k[0].shape[-1]
+        edit = self._edit(layer)
+        head_dim = edit.k.shape[-1]
         vector_index = source.unsqueeze(-1).expand(-1, -1, head_dim)
-        for buffer in (self.k, self.v):
-            buffer[layer][seq, :, :m] = buffer[layer][seq].gather(1, vector_index)
-        for buffer in (self.pos, *self.slot_state.values()):
-            buffer[layer][seq, :, :m] = buffer[layer][seq].gather(1, source)
+        for buffer in (edit.k, edit.v):
+            buffer[seq, :, :m] = buffer[seq].gather(1, vector_index)
+        for buffer in (edit.pos, *edit.states()):
+            buffer[seq, :, :m] = buffer[seq].gather(1, source)
         if self.value_norms is not None:
-            norms = self.value_norms[layer][seq]  # (H_q, C)
-            norm_index = source.repeat_interleave(norms.shape[0] // source.shape[0], dim=0)
-            norms[:, :m] = norms.gather(1, norm_index)
+            norms = edit.value_norms[seq]  # (H_q, C)
+            norms[:, :m] = norms.gather(1, source.repeat_interleave(self.group, dim=0))
+        edit.commit()
         self.set_lengths(layer, kept_counts.view(1, -1), seq=seq)
 
     def scatter(self, layer: int, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
@@ -301,29 +370,32 @@ class KVArena:
         window area. A source equal to its destination is a no-op; otherwise they must not
         overlap.
         """
-        head_dim = self.k[0].shape[-1]
-        src_vec = src_slots.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
-        dst_vec = dst_slots.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
-        for buffer in (self.k, self.v):
-            buffer[layer].scatter_(2, dst_vec, buffer[layer].gather(2, src_vec))
-        for buffer in (self.pos, *self.slot_state.values()):
-            buffer[layer].scatter_(2, dst_slots.long(), buffer[layer].gather(2, src_slots.long()))
+        src, dst = src_slots.long(), dst_slots.long()
+        edit = self._edit(layer)
+        head_dim = edit.k.shape[-1]
+        src_vec = src.unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        dst_vec = dst.unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        for buffer in (edit.k, edit.v):
+            buffer.scatter_(2, dst_vec, buffer.gather(2, src_vec))
+        for buffer in (edit.pos, *edit.states()):
+            buffer.scatter_(2, dst, buffer.gather(2, src))
         if self.value_norms is not None:
-            group = self.value_norms[layer].shape[1] // src_slots.shape[1]
-            src_q = src_slots.long().repeat_interleave(group, dim=1)
-            dst_q = dst_slots.long().repeat_interleave(group, dim=1)
-            norms = self.value_norms[layer]
-            norms.scatter_(2, dst_q, norms.gather(2, src_q))
+            src_q = src.repeat_interleave(self.group, dim=1)
+            dst_q = dst.repeat_interleave(self.group, dim=1)
+            edit.value_norms.scatter_(2, dst_q, edit.value_norms.gather(2, src_q))
+        edit.commit()
 
     def set_lengths(self, layer: int, lengths: torch.Tensor, seq: int | None = None) -> None:
         """Sets each head's length, (B, H_kv) (or (1, H_kv) for one `seq`), marking the slots
         past it empty."""
         rows = slice(None) if seq is None else slice(seq, seq + 1)
+        edit = self._edit(layer)
         slots = torch.arange(self.layer_capacity(layer), device=lengths.device)
         beyond = slots.view(1, 1, -1) >= lengths.unsqueeze(-1)
-        self.pos[layer][rows].masked_fill_(beyond, -1)
+        edit.pos[rows].masked_fill_(beyond, -1)
+        edit.commit()
         self.lengths[layer, rows] = lengths.to(torch.int32)
-        self._longest[layer] = int(self.lengths[layer].max())
+        self._count_room(layer)
 
     def write_slot(
         self,
@@ -338,11 +410,13 @@ class KVArena:
         """Writes one vector per kv head at `slot` (H_kv,) without changing lengths (AUV's
         reconstructed K/V). k, v: (H_kv, D); score: (H_kv,) or None."""
         heads = torch.arange(k.shape[0], device=k.device)
-        self.k[layer][seq, heads, slot] = k.to(self.k[layer].dtype)
-        self.v[layer][seq, heads, slot] = v.to(self.v[layer].dtype)
-        self.pos[layer][seq, heads, slot] = pos
+        edit = self._edit(layer)
+        edit.k[seq, heads, slot] = k.to(edit.k.dtype)
+        edit.v[seq, heads, slot] = v.to(edit.v.dtype)
+        edit.pos[seq, heads, slot] = pos
         if score is not None:
-            self.score[layer][seq, heads, slot] = score
+            edit.state("score")[seq, heads, slot] = score
+        edit.commit()
 
     def overwrite_slots(
         self,
@@ -355,15 +429,19 @@ class KVArena:
         """Overwrites one slot (B, H_kv) per head of every sequence in place, keeping its
         position: k, v (B, H_kv, D), score (B, H_kv) (AUV folding victims into its slot)."""
         index = slot.view(*slot.shape, 1, 1).expand(*slot.shape, 1, k.shape[-1])
-        self.k[layer].scatter_(2, index, k.unsqueeze(2).to(self.k[layer].dtype))  # (B, H_kv, 1, D)
-        self.v[layer].scatter_(2, index, v.unsqueeze(2).to(self.v[layer].dtype))
-        self.score[layer].scatter_(-1, slot.unsqueeze(-1), score.unsqueeze(-1))
+        edit = self._edit(layer)
+        edit.k.scatter_(2, index, k.unsqueeze(2).to(edit.k.dtype))  # (B, H_kv, 1, D)
+        edit.v.scatter_(2, index, v.unsqueeze(2).to(edit.v.dtype))
+        edit.state("score").scatter_(-1, slot.unsqueeze(-1), score.unsqueeze(-1))
+        edit.commit()
 
     def set_slot_state(self, layer: int, rows: dict[str, torch.Tensor]) -> None:
         """Replaces per-slot statistics of `layer`: name -> (B, H_kv, C) values (what a policy
         returned from a decode step)."""
+        edit = self._edit(layer)
         for name, values in rows.items():
-            self.slot_state[name][layer].copy_(values)
+            edit.state(name).copy_(values)
+        edit.commit()
 
     def shrink(self, capacity: int) -> None:
         """Reallocates every buffer with `capacity` slots, keeping slots 0 .. capacity - 1.
@@ -379,6 +457,7 @@ class KVArena:
         """`shrink` with a capacity per layer: a `global` selection keeps very different counts
         in different layers, and a rectangle sized to the largest would hold every layer at its
         size. Layers of different sizes turn the buffers into tuples of per-layer tensors."""
+        self._unpack()
         held = self.lengths.amax(dim=(1, 2)).tolist()
         wanted = [
             min(max(c, h), self.layer_capacity(layer))
@@ -387,58 +466,220 @@ class KVArena:
         if all(c == self.layer_capacity(layer) for layer, c in enumerate(wanted)):
             return
         cut = _stacked if len(set(wanted)) == 1 and not self.per_layer else _layered
-        self.k, self.v = cut(self.k, wanted, vector=True), cut(self.v, wanted, vector=True)
-        self.pos = cut(self.pos, wanted)
-        self.slot_state = {name: cut(t, wanted) for name, t in self.slot_state.items()}
+        self._map_buffers(lambda buffer, vector, fill: cut(buffer, wanted, vector=vector))
+
+    def pack_heads(self, needed: torch.Tensor) -> None:
+        """Sizes every head to what it needs, (L, B, H_kv) slots: a layer whose heads need the
+        same keeps a rectangle that wide (`shrink_layers`); in any other layer each head gets
+        its own whole pages (`head_pages.py`), so that a head costs what it holds."""
+        needed = torch.maximum(needed.long(), self.lengths.long())
+        self.shrink_layers(needed.amax(dim=(1, 2)).tolist())
+        packed = {}
+        for layer in range(len(self.k)):
+            row = needed[layer]
+            if bool((row == row.flatten()[0]).all()):
+                continue  # every head needs the same: the rectangle is exact
+            pages = HeadPages.for_slots(row)
+            if pages.slots < row.numel() * self.layer_capacity(layer):
+                packed[layer] = pages
+        if not packed:
+            return
+        widths = [self.layer_capacity(layer) for layer in range(len(self.k))]
+        self._map_buffers(
+            lambda buffer, vector, fill: buffer
+            if isinstance(buffer, LayerStack)
+            else _layered(buffer, widths, vector=vector)
+        )
+
+        def pack(buffer: Buffer, vector: bool, fill: float) -> LayerStack:
+            group = self.group if buffer is self.value_norms else None
+            return LayerStack(
+                PackedBuffer.pack(part, packed[layer], fill, group) if layer in packed else part
+                for layer, part in enumerate(buffer.parts())
+            )
+
+        self._pages = [packed.get(layer) for layer in range(len(self.k))]
+        self._map_buffers(pack)
+
+    def _unpack(self) -> None:
+        """Turns packed layers back into rectangles (before a reallocation)."""
+        if all(pages is None for pages in self._pages):
+            return
+
+        def unpack(buffer: Buffer, vector: bool, fill: float) -> LayerStack:
+            return LayerStack(buffer)  # iterating gathers the packed layers
+
+        self._map_buffers(unpack)
+        self._pages = [None] * len(self.k)
+        self._forget_views()
+
+    def _map_buffers(self, reallocate) -> None:
+        """Replaces every buffer by `reallocate(buffer, vector, fill)` (vector: it holds a
+        vector a slot; fill: what an empty slot holds) and rebuilds the views."""
+        self.k = reallocate(self.k, True, 0)
+        self.v = reallocate(self.v, True, 0)
+        self.pos = reallocate(self.pos, False, -1)
+        self.slot_state = {
+            name: reallocate(buffer, False, 0) for name, buffer in self.slot_state.items()
+        }
         self.score = self.slot_state["score"]
         if self.value_norms is not None:
-            self.value_norms = cut(self.value_norms, wanted)
+            self.value_norms = reallocate(self.value_norms, False, 0)
         self._forget_views()
 
     def grow(self, capacity: int) -> None:
         """Reallocates every buffer with `capacity` slots, keeping every slot and marking the new
         ones empty: `shrink`'s counterpart, for an arena that must take more tokens than it was
         sized for (a conversation grows it at most once a turn, before the turn is written).
-        Per-layer buffers become stacked again."""
+        Per-layer and packed buffers become stacked again."""
         if capacity <= self.capacity and not self.per_layer:
             return
+        self._unpack()
         capacity = max(capacity, self.capacity)
-        self.k, self.v = (
-            _padded(self.k, capacity, vector=True),
-            _padded(self.v, capacity, vector=True),
+        self._map_buffers(
+            lambda buffer, vector, fill: _padded(buffer, capacity, vector=vector, value=fill)
         )
-        self.pos = _padded(self.pos, capacity, value=-1)
-        self.slot_state = {name: _padded(t, capacity) for name, t in self.slot_state.items()}
-        self.score = self.slot_state["score"]
-        if self.value_norms is not None:
-            self.value_norms = _padded(self.value_norms, capacity)
-        self._forget_views()
+
+
+class _LayerEdit:
+    """One layer's buffers as rectangles (B, H_kv, C, ...) to edit in place: views of a
+    rectangular layer, or for a packed layer copies gathered on first use and written back by
+    `commit`."""
+
+    def __init__(self, arena: KVArena, layer: int) -> None:
+        self._arena, self._layer = arena, layer
+        self._taken: dict[str, tuple[PackedBuffer, torch.Tensor]] = {}
+
+    def _take(self, name: str, buffer: Buffer) -> torch.Tensor:
+        part = _part(buffer, self._layer)
+        if not isinstance(part, PackedBuffer):
+            return part
+        if name not in self._taken:
+            self._taken[name] = (part, part.gather())
+        return self._taken[name][1]
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._take("k", self._arena.k)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._take("v", self._arena.v)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self._take("pos", self._arena.pos)
+
+    @property
+    def value_norms(self) -> torch.Tensor:
+        return self._take("value_norms", self._arena.value_norms)
+
+    def state(self, name: str) -> torch.Tensor:
+        return self._take(f"state:{name}", self._arena.slot_state[name])
+
+    def states(self) -> list[torch.Tensor]:
+        return [self.state(name) for name in self._arena.slot_state]
+
+    def commit(self) -> None:
+        for part, rect in self._taken.values():
+            part.store(rect)
+        self._taken.clear()
+
+
+class PackedLayerView:
+    """`ArenaLayer` of a packed layer: the same fields as rectangles (B, H_kv, C, ...), each
+    gathered when first read, plus the flat buffers the decode step attends to in place."""
+
+    def __init__(self, arena: KVArena, layer: int) -> None:
+        self.lengths = arena.lengths[layer]  # (B, H_kv) int32
+        self.pages: HeadPages = arena.pages(layer)
+        self._arena, self._layer = arena, layer
+
+    def _part(self, buffer: Buffer) -> PackedBuffer:
+        return _part(buffer, self._layer)
+
+    @functools.cached_property
+    def k(self) -> torch.Tensor:
+        return self._part(self._arena.k).gather()
+
+    @functools.cached_property
+    def v(self) -> torch.Tensor:
+        return self._part(self._arena.v).gather()
+
+    @functools.cached_property
+    def pos(self) -> torch.Tensor:
+        return self._part(self._arena.pos).gather()
+
+    @functools.cached_property
+    def score(self) -> torch.Tensor:
+        return self._part(self._arena.score).gather()
+
+    @functools.cached_property
+    def value_norms(self) -> torch.Tensor | None:
+        norms = self._arena.value_norms
+        return None if norms is None else self._part(norms).gather()
+
+    @functools.cached_property
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            name: self._part(buffer).gather()
+            for name, buffer in self._arena.slot_state.items()
+            if name != "score"
+        }
+
+    @property
+    def flat_k(self) -> torch.Tensor:
+        """(S, D): the layer's keys where they lie."""
+        return self._part(self._arena.k).flat
+
+    @property
+    def flat_v(self) -> torch.Tensor:
+        return self._part(self._arena.v).flat
+
+    @property
+    def flat_pos(self) -> torch.Tensor:
+        """(S,) int32."""
+        return self._part(self._arena.pos).flat
+
 
 
 class LayerStack(tuple):
-    """One tensor a layer, (B, H_kv, C_l, ...) each: an arena buffer after `shrink_layers`.
-    Indexed like the stacked buffer it replaces when the first index is a layer:
-    `stack[layer]` is that layer's tensor and `stack[layer, seq, head, :n]` indexes into it."""
+    """One tensor a layer, (B, H_kv, C_l, ...) each: an arena buffer after `shrink_layers`, or
+    a packed layer's `PackedBuffer` (`pack_heads`). Indexed like the stacked buffer it replaces
+    when the first index is a layer: `stack[layer]` is that layer's tensor (a packed layer's
+    rectangle, gathered: a read-only copy) and `stack[layer, seq, head, :n]` indexes into it.
+    `part(layer)` is what the layer holds."""
 
     def __getitem__(self, key):
         if isinstance(key, tuple) and key and isinstance(key[0], int):
-            return tuple.__getitem__(self, key[0])[key[1:]]
-        return tuple.__getitem__(self, key)
+            return self[key[0]][key[1:]]
+        item = tuple.__getitem__(self, key)
+        return item.gather() if isinstance(item, PackedBuffer) else item
+
+    def __iter__(self):
+        return (self[layer] for layer in range(len(self)))
+
+    def part(self, layer: int) -> torch.Tensor | PackedBuffer:
+        return tuple.__getitem__(self, layer)
+
+    def parts(self) -> tuple[torch.Tensor | PackedBuffer, ...]:
+        return tuple(tuple.__iter__(self))
 
     def clone(self) -> LayerStack:
-        return LayerStack(t.clone() for t in self)
+        return LayerStack(t.clone() for t in self.parts())
 
     def element_size(self) -> int:
-        return self[0].element_size()
+        return self.part(0).element_size()
 
     @property
     def dtype(self) -> torch.dtype:
-        return self[0].dtype
+        return self.part(0).dtype
 
     def equal(self, other: LayerStack) -> bool:
         """Same layers, shapes and values (what `torch.equal` says of stacked buffers)."""
         return len(self) == len(other) and all(
-            torch.equal(a, b) for a, b in zip(self, other, strict=True)
+            a.equal(b) if isinstance(a, PackedBuffer) else torch.equal(a, b)
+            for a, b in zip(self.parts(), other.parts(), strict=True)
         )
 
 
@@ -452,8 +693,14 @@ def same_buffer(a: Buffer, b: Buffer) -> bool:
     return torch.equal(a, b)
 
 
-def _parts(buffer: Buffer) -> tuple[torch.Tensor, ...]:
-    return buffer if isinstance(buffer, tuple) else (buffer,)
+def _parts(buffer: Buffer) -> tuple[torch.Tensor | PackedBuffer, ...]:
+    return buffer.parts() if isinstance(buffer, LayerStack) else (buffer,)
+
+
+def _part(buffer: Buffer, layer: int) -> torch.Tensor | PackedBuffer:
+    """What layer `layer` of a buffer holds: a view of the stacked tensor, a layer's tensor, or
+    a packed layer's `PackedBuffer`."""
+    return buffer.part(layer) if isinstance(buffer, LayerStack) else buffer[layer]
 
 
 def _stacked(buffer: torch.Tensor, capacities: list[int], vector: bool = False) -> torch.Tensor:

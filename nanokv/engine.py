@@ -22,12 +22,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from nanokv.arena import ArenaLayer, KVArena
+from nanokv.arena import ArenaLayer, KVArena, PackedLayerView
 from nanokv.attention import arena_chunk_attention, prefill_attention
 from nanokv.budget import Budget
 from nanokv.config import ModelConfig
 from nanokv.eviction import EvictionStage, SequencePlan
 from nanokv.kernels.decode_attention import decode_attention, emitted_over_steps
+from nanokv.kernels.packed_attention import packed_decode_attention
 from nanokv.kernels.value_norms import output_gram, value_output_norms
 from nanokv.policies import Policy, PromptLayer
 from nanokv.policies.base import ProbedKeys
@@ -112,13 +113,17 @@ class Engine:
         quest: QuestOptions | None = None,
         prefill_chunk: int = 512,
         layer_capacities: bool = True,
+        head_pages: bool = True,
     ) -> None:
         """`layer_capacities` (default): after prefill, each layer's arena keeps only its own
         largest head plus the decode window (`KVArena.shrink_layers`), instead of every layer
-        the size of the model's largest head: what a `layer`/`global`/`pyramid` selection needs
-        to cost about its budget. False keeps one capacity for every layer."""
+        the size of the model's largest head: what a `pyramid` selection needs to cost about its
+        budget. False keeps one capacity for every layer. `head_pages` (default, with
+        `layer_capacities` and without Quest): a layer whose heads kept different counts (a
+        `layer`/`global` selection) gives each head its own pages (`KVArena.pack_heads`), so
+        that a head costs what it holds, not what the layer's largest head holds."""
         self.model, self.cfg, self.policy = model, cfg, policy
-        self.layer_capacities = layer_capacities
+        self.layer_capacities, self.head_pages = layer_capacities, head_pages
         self.budget = budget or Budget(1.0)
         self.quest = quest
         self.eviction = EvictionStage(policy, self.budget, cfg.num_layers)
@@ -392,7 +397,9 @@ class Engine:
             device=self.device,
         )
         needed = torch.minimum(cache + window, total.view(1, -1, 1))  # (L, B, H_kv)
-        if self.layer_capacities:
+        if self.layer_capacities and self.head_pages and self.quest is None:
+            arena.pack_heads(needed)
+        elif self.layer_capacities:
             arena.shrink_layers(needed.amax(dim=(1, 2)).tolist())
         else:
             arena.shrink(int(needed.max()))
@@ -701,25 +708,36 @@ class Engine:
         norms = None if defer else self._value_norms(layer, v.unsqueeze(-2))  # (B, H_q, 1)
         clock.mark("value norms")
         slots = arena.append(layer, k, v, positions, None if norms is None else norms[..., 0])
-        view = arena.layer(layer)
+        view, emit = arena.layer(layer), emit and not defer
         clock.mark("arena write")
-        attention = dict(
-            scale=self.scale, slot_pos=view.pos, query_pos=positions,
-            sliding_window=self.cfg.sliding_window, value_norms=view.value_norms,
-            emit=emit and not defer,
-        )  # fmt: skip
-        if quest is not None and quest.is_sparse(layer):
-            quest.written(arena, layer, slots)
-            out, emitted = quest.attend(layer, q, arena, **attention)
+        if isinstance(view, PackedLayerView) and not emit:
+            out, emitted = self._attend_packed(view, q, positions), None
         else:
-            out, emitted = decode_attention(q, view.k, view.v, view.lengths, **attention)
-        clock.mark("attention + emission" if attention["emit"] else "attention")
+            attention = dict(
+                scale=self.scale, slot_pos=view.pos, query_pos=positions,
+                sliding_window=self.cfg.sliding_window, value_norms=view.value_norms, emit=emit,
+            )  # fmt: skip
+            if quest is not None and quest.is_sparse(layer):
+                quest.written(arena, layer, slots)
+                out, emitted = quest.attend(layer, q, arena, **attention)
+            else:
+                out, emitted = decode_attention(q, view.k, view.v, view.lengths, **attention)
+        clock.mark("attention + emission" if emit else "attention")
         if defer:
             state.pending[layer].append(q)
         else:
             self.eviction.write_rows(arena, layer, self.policy.observe_decode(layer, view, emitted))
         clock.mark("observation")
         return out
+
+    def _attend_packed(
+        self, view: PackedLayerView, q: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention over a packed layer where its pages lie (no rectangle gathered)."""
+        return packed_decode_attention(
+            q, view.flat_k, view.flat_v, view.flat_pos, view.pages, scale=self.scale,
+            query_pos=positions, sliding_window=self.cfg.sliding_window,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def settle(self, state: DecodeState) -> None:
@@ -768,11 +786,9 @@ class Engine:
 
     def _write_value_norms(self, arena: KVArena, layer: int, slots: torch.Tensor) -> None:
         """||v_j W_O^h|| of the values at `slots` (B, H_kv, n), into the arena's value norms."""
-        values = arena.v[layer]  # (B, H_kv, C, D)
+        values = arena.layer(layer).v  # (B, H_kv, C, D)
         index = slots.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1])
-        norms = self._value_norms(layer, values.gather(2, index))  # (B, H_q, n)
-        group = norms.shape[1] // slots.shape[1]
-        arena.value_norms[layer].scatter_(2, slots.repeat_interleave(group, dim=1), norms)
+        arena.write_value_norms(layer, slots, self._value_norms(layer, values.gather(2, index)))
 
     def _evict_if_full(self, state: DecodeState, layer: int) -> None:
         """Runs a multi-step eviction for the sequences whose decode window is full. The check
@@ -818,10 +834,7 @@ class Engine:
 
     def _fits_without_eviction(self, state: DecodeState, count: int) -> bool:
         arena = state.arena
-        room = min(
-            arena.layer_capacity(layer) - int(arena.lengths[layer].max())
-            for layer in range(self.cfg.num_layers)
-        )
+        room = min(arena.room(layer) for layer in range(self.cfg.num_layers))
         no_eviction = state.window == 0 or int(state.filled.max()) + count <= state.window
         return count <= room and no_eviction
 

@@ -21,10 +21,11 @@ import re
 import pytest
 import torch
 
-from nanokv.arena import KVArena
+from nanokv.arena import KVArena, LayerStack
 from nanokv.budget import Budget
 from nanokv.cli import main
 from nanokv.engine import DecodeState, Engine
+from nanokv.head_pages import HeadPages, PackedBuffer
 from nanokv.loader import load_config, load_model
 from nanokv.policies import POLICIES, make_policy, parse_policy
 from nanokv.policies.allocation import ALLOCATIONS, MODEL_WIDE, pyramid_budgets
@@ -58,16 +59,25 @@ def arena_tensors(arena: KVArena) -> list[torch.Tensor]:
     found = []
     for value in vars(arena).values():
         values = value.values() if isinstance(value, dict) else [value]
+        if isinstance(value, list):  # the packed layers' layouts (KVArena.pack_heads)
+            values = [t for pages in value if isinstance(pages, HeadPages) for t in pages_of(pages)]
         for item in values:  # a per-layer buffer is a tuple of tensors (KVArena.shrink_layers)
-            found += [
-                t for t in (item if isinstance(item, tuple) else [item]) if torch.is_tensor(t)
-            ]
+            for part in item.parts() if isinstance(item, LayerStack) else [item]:
+                if isinstance(part, PackedBuffer):  # a packed layer's buffer
+                    part = part.flat
+                if torch.is_tensor(part):
+                    found.append(part)
     return found
 
 
+def pages_of(pages: HeadPages) -> list[torch.Tensor]:
+    return [pages.starts, pages.caps, pages.row_of_slot]
+
+
 def arena_layers(buffer) -> list[torch.Tensor]:
-    """A buffer's tensors: the stacked one, or one a layer."""
-    return list(buffer) if isinstance(buffer, tuple) else [buffer]
+    """A buffer's tensors: the stacked one, or one a layer (a packed layer's flat one)."""
+    parts = list(buffer.parts()) if isinstance(buffer, LayerStack) else [buffer]
+    return [part.flat if isinstance(part, PackedBuffer) else part for part in parts]
 
 
 def quest_tensors(state: DecodeState) -> list[torch.Tensor]:
