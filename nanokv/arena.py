@@ -486,9 +486,11 @@ class KVArena:
             return
         widths = [self.layer_capacity(layer) for layer in range(len(self.k))]
         self._map_buffers(
-            lambda buffer, vector, fill: buffer
-            if isinstance(buffer, LayerStack)
-            else _layered(buffer, widths, vector=vector)
+            lambda buffer, vector, fill: (
+                buffer
+                if isinstance(buffer, LayerStack)
+                else _layered(buffer, widths, vector=vector)
+            )
         )
 
         def pack(buffer: Buffer, vector: bool, fill: float) -> LayerStack:
@@ -640,7 +642,6 @@ class PackedLayerView:
     def flat_pos(self) -> torch.Tensor:
         """(S,) int32."""
         return self._part(self._arena.pos).flat
-
 
 
 class LayerStack(tuple):
