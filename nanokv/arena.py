@@ -10,6 +10,12 @@ contributions); per ``(layer, seq, kv_head)`` a ``length``. The valid slots of a
 compacts the kept slots to the front, and nothing is ever reallocated.
 
 Keys are stored after RoPE with their original position, so a kept token never needs re-rotation.
+
+After prefill the arena is cut to what decoding needs: one rectangle a layer as wide as its
+largest head (`shrink_layers`), or, where the heads of a layer kept different counts (`layer` and
+`global` selections), a packed layer in which each head holds only its own slots (`pack_heads`,
+head_pages.py). A packed layer's views are rectangles gathered on demand; its edits go through
+such a rectangle and are written back; the decode step writes and attends to it in place.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nanokv.head_pages import HeadPages, PackedBuffer
+from nanokv.pool import PAGE_SIZE
 
 
 class ArenaFullError(RuntimeError):
@@ -123,6 +130,19 @@ class KVArena:
     def capacity(self) -> int:
         """The largest layer's slots a (layer, seq, kv head)."""
         return max(self.layer_capacity(layer) for layer in range(len(self.k)))
+
+    @property
+    def page_count(self) -> int:
+        """PAGE_SIZE-slot pages the arena's heads hold, each head's slots rounded up to whole
+        pages (what the server's pool counts)."""
+        total = 0
+        for layer, pages in enumerate(self._pages):
+            if pages is not None:
+                total += pages.pages
+            else:
+                heads = self.lengths[layer].numel()
+                total += heads * -(-self.layer_capacity(layer) // PAGE_SIZE)
+        return total
 
     def layer_capacity(self, layer: int) -> int:
         return self.k[layer].shape[2]

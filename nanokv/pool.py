@@ -7,8 +7,12 @@ shrinks after prefill), trimmed when the arena shrinks, and returned when the re
 is cancelled or fails. The scheduler admits a request only when its pages fit; a request whose
 pages exceed the whole pool can never run and is refused.
 
-Pages are counted per (layer, kv head) row of a sequence's arena, which is rectangular: every
-head of a sequence holds as many pages as its largest head.
+Pages are counted per (layer, kv head) row of a sequence's arena. Before prefill a reservation
+is planned from the budget (each head at the mean count of a `layer`/`global` selection); after
+it, the request holds what its arena holds: a layer whose heads kept different counts is packed
+(`KVArena.pack_heads`), each head only its own slots, so a `global` selection costs about its
+budget plus the decode window, not its largest head's share for every head. The pool counts
+bytes; it does not place them (each request's arena is its own tensors).
 """
 
 from __future__ import annotations

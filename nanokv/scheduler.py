@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanokv.arena import KVArena
 from nanokv.budget import Budget
 from nanokv.engine import DecodeState, Engine, InputError, Sequence
 from nanokv.policies import make_policy, parse_policy
@@ -359,10 +360,8 @@ class Scheduler:
         """After prefill: trim the pool pages to the shrunk arena, sample the first token."""
         request, engine = item.request, item.engine
         item.state.prefill_seconds = item.prefill_seconds
-        arena = item.state.arena
-        capacities = [arena.layer_capacity(layer) for layer in range(self.llm.config.num_layers)]
         new_tokens = request.params.max_new_tokens
-        self.pool.resize(item.request_id, *self._pages(engine, capacities, new_tokens))
+        self.pool.resize(item.request_id, *self._held(engine, item.state.arena, new_tokens))
         item.sequence = Sequence(list(request.prompt_ids))
         item.sampler = Sampler(request.params, 1, engine.device)
         params = request.params
@@ -467,9 +466,13 @@ class Scheduler:
     def _context_pages(self, engine: Engine, request: Request) -> tuple[int, int]:
         """(pages, bytes) of a context request's copy of the compressed arena (it does not
         grow: compress reserved room for the question and the answer)."""
-        arena, new_tokens = request.context.arena, request.params.max_new_tokens
-        capacities = [arena.layer_capacity(i) for i in range(len(arena.k))]
-        return self._pages(engine, capacities, new_tokens)
+        return self._held(engine, request.context.arena, request.params.max_new_tokens)
+
+    @staticmethod
+    def _held(engine: Engine, arena: KVArena, new_tokens: int) -> tuple[int, int]:
+        """(pages, bytes) an arena holds as it is (each head's own slots where its layer is
+        packed), plus the queries a decode of `new_tokens` keeps for deferred statistics."""
+        return arena.page_count, arena.nbytes + engine.deferred_bytes(new_tokens)
 
     def _pages(self, engine: Engine, capacity: int | list[int], new_tokens: int) -> tuple[int, int]:
         """(pages, bytes) of a one-sequence arena of `capacity` slots a head (or per layer), in

@@ -227,6 +227,30 @@ def test_layer_capacities_hold_each_layer_at_its_own_size(llm, allocation):
     assert torch.equal(ragged.arena.lengths, stacked.arena.lengths)
 
 
+def test_a_request_with_pages_per_head_holds_its_arena_in_the_pool(llm):
+    """A global selection keeps different counts in a layer's heads: after prefill the request
+    holds what its packed arena holds (each head its own slots), less than a rectangle a layer,
+    and gives it all back when it finishes."""
+    scheduler = Scheduler(llm, KVPool(2**26))
+    ids = prompts(llm, 12)[11][:200]
+    seen = {}
+
+    def look(state) -> None:
+        seen["arena"], seen["held"] = state.arena, scheduler.pool.holders()
+
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    request = Request(ids, params, policy="laprox", budget=0.2, on_prefilled=look)
+    request_id = scheduler.submit(request, Recorder())
+    drain(scheduler)
+    arena, engine = seen["arena"], scheduler.engine_for("laprox", 0.2)
+    layers = range(llm.config.num_layers)
+    assert any(arena.pages(layer) is not None for layer in layers)
+    pages, nbytes = seen["held"][request_id]
+    assert (pages, nbytes) == (arena.page_count, arena.nbytes + engine.deferred_bytes(6))
+    assert arena.nbytes < engine.arena_bytes([arena.layer_capacity(layer) for layer in layers])
+    assert scheduler.pool.used_bytes == 0
+
+
 def test_a_failing_client_is_dropped_and_the_scheduler_keeps_serving(llm):
     """A client whose callback raises cannot hear more: its request is cancelled and its pages
     return; the scheduler's thread lives on and serves the next request."""
