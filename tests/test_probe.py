@@ -300,6 +300,8 @@ def test_snapkv_keeps_the_top_of_the_reference_scores(llama, document):
     ids, probe = document
     engine = _engine(llama, "snapkv", observe="repeat")
     assert engine.policy.options.pool == 1 and engine.policy.options.observation_window == 0
+    assert engine.policy.options.max_head_share == 20.0  # no head cap, as KVzip
+    assert _engine(llama, "snapkv").policy.options.max_head_share == 4.0  # observe="last"
     state, _ = engine.start([ids], NEW, probes=[probe])
     reference, _ = dense_reference(llama, ids, probe)
     cfg = llama[1]
