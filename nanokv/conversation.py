@@ -238,6 +238,8 @@ class Conversation:
             return
         probes = self.engine.probes(self.tokenizer, [self._ids[:seen]])
         self.engine.recompress(self.state, cache, probes[0] if probes else None)
+        arena = self.state.arena  # between turns each head holds only what it kept
+        arena.pack_heads(arena.lengths)  # (the next turn grows it back to one rectangle)
 
     def _cache_tokens(self, seen: int) -> int:
         """Slots a head keeps after an answer: the budget of `seen` tokens, never below the

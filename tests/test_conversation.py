@@ -168,7 +168,8 @@ def test_compressed_arena_holds_the_budget_of_real_tokens(
         arena = conversation.state.arena
         if policy == "laprox":  # global allocation: the heads share layers x heads x cache
             assert int(arena.lengths.sum()) == min(cache, seen) * arena.lengths.numel()
-            assert int(arena.lengths.max()) <= 4 * cache  # max_head_share
+            share = llm.compress_engine.policy.options.max_head_share
+            assert int(arena.lengths.max()) <= share * cache
             assert int(arena.lengths.min()) >= 4  # the sinks
         else:
             assert (arena.lengths == min(cache, seen)).all()
@@ -225,6 +226,26 @@ def test_the_probe_scores_decide_what_is_kept(word_dir, monkeypatch):
                 want = sorted([0, 1, 2, 3, *pos[layer, head, best].tolist()])
                 assert conversation.state.arena.pos[layer, 0, head, :12].tolist() == want
     assert len(seen_scores) == len(TURNS)
+
+
+def test_between_turns_each_head_holds_only_what_it_kept(word_dir):
+    """A global selection leaves a layer's heads at different counts: after each compression
+    every such layer holds each head's kept slots only (`KVArena.pack_heads`), the others one
+    rectangle as wide as they hold, and the next turn grows it back and answers."""
+    llm = nanokv.LLM(word_dir, policy="laprox", budget=0.2, min_cache=0)
+    conversation = llm.conversation(PARAMS)
+    layers = range(llm.config.num_layers)
+    for turn in TURNS:
+        conversation.send(turn)
+        arena = conversation.state.arena
+        kept = arena.lengths.long()
+        for layer in layers:
+            if bool((kept[layer] != kept[layer].flatten()[0]).any()):
+                assert torch.equal(arena.pages(layer).caps, kept[layer])
+            else:
+                assert arena.layer_capacity(layer) == int(kept[layer].max())
+        assert conversation.stats().arena_bytes == arena.nbytes
+    assert any(arena.pages(layer) is not None for layer in layers)
 
 
 def test_stats_count_what_the_arena_holds(word_dir):
