@@ -64,7 +64,9 @@ class _FlatRows:
     v: torch.Tensor  # (B * H_kv * C, D)
     pos: torch.Tensor  # (B * H_kv * C,) int32
     slot_state: tuple[torch.Tensor, ...]  # every per-slot statistic, score first: (B * H_kv * C,)
-    value_norms: torch.Tensor | None  # (B * H_q * C,) float32
+    value_norms: torch.Tensor | None  # (B * H_q * C,) float32; packed: (S, G)
+    starts: torch.Tensor  # (B, H_kv) int64: each (sequence, head) row's first flat slot
+    lengths: torch.Tensor  # (B, H_kv) int32: a view of the arena's lengths of this layer
 
 
 class KVArena:
@@ -199,8 +201,10 @@ class KVArena:
                 _part(self.pos, index).flat,
                 tuple(_part(buffer, index).flat for buffer in self.slot_state.values()),
                 norms,
+                self._pages[index].starts,
+                self.lengths[index],
             )
-        head_dim = self.k[index].shape[-1]
+        batch, kv_heads, capacity, head_dim = self.k[index].shape
         norms = None if self.value_norms is None else self.value_norms[index].view(-1)
         return _FlatRows(
             self.k[index].view(-1, head_dim),
@@ -208,6 +212,8 @@ class KVArena:
             self.pos[index].view(-1),
             tuple(buffer[index].view(-1) for buffer in self.slot_state.values()),
             norms,
+            _row_starts(batch, kv_heads, capacity, self.lengths.device),
+            self.lengths[index],
         )
 
     def _forget_views(self) -> None:
@@ -305,10 +311,11 @@ class KVArena:
         """
         if self._room[layer] <= 0:  # a flat index past a row would write the next
             raise ArenaFullError(f"a head of layer {layer} is full: evict first")
-        lengths, rows = self.lengths[layer], self._flat_rows(layer)
+        rows = self._flat_rows(layer)
+        lengths = rows.lengths
         slots = lengths.long()  # (B, H_kv)
         batch, kv_heads = slots.shape
-        flat = (self._first_slots(layer, batch, kv_heads) + slots).view(-1)  # (B H_kv,)
+        flat = (rows.starts + slots).view(-1)  # (B H_kv,)
         head_dim = k.shape[-1]
         rows.k.index_copy_(0, flat, k.reshape(-1, head_dim))
         rows.v.index_copy_(0, flat, v.reshape(-1, head_dim))
@@ -320,13 +327,6 @@ class KVArena:
         lengths.add_(1)
         self._room[layer] -= 1
         return slots
-
-    def _first_slots(self, layer: int, batch: int, kv_heads: int) -> torch.Tensor:
-        """(B, H_kv): each (sequence, head) row's first slot in the layer's flat rows."""
-        pages = self._pages[layer]
-        if pages is not None:
-            return pages.starts
-        return _row_starts(batch, kv_heads, self.layer_capacity(layer), self.lengths.device)
 
     def _append_value_norms(
         self,
@@ -342,7 +342,7 @@ class KVArena:
             return
         batch, q_heads = value_norms.shape
         q_slots = slots.repeat_interleave(self.group, dim=1)  # (B, H_q)
-        capacity = self.layer_capacity(layer)
+        capacity = norms.shape[0] // (batch * q_heads)
         q_flat = (_row_starts(batch, q_heads, capacity, slots.device) + q_slots).view(-1)
         norms.index_copy_(0, q_flat, value_norms.reshape(-1).float())
 

@@ -133,7 +133,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--allocation", choices=ALLOCATIONS, help="budget split across heads/layers")
     p.add_argument("--min-head-share", type=float, help="layer/global: per-head floor (0-1)")
-    p.add_argument("--max-head-share", type=float, help="layer/global: per-head cap (>= 1)")
+    p.add_argument(
+        "--max-head-share", type=float,
+        help="layer/global: per-head cap, a multiple of the mean >= 1 (default 4; 20 with "
+        "--observe repeat)",
+    )  # fmt: skip
     p.add_argument("--sinks", type=int, help="attention sinks always kept (default 4)")
     p.add_argument("--window", type=int, help="observation window, kept (default 32)")
     p.add_argument(
