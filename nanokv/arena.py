@@ -102,7 +102,7 @@ class KVArena:
         self.group = (q_heads or kv_heads) // kv_heads  # query heads a kv head
         self._pages: list[HeadPages | None] = [None] * num_layers  # per layer, when packed
         self._room = [capacity] * num_layers  # per layer, the fewest free slots of a head (host)
-        self._views: list[ArenaLayer] | None = None
+        self._views: list[ArenaLayer | None] | None = None
         self._flat: list[_FlatRows] | None = None
         self.value_norms = None
         if q_heads is not None:
@@ -147,7 +147,8 @@ class KVArena:
         return total
 
     def layer_capacity(self, layer: int) -> int:
-        return self.k[layer].shape[2]
+        """Slots a head of `layer` has (a packed layer: its longest head's)."""
+        return _part(self.k, layer).shape[2]
 
     @property
     def per_layer(self) -> bool:
@@ -157,7 +158,7 @@ class KVArena:
 
     @property
     def element_size(self) -> int:
-        return self.k[0].element_size()
+        return _part(self.k, 0).element_size()
 
     @property
     def nbytes(self) -> int:
@@ -174,8 +175,11 @@ class KVArena:
         (`pack_heads`) are rectangular copies, gathered when first read (`PackedLayerView`)."""
         if self._pages[index] is not None:
             return PackedLayerView(self, index)
-        if self._views is None:
-            self._views = [self._layer_views(layer) for layer in range(len(self.k))]
+        if self._views is None:  # (none for packed layers)
+            self._views = [
+                None if pages is not None else self._layer_views(layer)
+                for layer, pages in enumerate(self._pages)
+            ]
         return self._views[index]
 
     def pages(self, index: int) -> HeadPages | None:
