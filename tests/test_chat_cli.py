@@ -70,7 +70,7 @@ def test_scripted_chat_with_stats_reset_and_exit(word_dir, llm, monkeypatch, cap
         out.splitlines()[1],
     ).groups()  # fmt: skip
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * llm.dtype.itemsize  # K, V
-    slots = len(first.prompt_token_ids) + NEW  # the first turn's arena: the turn and its answer
+    slots = 12  # between turns each head holds only what it kept (`KVArena.pack_heads`)
     heads = cfg.num_layers * cfg.num_kv_heads
     arena = slots * per_token + heads * (2 * slots + 1) * 4  # + pos, score (a slot), lengths
     assert [float(n.replace(",", "")) for n in numbers] == [
