@@ -612,12 +612,28 @@ class _LayerEdit:
         self._taken.clear()
 
 
+def _gathered(name: str) -> functools.cached_property:
+    """A `PackedLayerView` field: the arena buffer `name` of the view's layer as a rectangle,
+    gathered on first read (None when the arena has no such buffer)."""
+
+    def read(view: PackedLayerView) -> torch.Tensor | None:
+        buffer = getattr(view._arena, name)
+        return None if buffer is None else view._part(buffer).gather()
+
+    return functools.cached_property(read)
+
+
 class PackedLayerView:
     """`ArenaLayer` of a packed layer: the same fields as rectangles (B, H_kv, C, ...), each
     gathered when first read, plus the flat buffers the decode step attends to in place."""
 
+    k = _gathered("k")
+    v = _gathered("v")
+    pos = _gathered("pos")
+    score = _gathered("score")
+    value_norms = _gathered("value_norms")
+
     def __init__(self, arena: KVArena, layer: int) -> None:
-        self.lengths = arena.lengths[layer]  # (B, H_kv) int32
         self.pages: HeadPages = arena.pages(layer)
         self._arena, self._layer = arena, layer
 
@@ -625,25 +641,10 @@ class PackedLayerView:
         return _part(buffer, self._layer)
 
     @functools.cached_property
-    def k(self) -> torch.Tensor:
-        return self._part(self._arena.k).gather()
-
-    @functools.cached_property
-    def v(self) -> torch.Tensor:
-        return self._part(self._arena.v).gather()
-
-    @functools.cached_property
-    def pos(self) -> torch.Tensor:
-        return self._part(self._arena.pos).gather()
-
-    @functools.cached_property
-    def score(self) -> torch.Tensor:
-        return self._part(self._arena.score).gather()
-
-    @functools.cached_property
-    def value_norms(self) -> torch.Tensor | None:
-        norms = self._arena.value_norms
-        return None if norms is None else self._part(norms).gather()
+    def lengths(self) -> torch.Tensor:
+        """(B, H_kv) int32 (a view of the arena's; the decode step's attention does not read
+        it: a slot past its row's length holds position -1)."""
+        return self._arena.lengths[self._layer]
 
     @functools.cached_property
     def state(self) -> dict[str, torch.Tensor]:
