@@ -145,6 +145,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="snapkv/laprox/tova: score with the last prompt queries (default) or with KVzip's "
         "probe, the document repeated after it (query-agnostic)",
     )  # fmt: skip
+    p.add_argument(
+        "--information", action=argparse.BooleanOptionalAction,
+        help="global/layerwise: weigh each prompt token's score by its self-information "
+        "-log p(x_j | x_<j) (default: on for laprox with --observe repeat, off otherwise)",
+    )  # fmt: skip
     p.add_argument("--pool", type=int, help="max-pool kernel along tokens (odd)")
     p.add_argument("--chunk", type=int, help="keep whole chunks of C tokens (default 1)")
     p.add_argument("--decode-window", type=int, help="W: slots freed per eviction (default 16)")
@@ -239,7 +244,7 @@ def _load_llm(args: argparse.Namespace, budget: Budget) -> LLM:
         min_cache=args.min_cache, sinks=args.sinks, observation_window=args.window,
         pool=args.pool, chunk=args.chunk, decode_window=args.decode_window,
         allocation=args.allocation, min_head_share=args.min_head_share,
-        max_head_share=args.max_head_share, observe=args.observe,
+        max_head_share=args.max_head_share, observe=args.observe, information=args.information,
     )  # fmt: skip
     return LLM(
         args.model, policy=args.policy, budget=budget.value, dtype=args.dtype,

@@ -27,6 +27,7 @@ from nanokv.attention import arena_chunk_attention, prefill_attention
 from nanokv.budget import Budget
 from nanokv.config import ModelConfig
 from nanokv.eviction import EvictionStage, SequencePlan
+from nanokv.information import token_information
 from nanokv.kernels.decode_attention import decode_attention, emitted_over_steps
 from nanokv.kernels.packed_attention import packed_decode_attention
 from nanokv.kernels.value_norms import output_gram, value_output_norms
@@ -68,6 +69,18 @@ class PromptRecord:
     layers: list[PromptLayer]
     logits: torch.Tensor  # (1, vocab)
     probe: Probe | None = None  # recorded with the pass: its statistics are in `layers`
+    hidden: torch.Tensor | None = None  # (n, hidden) every position's final hidden state
+    _information: list[torch.Tensor] = field(default_factory=list, compare=False, repr=False)
+
+    def information(self, logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(n,) the prompt tokens' self-information (nanokv/information.py), computed once
+        with the model's head `logits`."""
+        if not self._information:
+            if self.hidden is None:
+                raise ValueError("this record kept no hidden states: record it again")
+            ids = torch.tensor(self.prompt, device=self.hidden.device)
+            self._information.append(token_information(logits, self.hidden, ids))
+        return self._information[0]
 
 
 @dataclass
@@ -476,7 +489,10 @@ class Engine:
             self._keep_prompt_layer(arena, prompt_layer, plan)
             yield
         if plan is not None:
-            self.eviction.finish_prefill(arena, seq, plan)
+            information = None
+            if self.eviction.weighs_information(plan):
+                information = token_information(self.model.logits, h, ids)
+            self.eviction.finish_prefill(arena, seq, plan, information)
         return self.model.logits(h if all_logits else h[-1:])
 
     @torch.inference_mode()
@@ -495,7 +511,7 @@ class Engine:
             _drain(self._prefill_layer_steps(layer, 0, block, h, positions, True, run))
             for layer, block in enumerate(self.model.blocks)
         ]
-        return PromptRecord(list(prompt), layers, self.model.logits(h[-1:]), probe)
+        return PromptRecord(list(prompt), layers, self.model.logits(h[-1:]), probe, h)
 
     def _probe_run(self, probe: Probe | None, n: int) -> _ProbeRun | None:
         """The probe's segments embedded at positions n, n+1, ... (each segment restarts there:
@@ -517,7 +533,10 @@ class Engine:
         """What `prefill` does, with the layers' statistics taken from a recorded pass."""
         for recorded in record.layers:
             self._keep_prompt_layer(arena, self._as_policy_sees(recorded, seq), plan)
-        self.eviction.finish_prefill(arena, seq, plan)
+        information = None
+        if self.eviction.weighs_information(plan):
+            information = record.information(self.model.logits)
+        self.eviction.finish_prefill(arena, seq, plan, information)
         return record.logits.clone()
 
     def _as_policy_sees(self, recorded: PromptLayer, seq: int) -> PromptLayer:

@@ -12,6 +12,7 @@ import torch
 
 from nanokv.arena import KVArena
 from nanokv.budget import Budget
+from nanokv.information import weigh
 from nanokv.policies import Policy, PromptLayer
 from nanokv.policies.allocation import (
     MODEL_WIDE,
@@ -181,17 +182,35 @@ class EvictionStage:
         budget, and never fewer than the plan's head floor."""
         return max(int(self.options.min_head_share * count), min(plan.head_floor, count))
 
-    def finish_prefill(self, arena: KVArena, seq: int, plan: SequencePlan) -> None:
+    def cuts_after_prefill(self, plan: SequencePlan) -> bool:
+        """True when the final selection of a prompt waits for its last layer (`global`,
+        `layerwise`) and evicts some of it."""
+        if self.options.allocation not in MODEL_WIDE or plan.keep_all:
+            return False
+        return plan.prompt_length > plan.layer_counts[0]
+
+    def weighs_information(self, plan: SequencePlan) -> bool:
+        """True when `finish_prefill` wants the prompt tokens' self-information."""
+        return self.options.information and self.cuts_after_prefill(plan)
+
+    def finish_prefill(
+        self,
+        arena: KVArena,
+        seq: int,
+        plan: SequencePlan,
+        information: torch.Tensor | None = None,
+    ) -> None:
         """`global` allocation: one top-k over every layer's and head's provisional tokens,
         then each head is compacted to its share; `layerwise`: one top-k over layer widths.
-        Other allocations are already final."""
-        if self.options.allocation not in MODEL_WIDE or plan.keep_all:
-            return
-        n, mean = plan.prompt_length, plan.layer_counts[0]
-        if n <= mean:
+        Other allocations are already final. `information` (n,) multiplies each prompt token's
+        score first (nanokv/information.py)."""
+        if not self.cuts_after_prefill(plan):
             return
         start = time.perf_counter()
-        self._select_across(arena, seq, arena.score[:, seq], plan, range(len(arena.k)))
+        scores = arena.score[:, seq]  # (L, H_kv, C)
+        if information is not None:
+            scores = weigh(scores, arena.pos[:, seq], information)
+        self._select_across(arena, seq, scores, plan, range(len(arena.k)))
         self.seconds += time.perf_counter() - start
 
     def reselect(

@@ -23,7 +23,7 @@ import torch
 from nanokv.arena import ArenaLayer
 from nanokv.kernels.decode_attention import Emitted
 from nanokv.kernels.prefill_scores import ColumnStats, column_statistics, window_attention
-from nanokv.policies.allocation import ALLOCATIONS
+from nanokv.policies.allocation import ALLOCATIONS, MODEL_WIDE
 from nanokv.policies.selection import chunk_scores, pool_scores
 
 OBSERVATIONS = ("last", "repeat")  # where an observation-window policy takes its queries from
@@ -53,6 +53,7 @@ class PolicyOptions:
     usage_decay: float = 0.5  # AUV: alpha of eq. 6
     reconstruct: bool = True  # AUV: keep evicted tokens' weighted mean in one extra slot
     observe: str = "last"  # snapkv/laprox/tova: "last" w prompt queries or KVzip's "repeat" probe
+    information: bool = False  # global/layerwise: scores times -log p(x_j | x_<j) at the cut
 
     def __post_init__(self) -> None:
         for name in ("sinks", "observation_window", "decode_window"):
@@ -74,6 +75,11 @@ class PolicyOptions:
             raise ValueError("usage_top_k must be >= 1 and usage_decay in [0, 1]")
         if self.max_head_share < 1.0:
             raise ValueError(f"max_head_share must be >= 1, got {self.max_head_share}")
+        if self.information and self.allocation not in MODEL_WIDE:
+            raise ValueError(
+                "information weighs the scores at the model-wide cut, after the last layer: "
+                f"use allocation global or layerwise (got {self.allocation!r})"
+            )
         if self.observe not in OBSERVATIONS:
             raise ValueError(
                 f"observe must be 'last' (the last prompt queries) or 'repeat' (KVzip's probe), "
@@ -173,14 +179,18 @@ class Policy:
     observes_window = False  # scores from observation queries, so observe="repeat" applies
     slot_state: tuple[str, ...] = ()  # extra per-slot statistics the arena keeps for it
     defaults: dict[str, object] = {}  # PolicyOptions overrides that suit this policy
+    repeat_defaults: dict[str, object] = {}  # and those that suit it under observe="repeat"
 
     def __init__(self, **options: object) -> None:
         """`options` are PolicyOptions fields; unset ones take this policy's defaults (and, with
         observe="repeat", REPEAT_DEFAULTS). A policy without an observation window rejects
         observe="repeat": there are no observation queries for the probe to replace."""
         observe = options.get("observe", self.defaults.get("observe", "last"))
-        repeat = REPEAT_DEFAULTS if observe == "repeat" else {}
-        self.options = PolicyOptions(**{**self.defaults, **repeat, **options})
+        repeat = {**REPEAT_DEFAULTS, **self.repeat_defaults} if observe == "repeat" else {}
+        merged = {**self.defaults, **repeat, **options}
+        if "information" not in options and merged.get("allocation") not in MODEL_WIDE:
+            merged["information"] = False  # only a model-wide cut can weigh it
+        self.options = PolicyOptions(**merged)
         if self.options.observe == "repeat" and not self.observes_window:
             raise ValueError(
                 f"policy {self.name!r} does not score from an observation window, so "
