@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from nanokv.engine import DecodeState, Engine, InputError, Sequence
+from nanokv.information import InformationTrail
 from nanokv.llm import LLM, GenerationOutput
 from nanokv.probe import segment_overhead
 from nanokv.sampling import Sampler, SamplingParams
@@ -98,6 +99,8 @@ class Conversation:
         self._ids: list[int] = []  # every token of the conversation, the arena's then pending
         self._pending: list[int] = []  # the last answer's final token: not in the arena yet
         self._rendered = ""  # the template's rendering after the last user turn
+        weighs = self.engine.policy.options.information and self.engine.policy.evicts
+        self._trail = InformationTrail() if weighs else None  # by position, for _compress
 
     @property
     def tokens_seen(self) -> int:
@@ -196,7 +199,7 @@ class Conversation:
         else:
             arena = self.state.arena
             arena.grow(int(arena.lengths.max()) + room)  # no-op when it has the room
-        return self.engine.extend(self.state, feed)
+        return self.engine.extend(self.state, feed, self._trail)
 
     def _answer(
         self,
@@ -219,6 +222,8 @@ class Conversation:
             if seq.finish_reason is not None:
                 break
             logits = self.engine.step(self.state, token)
+            if self._trail is not None:
+                self._trail.step_written(int(token[0]), logits)
         return seq
 
     def _keep_answer(self, tokens: list[int], eos: set[int]) -> None:
@@ -237,7 +242,8 @@ class Conversation:
         if not self.engine.policy.evicts or int(self.state.arena.lengths.max()) <= cache:
             return
         probes = self.engine.probes(self.tokenizer, [self._ids[:seen]])
-        self.engine.recompress(self.state, cache, probes[0] if probes else None)
+        information = None if self._trail is None else self._trail.values()
+        self.engine.recompress(self.state, cache, probes[0] if probes else None, information)
         arena = self.state.arena  # between turns each head holds only what it kept
         arena.pack_heads(arena.lengths)  # (the next turn grows it back to one rectangle)
 

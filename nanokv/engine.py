@@ -27,7 +27,7 @@ from nanokv.attention import arena_chunk_attention, prefill_attention
 from nanokv.budget import Budget
 from nanokv.config import ModelConfig
 from nanokv.eviction import EvictionStage, SequencePlan
-from nanokv.information import token_information
+from nanokv.information import InformationTrail, token_information, weigh
 from nanokv.kernels.decode_attention import decode_attention, emitted_over_steps
 from nanokv.kernels.packed_attention import packed_decode_attention
 from nanokv.kernels.value_norms import output_gram, value_output_norms
@@ -834,21 +834,26 @@ class Engine:
             state.quest.refresh(state.arena, layer)
 
     @torch.inference_mode()
-    def extend(self, state: DecodeState, tokens: list[int]) -> torch.Tensor:
+    def extend(
+        self, state: DecodeState, tokens: list[int], trail: InformationTrail | None = None
+    ) -> torch.Tensor:
         """Feeds `tokens` to every sequence of the state (teacher forcing), e.g. a question after
         a compressed context. Returns the last (B, vocab) logits. When no eviction can fall
         inside the tokens (a compressed context reserves room for them), they run as one chunk
-        against the arena; otherwise one decode step each, evicting as decode does."""
+        against the arena; otherwise one decode step each, evicting as decode does. A `trail`
+        (one sequence) records the tokens' self-information."""
         if not tokens:
             raise InputError("nothing to extend the context with: the question is empty")
         context = self.cfg.max_position_embeddings
         if int(state.positions.max()) + len(tokens) > context:
             raise InputError(f"context and question exceed the model's {context} tokens")
         if self._fits_without_eviction(state, len(tokens)):
-            return self._extend_chunk(state, tokens)
+            return self._extend_chunk(state, tokens, trail)
         batch = state.positions.shape[0]
         for token in tokens:
             logits = self.step(state, torch.full((batch,), token, device=self.device))
+            if trail is not None:
+                trail.step_written(token, logits)
         return logits
 
     def _fits_without_eviction(self, state: DecodeState, count: int) -> bool:
@@ -858,7 +863,9 @@ class Engine:
         return count <= room and no_eviction
 
     @torch.inference_mode()
-    def _extend_chunk(self, state: DecodeState, tokens: list[int]) -> torch.Tensor:
+    def _extend_chunk(
+        self, state: DecodeState, tokens: list[int], trail: InformationTrail | None = None
+    ) -> torch.Tensor:
         """Writes the tokens' K/V into the arena and attends to it causally, layer by layer.
         Policy statistics are not updated by these tokens (no eviction follows them before the
         window refills), and attention is dense even under Quest."""
@@ -887,6 +894,8 @@ class Engine:
                 state.quest.refresh(arena, layer)
         state.positions += m
         state.filled += m
+        if trail is not None:
+            return trail.chunk_written(ids[:m], h[:m], self.model.logits)
         return self.model.logits(h.view(batch, m, -1)[:, -1])
 
     def generate(
@@ -947,12 +956,20 @@ class Engine:
         return state
 
     @torch.inference_mode()
-    def recompress(self, state: DecodeState, cache: int, probe: Probe | None = None) -> None:
+    def recompress(
+        self,
+        state: DecodeState,
+        cache: int,
+        probe: Probe | None = None,
+        information: torch.Tensor | None = None,
+    ) -> None:
         """Brings a one-sequence arena back to `cache` slots a (layer, kv head) on average
         under the policy's allocation (`EvictionStage.reselect`), ranked by the policy's own
         scoring of KVzip's `probe` run against the arena (`probe_arena`) or, without one, by
         its `eviction_scores`; the sinks and the policy's observation window (the last
-        positions seen) are protected. Nothing is re-prefilled."""
+        positions seen) are protected; `information` (positions seen,) multiplies each slot's
+        score by its token's self-information (a conversation's `InformationTrail`). Nothing
+        is re-prefilled."""
         arena = state.arena
         self.settle(state)
         if int(arena.lengths.max()) <= cache:
@@ -966,6 +983,8 @@ class Engine:
         else:
             scores = self.probe_arena(state, probe)
         self.eviction.seconds += time.perf_counter() - began
+        if information is not None:  # (positions seen,) self-information, by position
+            scores = weigh(scores, arena.pos[:, 0], information)
         self.eviction.reselect(arena, 0, scores, cache, int(state.positions[0]))
 
     @torch.inference_mode()

@@ -49,3 +49,46 @@ def weigh(scores: torch.Tensor, positions: torch.Tensor, information: torch.Tens
     prompt_token = (positions >= 0) & (positions < n)
     weights = information[positions.long().clamp(0, n - 1)]
     return torch.where(prompt_token, scores * weights, scores)
+
+
+class InformationTrail:
+    """The self-information of every token written to a live arena, by position: what a
+    conversation's recompression weighs (its tokens arrive in turns and decode steps, each
+    predicted by what the arena held then)."""
+
+    def __init__(self) -> None:
+        self._values: list[torch.Tensor] = []  # per write, (m,) float32
+        self._prediction: torch.Tensor | None = None  # (vocab,) logits for the next position
+
+    def chunk_written(
+        self,
+        ids: torch.Tensor,
+        hidden: torch.Tensor,
+        logits: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Tokens `ids` (m,) were written at the next positions with final hidden states
+        `hidden` (m, hidden). Returns the (1, vocab) logits that follow them."""
+        information = token_information(logits, hidden, ids)
+        information[0] = self._first(int(ids[0]))
+        last = logits(hidden[-1:])  # (1, vocab)
+        self._values.append(information)
+        self._prediction = last[0]
+        return last
+
+    def step_written(self, token: int, logits: torch.Tensor) -> None:
+        """`token` was written at the next position and predicts `logits` (1, vocab)."""
+        self._values.append(self._first(token).view(1))
+        self._prediction = logits[0]
+
+    def _first(self, token: int) -> torch.Tensor:
+        """-log p(token) under the last prediction; NaN (filled later) when there is none."""
+        if self._prediction is None:
+            return torch.tensor(float("nan"))
+        return -torch.log_softmax(self._prediction.float(), dim=-1)[token]
+
+    def values(self) -> torch.Tensor:
+        """(positions written,) float32; the first token, which nothing predicted, gets the
+        largest of the others (it is a sink anyway)."""
+        values = torch.cat([value.to(self._values[0].device) for value in self._values])
+        known = values[~values.isnan()]
+        return values.nan_to_num(float(known.max()) if known.numel() else 1.0)

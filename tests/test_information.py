@@ -12,6 +12,7 @@ import nanokv
 from nanokv.budget import Budget
 from nanokv.cli import main
 from nanokv.engine import Engine
+from nanokv.eviction import EvictionStage
 from nanokv.information import token_information, weigh
 from nanokv.loader import load_config, load_model
 from nanokv.policies import make_policy
@@ -133,3 +134,54 @@ def test_cli_information_flag(tiny_llama_dir, capsys):
     assert main([*argv, "--policy", "snapkv", "--information", DOC]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("nanokv: error:") and "global" in err[0]
+
+
+# --- a conversation's trail ---------------------------------------------------------------------
+
+
+def _dense_information(hf, ids: list[int]) -> torch.Tensor:
+    """(n - 1,) -log p(x_j | x_<j) of tokens 1.. of `ids` with everything in view."""
+    tokens = torch.tensor(ids)
+    with torch.no_grad():
+        log_p = torch.log_softmax(hf(tokens.view(1, -1)).logits[0].float(), dim=-1)
+    return -log_p[:-1].gather(-1, tokens[1:].view(-1, 1)).squeeze(-1)
+
+
+def test_a_conversation_trails_each_tokens_information_by_position(tiny_llama_dir):
+    """Turns (chunks), answers (decode steps) and the pending last answer token: with nothing
+    evicted, the trail is the dense per-token loss of the conversation's tokens."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=1.0)
+    conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=5, ignore_eos=True))
+    conversation.send("the quick brown fox")
+    conversation.send("jumps over the lazy dog")
+    seen = conversation.tokens_seen
+    trail = conversation._trail.values()
+    assert trail.shape == (seen,)
+    want = _dense_information(hf, conversation._ids[:seen])
+    torch.testing.assert_close(trail[1:], want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_conversation_recompresses_on_score_times_information(tiny_llama_dir, monkeypatch):
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    probed, selected = [], []
+    probe_arena, reselect = Engine.probe_arena, EvictionStage.reselect
+
+    def probe_spy(engine, state, probe, chunk=None):
+        probed.append((probe_arena(engine, state, probe, chunk), state.arena.pos[:, 0].clone()))
+        return probed[-1][0]
+
+    def reselect_spy(stage, arena, seq, scores, cache, seen):
+        selected.append(scores.clone())
+        return reselect(stage, arena, seq, scores, cache, seen)
+
+    monkeypatch.setattr(Engine, "probe_arena", probe_spy)
+    monkeypatch.setattr(EvictionStage, "reselect", reselect_spy)
+    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0)
+    conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=4, ignore_eos=True))
+    conversation.send(DOC)
+    ((scores, positions),), (ranked,) = probed, selected
+    information = torch.ones(conversation.tokens_seen)
+    information[1:] = _dense_information(hf, conversation._ids[: conversation.tokens_seen])
+    information[0] = information[1:].max()
+    torch.testing.assert_close(ranked, weigh(scores, positions, information), rtol=1e-4, atol=0)
