@@ -147,8 +147,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--information", action=argparse.BooleanOptionalAction,
-        help="global/layerwise: weigh each prompt token's score by its self-information "
-        "-log p(x_j | x_<j) (default: on for laprox with --observe repeat, off otherwise)",
+        help="global/layerwise: weigh each token's score by its self-information "
+        "-log p(x_j | x_<j) at the model-wide cut (default off)",
     )  # fmt: skip
     p.add_argument("--pool", type=int, help="max-pool kernel along tokens (odd)")
     p.add_argument("--chunk", type=int, help="keep whole chunks of C tokens (default 1)")

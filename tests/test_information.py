@@ -91,8 +91,7 @@ class _PreWeighted(LaProx):
 def test_the_model_wide_cut_ranks_score_times_information(model, document):
     net, _ = model
     ids, probe = document
-    weighted = _engine(model, make_policy("laprox", observe="repeat"))
-    assert weighted.policy.options.information
+    weighted = _engine(model, make_policy("laprox", observe="repeat", information=True))
     information = weighted.record_prompt(ids, probe=probe).information(net.logits)
     reference = _engine(model, _PreWeighted(information, observe="repeat", information=False))
     plain = _engine(model, make_policy("laprox", observe="repeat", information=False))
@@ -107,29 +106,29 @@ def test_the_model_wide_cut_ranks_score_times_information(model, document):
 @pytest.mark.parametrize("allocation", ["global", "layerwise"])
 def test_a_recorded_pass_cuts_as_the_live_prefill(model, document, allocation):
     ids, probe = document
-    engine = _engine(model, make_policy("laprox", observe="repeat", allocation=allocation))
-    assert engine.policy.options.information
+    policy = make_policy("laprox", observe="repeat", allocation=allocation, information=True)
+    engine = _engine(model, policy)
     live, logits = engine.start([ids], 4, probes=[probe])
     shared, logits_r = engine.start([ids], 4, records=[engine.record_prompt(ids, probe=probe)])
     assert _kept(live) == _kept(shared)
     torch.testing.assert_close(logits, logits_r, atol=0, rtol=0)
 
 
-def test_information_is_on_where_it_applies(tiny_llama_dir):
-    assert make_policy("laprox", observe="repeat").options.information
-    assert not make_policy("laprox").options.information  # question-aware: unchanged
-    assert not make_policy("snapkv", observe="repeat").options.information
-    layer = make_policy("laprox", observe="repeat", allocation="layer")
-    assert not layer.options.information  # the default steps aside where no cut waits for it
+def test_information_is_a_choice_of_model_wide_cuts(tiny_llama_dir):
+    assert not make_policy("laprox", observe="repeat").options.information  # off by default
+    assert make_policy("laprox", observe="repeat", information=True).options.information
     with pytest.raises(ValueError, match="information weighs the scores at the model-wide cut"):
         make_policy("snapkv", information=True)
-    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0)
-    assert llm.compress_policy.options.information and not llm.policy.options.information
+    with pytest.raises(ValueError, match="use allocation global or layerwise"):
+        make_policy("laprox", allocation="layer", information=True)
+    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0, information=True)
+    assert llm.compress_policy.options.information and llm.policy.options.information
 
 
 def test_cli_information_flag(tiny_llama_dir, capsys):
     argv = ["generate", "--model", str(tiny_llama_dir), "--max-new-tokens", "2", "--budget", "0.5"]
-    assert main([*argv, "--policy", "laprox", "--observe", "repeat", "--no-information", DOC]) == 0
+    assert main([*argv, "--policy", "laprox", "--observe", "repeat", "--information", DOC]) == 0
+    assert main([*argv, "--policy", "laprox", "--no-information", DOC]) == 0
     assert main([*argv, "--policy", "laprox", "--information", DOC]) == 0
     assert main([*argv, "--policy", "snapkv", "--information", DOC]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -151,7 +150,7 @@ def test_a_conversation_trails_each_tokens_information_by_position(tiny_llama_di
     """Turns (chunks), answers (decode steps) and the pending last answer token: with nothing
     evicted, the trail is the dense per-token loss of the conversation's tokens."""
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=1.0)
+    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=1.0, information=True)
     conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=5, ignore_eos=True))
     conversation.send("the quick brown fox")
     conversation.send("jumps over the lazy dog")
@@ -177,7 +176,7 @@ def test_a_conversation_recompresses_on_score_times_information(tiny_llama_dir, 
 
     monkeypatch.setattr(Engine, "probe_arena", probe_spy)
     monkeypatch.setattr(EvictionStage, "reselect", reselect_spy)
-    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0)
+    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0, information=True)
     conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=4, ignore_eos=True))
     conversation.send(DOC)
     ((scores, positions),), (ranked,) = probed, selected

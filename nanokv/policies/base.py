@@ -179,18 +179,14 @@ class Policy:
     observes_window = False  # scores from observation queries, so observe="repeat" applies
     slot_state: tuple[str, ...] = ()  # extra per-slot statistics the arena keeps for it
     defaults: dict[str, object] = {}  # PolicyOptions overrides that suit this policy
-    repeat_defaults: dict[str, object] = {}  # and those that suit it under observe="repeat"
 
     def __init__(self, **options: object) -> None:
         """`options` are PolicyOptions fields; unset ones take this policy's defaults (and, with
         observe="repeat", REPEAT_DEFAULTS). A policy without an observation window rejects
         observe="repeat": there are no observation queries for the probe to replace."""
         observe = options.get("observe", self.defaults.get("observe", "last"))
-        repeat = {**REPEAT_DEFAULTS, **self.repeat_defaults} if observe == "repeat" else {}
-        merged = {**self.defaults, **repeat, **options}
-        if "information" not in options and merged.get("allocation") not in MODEL_WIDE:
-            merged["information"] = False  # only a model-wide cut can weigh it
-        self.options = PolicyOptions(**merged)
+        repeat = REPEAT_DEFAULTS if observe == "repeat" else {}
+        self.options = PolicyOptions(**{**self.defaults, **repeat, **options})
         if self.options.observe == "repeat" and not self.observes_window:
             raise ValueError(
                 f"policy {self.name!r} does not score from an observation window, so "

@@ -44,7 +44,6 @@ class LaProx(Policy):
     decode_statistics = "summed"
     observes_window = True
     defaults = {"allocation": "global", "pool": 31}
-    repeat_defaults = {"information": True}
 
     def initial_memory(self, batch: int) -> dict[str, torch.Tensor]:
         return {"normaliser": torch.ones(0, batch)}  # (L, B), grown as layers are prefilled
