@@ -7,7 +7,10 @@ query-agnostic probe scores at the model-wide cut (``PolicyOptions.information``
 which keys reconstructing the document reads, the self-information how much of the document only
 that key holds. It needs the final hidden state of every prompt position, which the layer-major
 prefill has once its last layer ran, so it applies where the selection is made then (the
-`global` and `layerwise` allocations).
+`global` and `layerwise` allocations), among each head's provisional best `head_cap` tokens
+(every token under the probe's uncapped default at 5% and 10%). A conversation records each
+token's information when it is written (`InformationTrail`) and weighs its recompression too.
+Off by default: on context-only NIAH and the chat suite it did not help (docs/eval.md).
 """
 
 from __future__ import annotations
