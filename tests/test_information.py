@@ -14,7 +14,6 @@ from nanokv.cli import main
 from nanokv.engine import Engine
 from nanokv.eviction import EvictionStage
 from nanokv.information import token_information, weigh
-from nanokv.loader import load_config, load_model
 from nanokv.policies import make_policy
 from nanokv.policies.base import ProbedKeys
 from nanokv.policies.laprox import LaProx
@@ -26,20 +25,14 @@ PROMPT = [(13 * i + 7) % 300 + 3 for i in range(90)]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llama_dir):
-    cfg = load_config(tiny_llama_dir)
-    return load_model(tiny_llama_dir, cfg, torch.float32, torch.device("cpu")), cfg
-
-
-@pytest.fixture(scope="module")
 def document(tiny_llama_dir):
     tokenizer = Tokenizer(tiny_llama_dir)
     ids = tokenizer.encode_chat([{"role": "user", "content": DOC}])
     return ids, repeat_probe(tokenizer, ids, span=24)
 
 
-def _engine(model, policy) -> Engine:
-    net, cfg = model
+def _engine(tiny_llama, policy) -> Engine:
+    net, cfg = tiny_llama
     return Engine(net, cfg, policy, budget=Budget(0.3), prefill_chunk=16)
 
 
@@ -54,14 +47,14 @@ def _kept(state) -> list[list[set[int]]]:
     ]
 
 
-def test_information_is_transformers_per_token_loss(tiny_llama_dir, model):
-    net, _ = model
+def test_information_is_transformers_per_token_loss(tiny_llama_dir, tiny_llama):
+    net, _ = tiny_llama
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     ids = torch.tensor(PROMPT)
     with torch.no_grad():
         log_p = torch.log_softmax(hf(ids.view(1, -1)).logits[0].float(), dim=-1)
     want = -log_p[:-1].gather(-1, ids[1:].view(-1, 1)).squeeze(-1)  # (n - 1,)
-    record = _engine(model, make_policy("full")).record_prompt(PROMPT)
+    record = _engine(tiny_llama, make_policy("full")).record_prompt(PROMPT)
     information = record.information(net.logits)
     torch.testing.assert_close(information[1:], want, atol=1e-4, rtol=1e-4)
     assert information[0] == want.max()
@@ -88,13 +81,13 @@ class _PreWeighted(LaProx):
         return super().score_probe(keys) * self.weights
 
 
-def test_the_model_wide_cut_ranks_score_times_information(model, document):
-    net, _ = model
+def test_the_model_wide_cut_ranks_score_times_information(tiny_llama, document):
+    net, _ = tiny_llama
     ids, probe = document
-    weighted = _engine(model, make_policy("laprox", observe="repeat", information=True))
+    weighted = _engine(tiny_llama, make_policy("laprox", observe="repeat", information=True))
     information = weighted.record_prompt(ids, probe=probe).information(net.logits)
-    reference = _engine(model, _PreWeighted(information, observe="repeat", information=False))
-    plain = _engine(model, make_policy("laprox", observe="repeat", information=False))
+    reference = _engine(tiny_llama, _PreWeighted(information, observe="repeat", information=False))
+    plain = _engine(tiny_llama, make_policy("laprox", observe="repeat", information=False))
     kept = {}
     for name, engine in (("weighted", weighted), ("reference", reference), ("plain", plain)):
         state, _ = engine.start([ids], 4, probes=[probe])
@@ -104,10 +97,10 @@ def test_the_model_wide_cut_ranks_score_times_information(model, document):
 
 
 @pytest.mark.parametrize("allocation", ["global", "layerwise"])
-def test_a_recorded_pass_cuts_as_the_live_prefill(model, document, allocation):
+def test_a_recorded_pass_cuts_as_the_live_prefill(tiny_llama, document, allocation):
     ids, probe = document
     policy = make_policy("laprox", observe="repeat", allocation=allocation, information=True)
-    engine = _engine(model, policy)
+    engine = _engine(tiny_llama, policy)
     live, logits = engine.start([ids], 4, probes=[probe])
     shared, logits_r = engine.start([ids], 4, records=[engine.record_prompt(ids, probe=probe)])
     assert _kept(live) == _kept(shared)
