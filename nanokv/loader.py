@@ -18,6 +18,7 @@ from torch import nn
 
 from nanokv.config import ConfigError, ModelConfig
 from nanokv.models import build_model
+from nanokv.models.linear import input_major_default
 from nanokv.models.rope import Rotary
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -126,8 +127,8 @@ def load_model(
     model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
     """Builds the model for `cfg` and fills it from the checkpoint, checked tensor by tensor,
-    then fuses its projections and sets the LM head its logits read (models/linear.py; the
-    checkpoint's names and layout do not change)."""
+    then fuses its projections, lays them out for this machine's GEMV and sets the LM head its
+    logits read (models/linear.py; the checkpoint's names and shapes do not change)."""
     with torch.device("meta"):
         model = build_model(cfg)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
@@ -140,7 +141,7 @@ def load_model(
         for name, tensor in _read_tensors(file, names).items():
             state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True)
-    model.prepare_weights()
+    model.prepare_weights(input_major_default(dtype, device))
     for module in model.modules():
         if isinstance(module, Rotary):
             module.materialize(device)

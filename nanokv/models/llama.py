@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokv.config import ModelConfig
-from nanokv.models.linear import fuse_rows, head_logits, head_weight, linear
+from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear
 from nanokv.models.rope import Rotary
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, "tanh")}
@@ -56,8 +56,10 @@ class LlamaAttentionWeights(nn.Module):
         self.qkv_weight: torch.Tensor | None = None  # ((H_q + 2 H_kv) D, hidden) once fused
         self.qkv_bias: torch.Tensor | None = None
 
-    def fuse(self) -> None:
-        self.qkv_weight, self.qkv_bias = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
+    def fuse(self, input_major: bool = False) -> None:
+        fused = fuse_rows(self.q_proj, self.k_proj, self.v_proj, input_major=input_major)
+        self.qkv_weight, self.qkv_bias = fused
+        lay_out(self.o_proj, input_major)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, hidden) -> qk (T, (H_q + H_kv) D), v (T, H_kv D): views of one GEMV's output,
@@ -76,8 +78,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_weight: torch.Tensor | None = None  # (2 intermediate, hidden) once fused
         self.gate_up_bias: torch.Tensor | None = None
 
-    def fuse(self) -> None:
-        self.gate_up_weight, self.gate_up_bias = fuse_rows(self.gate_proj, self.up_proj)
+    def fuse(self, input_major: bool = False) -> None:
+        fused = fuse_rows(self.gate_proj, self.up_proj, input_major=input_major)
+        self.gate_up_weight, self.gate_up_bias = fused
+        lay_out(self.down_proj, input_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, hidden) -> (T, hidden)."""
@@ -142,16 +146,18 @@ class LlamaForCausalLM(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
 
-    def prepare_weights(self) -> None:
-        """After loading (see above): fused q/k/v and gate/up, the LM head."""
+    def prepare_weights(self, input_major: bool = False) -> None:
+        """After loading (see above): fused q/k/v and gate/up, every projection and the LM head
+        laid out input-major or not (models/linear.py); callable again to switch."""
         for block in self.blocks:
-            block.self_attn.fuse()
-            block.mlp.fuse()
+            block.self_attn.fuse(input_major)
+            block.mlp.fuse(input_major)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.prepare()
         tied = self.cfg.tie_word_embeddings
-        self.head = head_weight(self.model.embed_tokens.weight if tied else self.lm_head.weight)
+        head = self.model.embed_tokens if tied else self.lm_head
+        self.head = head_weight(lay_out(head, input_major))
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

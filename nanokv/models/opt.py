@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokv.config import ModelConfig
-from nanokv.models.linear import fuse_rows, head_logits, head_weight, linear
+from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq's padding legacy)
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -28,8 +28,10 @@ class OPTAttentionWeights(nn.Module):
         self.qkv_weight: torch.Tensor | None = None  # (3 hidden, hidden) once fused
         self.qkv_bias: torch.Tensor | None = None
 
-    def fuse(self) -> None:
-        self.qkv_weight, self.qkv_bias = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
+    def fuse(self, input_major: bool = False) -> None:
+        fused = fuse_rows(self.q_proj, self.k_proj, self.v_proj, input_major=input_major)
+        self.qkv_weight, self.qkv_bias = fused
+        lay_out(self.out_proj, input_major)
 
 
 class OPTBlock(nn.Module):
@@ -109,13 +111,19 @@ class OPTForCausalLM(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.model.decoder.layers
 
-    def prepare_weights(self) -> None:
-        """After loading (see above): fused q/k/v, the LM head."""
+    def prepare_weights(self, input_major: bool = False) -> None:
+        """After loading (see above): fused q/k/v, every projection and the LM head laid out
+        input-major or not (models/linear.py); callable again to switch."""
+        decoder = self.model.decoder
         for block in self.blocks:
-            block.self_attn.fuse()
-        tied = self.cfg.tie_word_embeddings
-        head = self.model.decoder.embed_tokens.weight if tied else self.lm_head.weight
-        self.head = head_weight(head)
+            block.self_attn.fuse(input_major)
+            lay_out(block.fc1, input_major)
+            lay_out(block.fc2, input_major)
+        for name in ("project_in", "project_out"):
+            if hasattr(decoder, name):
+                lay_out(getattr(decoder, name), input_major)
+        head = decoder.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+        self.head = head_weight(lay_out(head, input_major))
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         decoder = self.model.decoder
