@@ -58,6 +58,7 @@ import torch
 import nanokv
 from nanokv.dtypes import resolve_dtype
 from nanokv.kernels.decode_attention import triton_available
+from nanokv.models.linear import is_input_major
 
 ENGINES = ("nanokv", "transformers")
 POLICY_CELLS = (
@@ -483,6 +484,7 @@ def engine_info(llm: nanokv.LLM, hf: HFRunner | None) -> dict:
         "dtype_reason": llm.dtype_reason,
         "nanokv_prefill_chunk": llm.engine.prefill_chunk,
         "nanokv_decode_attention": "triton split-K" if cuda_kernel else "torch path",
+        "nanokv_weight_layout": "input-major" if is_input_major(llm.model.head) else "output-major",
     }
     if hf is not None:
         import transformers

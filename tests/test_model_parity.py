@@ -16,9 +16,13 @@ DECODE_STEPS = 16
 ATOL = 2e-4
 
 
-def _engine(path, prefill_chunk=5) -> Engine:
+def _engine(path, prefill_chunk=5, input_major: bool | None = None) -> Engine:
+    """The full-cache engine of a checkpoint; `input_major` re-lays its weights out (None: the
+    loader's choice for this machine)."""
     cfg = load_config(path)
     model = load_model(path, cfg, torch.float32, torch.device("cpu"))
+    if input_major is not None:
+        model.prepare_weights(input_major)
     return Engine(model, cfg, make_policy("full"), prefill_chunk=prefill_chunk)
 
 
@@ -42,9 +46,10 @@ def test_sharded_checkpoints_really_are_sharded(checkpoint):
     assert (path / "model.safetensors.index.json").exists() == (kind in ("llama", "opt"))
 
 
-def test_prompt_logits_match_transformers(checkpoint):
+@pytest.mark.parametrize("input_major", [False, True], ids=["output-major", "input-major"])
+def test_prompt_logits_match_transformers(checkpoint, input_major):
     _, hf_model, path = checkpoint
-    engine = _engine(path)
+    engine = _engine(path, input_major=input_major)
     cfg = engine.cfg
     for prompt in PROMPTS:
         arena = KVArena(cfg.num_layers, 1, cfg.num_kv_heads, 32, cfg.head_dim, dtype=torch.float32)
@@ -52,11 +57,13 @@ def test_prompt_logits_match_transformers(checkpoint):
         torch.testing.assert_close(ours, _hf_logits(hf_model, prompt), atol=ATOL, rtol=1e-4)
 
 
-def test_batched_greedy_decode_matches_transformers(checkpoint):
+@pytest.mark.parametrize("input_major", [False, True], ids=["output-major", "input-major"])
+def test_batched_greedy_decode_matches_transformers(checkpoint, input_major):
     """A batch of two prompts of different lengths, 16 greedy steps: every step's logits equal
-    transformers' forward over the prompt plus the tokens generated so far."""
+    transformers' forward over the prompt plus the tokens generated so far, whichever way the
+    weights are laid out (models/linear.py)."""
     _, hf_model, path = checkpoint
-    engine = _engine(path)
+    engine = _engine(path, input_major=input_major)
     state, logits = engine.start(PROMPTS, DECODE_STEPS)
     steps = [logits]
     generated = [[] for _ in PROMPTS]

@@ -12,11 +12,12 @@ Three things keep those reads few, large and exact where it matters:
   `F.linear`, so fp32 results are bit-for-bit those of the unfused model.
 - On AMD CPUs fp32 weights are stored input-major: each weight keeps its (out, in) shape and
   names, as a transposed view of an (in, out) tensor, so `F.linear` hands MKL the product
-  `x @ W_t`. MKL's fp32 GEMV of one row reads an (out, in) weight at about half the bandwidth
-  of the (in, out) one on those CPUs (2-core AMD EPYC, one thread: 6.1 against 11.2 GB/s for a
-  2048 x 576 weight, the LM head 18.3 against 9.4 ms), and a decode step then takes 1.17-1.22x
-  less time, same greedy tokens (`bench/weight_layout.py`). Intel CPUs and half precision keep
-  the output-major layout, measured there (`input_major_default`).
+  `x @ W_t`. MKL's fp32 GEMV of one row reads an (out, in) weight markedly slower there: on a
+  2-core AMD EPYC (AVX2, one thread) the weights of a SmolLM2-135M step read at 6.8 against
+  8.8 GB/s, and a decode step took 1.27x less time at 512 tokens (full cache) and 1.15x at 5% of
+  8128 (laprox), same greedy tokens (`bench/weight_layout.py`, docs/bench/weight_layout.jsonl).
+  Prefill's GEMMs do not care. Intel CPUs (not measured in that layout yet) and half precision
+  keep the output-major layout (`input_major_default`).
 - `head_logits` reads a half-precision LM head in its own dtype (half the bytes of an fp32 copy:
   the head is the largest single read of a step, 49152 x 576 in SmolLM2-135M) and then
   recomputes the `REFINED_LOGITS` largest logits of each row exactly in fp32 from the same

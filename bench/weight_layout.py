@@ -1,0 +1,181 @@
+"""Weight-layout benchmark: fp32 decode with output-major vs input-major weights, in one process.
+
+What: the default model (or --model) in fp32 on the CPU; the full cache at `--reference` tokens
+(default 512) and `--policy` (laprox) at `--budget` (5%) of `--length` (8128) tokens of real
+text, each prefilled once. Then `--repeats` rounds; in each round every cell decodes
+`--new-tokens` greedy steps from a copy of its prefilled state once with the weights laid out
+output-major (the checkpoint's (out, in), what `F.linear` reads as x @ W^T) and once
+input-major (the same values held as an (in, out) tensor: x @ W_t), switching the model's layout
+in place between the two (`prepare_weights`), the order alternating from round to round. Also a
+GEMV micro-benchmark (one row times every weight a step reads, fused as it reads them, in each
+layout) and the machine's copy bandwidth. JSON lines: one a cell and layout (medians, ms a
+step), the GEMVs, and a summary with the step ratios and whether the greedy tokens agree.
+
+Why: batch-1 decode is a chain of GEMVs, and MKL's fp32 GEMV of one row reads the two layouts at
+different speeds on some CPUs (models/linear.py); the loader lays weights out by the CPU's
+vendor, and this measures the choice on the machine at hand (STYLE.md #10: ratios from one run).
+
+    python bench/weight_layout.py --threads 1
+    python bench/weight_layout.py --length 1024 --new-tokens 8 --repeats 1      # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from e2e import copy_bandwidth_gb_s, emit, machine_info, stdlib_token_stream
+
+import nanokv
+from nanokv.models.linear import cpu_vendor, input_major_default, is_input_major
+
+LAYOUTS = {"output-major": False, "input-major": True}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; see the module docstring."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF-layout model dir (default: SmolLM2-135M)")
+    p.add_argument("--reference", type=int, default=512, help="prompt tokens of the full cache")
+    p.add_argument("--length", type=int, default=8128, help="prompt tokens of the policy cell")
+    p.add_argument("--policy", default="laprox")
+    p.add_argument("--budget", type=float, default=0.05)
+    p.add_argument("--new-tokens", type=int, default=25, help="decode steps + 1 a round")
+    p.add_argument("--repeats", type=int, default=6, help="rounds; medians reported")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="order of the stdlib files in the prompt")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
+    args = p.parse_args(argv)
+    if min(args.reference, args.length) < 1 or args.new_tokens < 2 or args.repeats < 1:
+        p.error("--reference and --length must be >= 1, --new-tokens >= 2, --repeats >= 1")
+    if not 0 < args.budget <= 1:
+        p.error("--budget must be in (0, 1]")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+@dataclass
+class Cell:
+    policy: str
+    budget: float
+    length: int
+    engine: object = None
+    prefilled: object = None  # (state, logits)
+    step_ms: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in LAYOUTS})
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.policy}@{self.budget}@{self.length}"
+
+
+def decode(cell: Cell, steps: int) -> tuple[float, list[int]]:
+    """`steps` greedy steps from a copy of the cell's prefilled state: (ms a step, tokens)."""
+    state, logits = cell.prefilled
+    state, tokens, out = state.clone(), logits.argmax(-1), []
+    start = time.perf_counter()
+    for _ in range(steps):
+        tokens = cell.engine.step(state, tokens).argmax(-1)
+        out.append(int(tokens[0]))
+    return (time.perf_counter() - start) * 1e3 / steps, out
+
+
+def step_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights a decode step reads, fused as it reads them (Llama's or OPT's blocks)."""
+    weights = []
+    for block in model.blocks:
+        weights += [block.self_attn.qkv_weight, block.o_proj.weight]
+        mlp = getattr(block, "mlp", None)
+        if mlp is not None:
+            weights += [mlp.gate_up_weight, mlp.down_proj.weight]
+        else:
+            weights += [block.fc1.weight, block.fc2.weight]
+    return weights + [model.head]
+
+
+def gemv_lines(model: torch.nn.Module, repeats: int = 5) -> list[dict]:
+    """One row times every weight a decode step reads (`step_weights`), in each layout: the
+    weights' bytes over the best of `repeats` passes."""
+    lines = []
+    for layout, input_major in LAYOUTS.items():
+        model.prepare_weights(input_major)
+        weights = step_weights(model)
+        rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for weight in weights:
+                torch.nn.functional.linear(rows[weight.shape[1]], weight)
+            best = min(best, time.perf_counter() - start)
+        size = sum(w.numel() * w.element_size() for w in weights)
+        lines.append({
+            "bench": "weight_layout-gemv", "layout": layout, "weights": len(weights),
+            "bytes": size, "ms": round(best * 1e3, 2), "gb_s": round(size / best / 1e9, 2),
+        })  # fmt: skip
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    llm = nanokv.LLM(args.model, dtype="float32", device="cpu")
+    model, steps, sink = llm.model, args.new_tokens - 1, []
+    default = input_major_default(torch.float32, torch.device("cpu"))
+    emit({
+        "machine": machine_info(llm.device), "cpu_vendor": cpu_vendor(),
+        "loader_layout": "input-major" if default else "output-major",
+    }, sink)  # fmt: skip
+    stream = stdlib_token_stream(llm.tokenizer.encode, max(args.reference, args.length), args.seed)
+    cells = [Cell("full", 1.0, args.reference), Cell(args.policy, args.budget, args.length)]
+    bandwidths = [copy_bandwidth_gb_s(llm.device)]
+    with torch.inference_mode():
+        for cell in cells:
+            llm.configure(cell.policy, budget=cell.budget, min_cache=0)
+            cell.engine = llm.engine
+            cell.prefilled = cell.engine.start([stream[: cell.length]], args.new_tokens)
+            print(f"# prefilled {cell.name}", file=sys.stderr, flush=True)
+        for round_ in range(args.repeats):
+            order = list(LAYOUTS) if round_ % 2 == 0 else list(reversed(LAYOUTS))
+            for layout in order:
+                model.prepare_weights(LAYOUTS[layout])
+                for cell in cells:
+                    ms, tokens = decode(cell, steps)
+                    cell.step_ms[layout].append(ms)
+                    cell.tokens[layout] = tokens
+            bandwidths.append(copy_bandwidth_gb_s(llm.device))
+            print(f"# round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+        for line in gemv_lines(model):
+            emit(line, sink)
+    model.prepare_weights(default)
+    assert is_input_major(model.head) is default
+    summary = {"bench": "weight_layout-summary", "copy_gb_s": round(max(bandwidths), 2)}
+    for cell in cells:
+        medians = {k: statistics.median(v) for k, v in cell.step_ms.items()}
+        for layout, ms in medians.items():
+            emit({
+                "bench": "weight_layout", "cell": cell.name, "layout": layout, "steps": steps,
+                "rounds": args.repeats, "step_ms": round(ms, 2),
+                "step_ms_rounds": [round(x, 2) for x in cell.step_ms[layout]],
+            }, sink)  # fmt: skip
+        summary[f"{cell.name} output-major / input-major step"] = round(
+            medians["output-major"] / medians["input-major"], 3
+        )
+        summary[f"{cell.name} same greedy tokens"] = (
+            cell.tokens["output-major"] == cell.tokens["input-major"]
+        )
+    emit(summary, sink)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("".join(line + "\n" for line in sink))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
