@@ -352,6 +352,13 @@ class KVArena:
 
     def write_value_norms(self, layer: int, slots: torch.Tensor, norms: torch.Tensor) -> None:
         """Value norms (B, H_q, n) of the tokens at `slots` (B, H_kv, n)."""
+        pages = self._pages[layer]
+        if pages is not None:  # in place in the flat (S, G) buffer
+            batch, q_heads, n = norms.shape
+            per_slot = norms.float().view(batch, q_heads // self.group, self.group, n)
+            flat = _part(self.value_norms, layer).flat
+            flat[pages.flat_slots(slots)] = per_slot.transpose(-1, -2).to(flat.dtype)
+            return
         edit = self._edit(layer)
         q_slots = slots.long().repeat_interleave(self.group, dim=1)
         edit.value_norms.scatter_(2, q_slots, norms.float())
@@ -395,6 +402,13 @@ class KVArena:
         overlap.
         """
         src, dst = src_slots.long(), dst_slots.long()
+        pages = self._pages[layer]
+        if pages is not None:  # in place in the flat buffers: no rectangle gathered
+            src, dst = pages.flat_slots(src).flatten(), pages.flat_slots(dst).flatten()
+            for buffer in self._buffers():
+                flat = _part(buffer, layer).flat
+                flat[dst] = flat[src]
+            return
         edit = self._edit(layer)
         head_dim = edit.k.shape[-1]
         src_vec = src.unsqueeze(-1).expand(-1, -1, -1, head_dim)
@@ -408,6 +422,20 @@ class KVArena:
             dst_q = dst.repeat_interleave(self.group, dim=1)
             edit.value_norms.scatter_(2, dst_q, edit.value_norms.gather(2, src_q))
         edit.commit()
+
+    def values_at(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, n, D) the values held at `slots` (B, H_kv, n) of `layer`."""
+        pages = self._pages[layer]
+        if pages is not None:
+            return _part(self.v, layer).flat[pages.flat_slots(slots)]
+        values = _part(self.v, layer)  # (B, H_kv, C, D)
+        index = slots.long().unsqueeze(-1).expand(-1, -1, -1, values.shape[-1])
+        return values.gather(2, index)
+
+    def _buffers(self) -> list[Buffer]:
+        """Every per-slot buffer: K, V, positions, the slot statistics, value norms if kept."""
+        buffers = [self.k, self.v, self.pos, *self.slot_state.values()]
+        return buffers + ([self.value_norms] if self.value_norms is not None else [])
 
     def set_lengths(self, layer: int, lengths: torch.Tensor, seq: int | None = None) -> None:
         """Sets each head's length, (B, H_kv) (or (1, H_kv) for one `seq`), marking the slots

@@ -805,9 +805,8 @@ class Engine:
 
     def _write_value_norms(self, arena: KVArena, layer: int, slots: torch.Tensor) -> None:
         """||v_j W_O^h|| of the values at `slots` (B, H_kv, n), into the arena's value norms."""
-        values = arena.layer(layer).v  # (B, H_kv, C, D)
-        index = slots.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1])
-        arena.write_value_norms(layer, slots, self._value_norms(layer, values.gather(2, index)))
+        values = arena.values_at(layer, slots)  # (B, H_kv, n, D)
+        arena.write_value_norms(layer, slots, self._value_norms(layer, values))
 
     def _evict_if_full(self, state: DecodeState, layer: int) -> None:
         """Runs a multi-step eviction for the sequences whose decode window is full. The check

@@ -115,9 +115,10 @@ def _same_rows(packed: KVArena, stacked: KVArena) -> None:
 @given(data=st.data())
 @settings(max_examples=40, deadline=None)
 def test_a_packed_arena_moves_tokens_as_a_rectangular_one(data):
-    """Fill, pack, then appends, multi-step evictions (scatter + set_lengths), compactions and
-    statistics writes: a packed arena and its rectangular twin agree slot for slot, and each
-    packed head holds exactly the slots it was given."""
+    """Fill, pack, then appends, multi-step evictions (scatter + set_lengths, the moved tokens'
+    value norms rewritten), compactions and statistics writes: a packed arena and its
+    rectangular twin agree slot for slot, and each packed head holds exactly the slots it was
+    given."""
     batch = data.draw(st.integers(1, 2))
     counts = torch.tensor(data.draw(st.lists(st.integers(1, 12), min_size=LAYERS * batch * KV_HEADS,
                                              max_size=LAYERS * batch * KV_HEADS)))  # fmt: skip
@@ -162,6 +163,10 @@ def test_a_packed_arena_moves_tokens_as_a_rectangular_one(data):
             arena.set_lengths(layer, (lengths - 1).int())
             width = arena.layer_capacity(layer)
             arena.set_slot_state(layer, {"usage": rows["usage"][..., :width]})
+        fresh = torch.rand(batch, KV_HEADS * GROUP, 1, generator=gen)  # the moved token's norms
+        for arena in (packed, stacked):
+            arena.write_value_norms(layer, victims, fresh)
+        assert torch.equal(packed.values_at(layer, victims), stacked.values_at(layer, victims))
     _same_rows(packed, stacked)
 
 
@@ -206,3 +211,31 @@ def test_an_engine_decodes_the_same_with_pages_per_head_in_fewer_bytes(tiny, nam
                 n = int(packed.arena.lengths[layer, seq, head])
                 want = stacked.arena.pos[layer, seq, head, :n].sort().values
                 assert torch.equal(packed.arena.pos[layer, seq, head, :n].sort().values, want)
+
+
+def test_value_norms_and_values_at_slots_of_a_packed_layer_match_a_rectangular_one():
+    """`write_value_norms` and `values_at` on several slots a head, in place in a packed
+    layer's flat buffers, agree with the rectangular twin's (query heads in kv-head order)."""
+    gen = torch.Generator().manual_seed(3)
+    packed, stacked = _arena(1, 16), _arena(1, 16)
+    n, counts = 12, torch.tensor([[5, 12, 8], [7, 9, 12]])
+    k, v = (
+        torch.randn(KV_HEADS, n, DIM, generator=gen),
+        torch.randn(KV_HEADS, n, DIM, generator=gen),
+    )
+    for layer in range(LAYERS):
+        held = torch.rand(KV_HEADS * GROUP, n, generator=gen)
+        for arena in (packed, stacked):
+            arena.fill(layer, 0, k, v, torch.arange(n), kept=torch.arange(n).expand(KV_HEADS, n),
+                       counts=counts[layer], value_norms=held, scores=k[..., 0],
+                       state={"usage": torch.zeros(KV_HEADS, n)})  # fmt: skip
+    packed.pack_heads(counts.unsqueeze(1))
+    assert packed.pages(0) is not None
+    slots = torch.tensor([[[0, 2, 4], [1, 5, 9], [7, 3, 0]]])  # (B, H_kv, 3)
+    norms = torch.rand(1, KV_HEADS * GROUP, 3, generator=gen)
+    for arena in (packed, stacked):
+        arena.write_value_norms(0, slots, norms)
+    assert torch.equal(packed.values_at(0, slots), stacked.values_at(0, slots))
+    assert torch.equal(packed.values_at(0, slots), v.unsqueeze(0).gather(
+        2, slots.unsqueeze(-1).expand(-1, -1, -1, DIM)))  # fmt: skip
+    _same_rows(packed, stacked)
