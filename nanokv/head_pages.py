@@ -5,8 +5,9 @@ rectangle (B, H_kv, C, ...) as wide as the largest head makes every head pay for
 packed layer instead gives each row its own run of slots in one flat buffer per statistic, as
 long as the row needs, so that a head costs what it holds. A row's slots are adjacent: the
 decode step attends over the flat buffer as it is
-(`kernels/packed_attention.py`), and the rarer edits (eviction, the reconstructed slot) work on a
-rectangular copy, gathered and written back (`PackedBuffer.gather` / `store`).
+(`kernels/packed_attention.py`), a multi-step eviction moves its slots there too (`flat_slots`),
+and the rarer edits (compaction, the reconstructed slot, statistics) work on a rectangular copy,
+gathered and written back (`PackedBuffer.gather` / `store`).
 """
 
 from __future__ import annotations
