@@ -4,9 +4,9 @@
 - `blocks[i].qkv(h, positions) -> q (T, H_q, D), k (T, H_kv, D), v (T, H_kv, D)` (keys after RoPE)
 - `blocks[i].finish(h, attn_out (T, H_q * D)) -> h`, and `blocks[i].o_proj` (for value norms)
 - `logits(h) -> (T, vocab) float32`
-- `prepare_weights()`: run once after loading (the loader does): concatenates the weights that
-  read the same input and sets the LM head `logits` reads; the forward methods read those
-  (models/linear.py)
+- `prepare_weights(input_major)`: run once after loading (the loader does): concatenates the
+  weights that read the same input, lays every projection out for the machine's GEMV and sets
+  the LM head `logits` reads; the forward methods read those (models/linear.py)
 
 Rows are tokens: a prefill chunk of one sequence, or one token of each sequence in decode.
 """

@@ -9,7 +9,8 @@ Three things keep those reads few, large and exact where it matters:
 - `linear` sends one row in bf16/fp16 on CPU through `torch.mv`: oneDNN's `F.linear` for a
   single row repacks the weight on every call and reads it at about half the speed (measured in
   `bench/e2e.py`'s development, AMX Xeon, 1 thread). Both accumulate in fp32; fp32 keeps
-  `F.linear`, so fp32 results are bit-for-bit those of the unfused model.
+  `F.linear`, so fp32 results in the output-major layout (below) are bit-for-bit those of the
+  unfused model.
 - On AMD CPUs fp32 weights are stored input-major: each weight keeps its (out, in) shape and
   names, as a transposed view of an (in, out) tensor, so `F.linear` hands MKL the product
   `x @ W_t`. MKL's fp32 GEMV of one row reads an (out, in) weight markedly slower there: on a
