@@ -21,3 +21,13 @@ def load_bench(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def assert_refuses(name: str, argv: list[str], message: str, capsys) -> None:
+    """bench/<name>.py's `main(argv)` exits with argparse's status 2 and `message` on stderr."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        load_bench(name).main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

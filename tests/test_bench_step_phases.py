@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from bench_scripts import load_bench
+from bench_scripts import assert_refuses, load_bench
 
 import nanokv
 from nanokv.step_clock import STOPPED, StepClock
@@ -98,8 +98,4 @@ def test_step_phases_bench_writes_a_line_per_cell_and_a_summary(tiny_llama_dir, 
 
 
 def test_step_phases_bench_refuses_bad_options(capsys):
-    bench = load_bench("step_phases")
-    with pytest.raises(SystemExit) as exc:
-        bench.main(["--new-tokens", "1"])
-    assert exc.value.code == 2
-    assert "--new-tokens >= 2" in capsys.readouterr().err
+    assert_refuses("step_phases", ["--new-tokens", "1"], "--new-tokens >= 2", capsys)

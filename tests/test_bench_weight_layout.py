@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from bench_scripts import load_bench
+from bench_scripts import assert_refuses, load_bench
 
 
 def test_weight_layout_bench_measures_both_layouts(tiny_llama_dir, tmp_path, capsys):
@@ -35,8 +34,4 @@ def test_weight_layout_bench_measures_both_layouts(tiny_llama_dir, tmp_path, cap
 
 
 def test_weight_layout_bench_refuses_bad_options(capsys):
-    bench = load_bench("weight_layout")
-    with pytest.raises(SystemExit) as exc:
-        bench.main(["--new-tokens", "1"])
-    assert exc.value.code == 2
-    assert "--new-tokens >= 2" in capsys.readouterr().err
+    assert_refuses("weight_layout", ["--new-tokens", "1"], "--new-tokens >= 2", capsys)
