@@ -24,9 +24,10 @@ from that floor it is (STYLE.md #10: ratios from one run on one machine).
 
 Bytes a token, counted as the kernels read them: nanokv's weights without the embedding table (one
 row a token) and with its LM head in the model's dtype (models/linear.py); its dense attention reads
-every slot of the arena (`capacity`), Quest's sparse layers the pages they read plus their fp32
-page bounds. transformers: its weights without the input embedding (tied: the head once) and its
-cache at the middle of the decode. Decode tok/s = (new_tokens - 1) / decode seconds: the first
+every head's slots below the layer's longest length at the last step (a packed layer: its flat
+buffer), Quest's sparse layers the pages they read plus their fp32 page bounds. transformers:
+its weights without the input embedding (tied: the head once) and its cache at the middle of
+the decode. Decode tok/s = (new_tokens - 1) / decode seconds: the first
 new token comes from the prefill.
 
     python bench/e2e.py                                        # the full matrix (tens of minutes)
@@ -56,6 +57,7 @@ from pathlib import Path
 import torch
 
 import nanokv
+from nanokv.arena import KVArena, PackedLayerView
 from nanokv.dtypes import resolve_dtype
 from nanokv.kernels.decode_attention import triton_available
 from nanokv.models.linear import is_input_major
@@ -240,19 +242,30 @@ def nanokv_weight_bytes(model: torch.nn.Module) -> int:
 
 
 def nanokv_kv_bytes(state: object, cfg: object, steps: int) -> int:
-    """K/V bytes nanokv's attention reads a step: every arena slot in a dense layer, the read
-    pages plus the fp32 page bounds in a Quest layer (averaged over the `steps` decoded)."""
+    """K/V bytes nanokv's attention reads a step: in a dense layer the slots below its longest
+    head's length in every head at the last step (a packed layer: its whole flat buffer), in a
+    Quest layer the read pages plus the fp32 page bounds (averaged over the `steps` decoded)."""
     arena, quest = state.arena, state.quest
     slot = 2 * cfg.head_dim * arena.element_size  # one slot's K and V
     heads = arena.lengths.shape[1] * arena.lengths.shape[2]  # B * H_kv
     dense_layers = cfg.num_layers if quest is None else quest.options.dense_layers
-    total = sum(arena.layer_capacity(layer) for layer in range(dense_layers)) * heads * slot
+    total = sum(dense_slots_read(arena, layer, heads) for layer in range(dense_layers)) * slot
     if quest is not None:
         page = quest.options.page_size
         pages = -(-arena.capacity // page)
         bounds = (cfg.num_layers - dense_layers) * heads * pages * 2 * cfg.head_dim * 4
         total += quest.pages_read * page * slot / steps + bounds
     return int(total)
+
+
+def dense_slots_read(arena: KVArena, layer: int, heads: int) -> int:
+    """Slots a decode step's dense attention reads in `layer` (kernels/decode_attention.py:
+    up to the longest head's length in each of the `heads` rows; packed_attention.py: the
+    layer's flat buffer)."""
+    view = arena.layer(layer)
+    if isinstance(view, PackedLayerView):
+        return view.flat_k.shape[0]
+    return int(arena.lengths[layer].max()) * heads
 
 
 def hf_weight_bytes(model: torch.nn.Module) -> int:

@@ -179,6 +179,29 @@ def test_torch_path_is_the_reference_in_fp32():
     assert torch.equal(emitted.contribution, ref.contribution)
 
 
+PREFIX_GRID = [
+    pytest.param(lengths, dtype, id=f"{name}-{'-'.join(map(str, sum(lengths, [])))}")
+    for lengths in ([[50, 50], [50, 50]], [[50, 12], [37, 50]], [[1, 1], [1, 1]])
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+]
+
+
+@pytest.mark.parametrize("lengths, dtype", PREFIX_GRID)
+def test_torch_path_reads_only_the_attended_prefix(lengths, dtype):
+    """Without emission or a window the torch path reads the slots below the longest head's
+    length only, masked where heads differ and unmasked where they are equal: slots past it
+    hold NaN here, which any read of them would spread into the output."""
+    case = make_case(3, 64, dtype, None)
+    case["lengths"] = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    longest = max(max(row) for row in lengths)
+    expected = brute_force_decode(**case)[0]
+    for name in ("k", "v"):
+        case[name][:, :, longest:] = float("nan")
+    out, emitted = decode_attention_torch(**case)
+    assert emitted is None and out.dtype == dtype
+    torch.testing.assert_close(out.cpu().float(), expected.float(), **TOL[dtype])
+
+
 @needs_triton
 @pytest.mark.parametrize("group, head_dim, dtype, window", GRID)
 def test_triton_equals_reference(group, head_dim, dtype, window):

@@ -90,13 +90,14 @@ def masked_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     *,
     scale: float,
     value_norms: torch.Tensor | None = None,
     emit: bool = False,
 ) -> tuple[torch.Tensor, Emitted | None]:
-    """Dense torch attention of one query per (batch, query head) over the slots where ``mask``.
+    """Dense torch attention of one query per (batch, query head) over the slots where ``mask``
+    (every slot of k when ``mask`` is None).
 
     q: (B, H_q, D); k, v: (B, H_kv, C, D); mask: (B, H_kv, C) bool; value_norms: (B, H_q, C).
     Shared by the dense and the page-sparse references, which differ only in the mask.
@@ -104,11 +105,13 @@ def masked_attention_reference(
     batch, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     qg = q.float().view(batch, kv_heads, q_heads // kv_heads, head_dim)
-    logits = torch.einsum("bgqd,bgcd->bgqc", qg, k.float()) * scale  # (B, H_kv, G, C)
-    logits = logits.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, H_kv, G, C)
+    if mask is not None:
+        logits = logits.masked_fill_(~mask.unsqueeze(2), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bgqc,bgcd->bgqd", probs, v.float()).reshape(batch, q_heads, head_dim)
-    return out.to(q.dtype), (_emitted(probs, value_norms) if emit else None)
+    out = torch.matmul(probs, v.float()).reshape(batch, q_heads, head_dim)
+    out = out if out.dtype == q.dtype else out.to(q.dtype)  # a no-op `to` still dispatches
+    return out, (_emitted(probs, value_norms) if emit else None)
 
 
 def _emitted(
@@ -168,17 +171,27 @@ def decode_attention_torch(
     """The contract in torch ops that read the arena in its own dtype (see the module docstring).
 
     Same arguments and outputs as ``decode_attention_reference``, which it is for fp32.
+    Without emission or a sliding window it reads only the slots below the longest head's
+    length, and builds no mask when every head has that length (a full cache: the mask's
+    ops cost a decode step as much as the attention's own at a few hundred slots).
     """
     check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms)
-    mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
-    return masked_attention_torch(q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit)
+    if emit or sliding_window is not None:
+        mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
+        return masked_attention_torch(
+            q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit
+        )
+    shortest, longest = (int(n) for n in lengths.aminmax())
+    k, v = k[:, :, :longest], v[:, :, :longest]  # (B, H_kv, longest, D) views
+    mask = None if shortest == longest else valid_slot_mask(lengths, longest)
+    return masked_attention_torch(q, k, v, mask, scale=scale)
 
 
 def masked_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     *,
     scale: float,
     value_norms: torch.Tensor | None = None,
@@ -196,14 +209,16 @@ def masked_attention_torch(
     batch, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # a group's heads: G queries
-    mask = mask.unsqueeze(2)  # (B, H_kv, 1, C)
+    mask = None if mask is None else mask.unsqueeze(2)  # (B, H_kv, 1, C)
     q_kv = qg if qg.dtype == k.dtype else qg.to(k.dtype)  # a no-op `to` still dispatches
     out = F.scaled_dot_product_attention(q_kv, k, v, attn_mask=mask, scale=scale)
     out = out.reshape(batch, q_heads, head_dim)
     out = out if out.dtype == q.dtype else out.to(q.dtype)
     if not emit:
         return out, None
-    logits = _blocked_logits(qg, k, scale).masked_fill_(~mask, float("-inf"))
+    logits = _blocked_logits(qg, k, scale)
+    if mask is not None:
+        logits = logits.masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (B, H_kv, G, C) float32
     return out, _emitted(probs, value_norms)
 
