@@ -180,26 +180,34 @@ def test_torch_path_is_the_reference_in_fp32():
 
 
 PREFIX_GRID = [
-    pytest.param(lengths, dtype, id=f"{name}-{'-'.join(map(str, sum(lengths, [])))}")
+    pytest.param(lengths, dtype, emit, id=f"{name}-{'-'.join(map(str, sum(lengths, [])))}-{emit}")
     for lengths in ([[50, 50], [50, 50]], [[50, 12], [37, 50]], [[1, 1], [1, 1]])
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+    for emit in (False, True)
 ]
 
 
-@pytest.mark.parametrize("lengths, dtype", PREFIX_GRID)
-def test_torch_path_reads_only_the_attended_prefix(lengths, dtype):
-    """Without emission or a window the torch path reads the slots below the longest head's
-    length only, masked where heads differ and unmasked where they are equal: slots past it
-    hold NaN here, which any read of them would spread into the output."""
+@pytest.mark.parametrize("lengths, dtype, emit", PREFIX_GRID)
+def test_torch_path_reads_only_the_attended_prefix(lengths, dtype, emit):
+    """Without a window the torch path reads the slots below the longest head's length only,
+    masked where heads differ and unmasked where they are equal, and emits zeros past it:
+    slots past it hold NaN here (keys, values and value norms), which any read of them would
+    spread into the output. The output is the same bits with and without emission."""
     case = make_case(3, 64, dtype, None)
     case["lengths"] = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     longest = max(max(row) for row in lengths)
-    expected = brute_force_decode(**case)[0]
+    expected = brute_force_decode(**case)
     for name in ("k", "v"):
         case[name][:, :, longest:] = float("nan")
-    out, emitted = decode_attention_torch(**case)
-    assert emitted is None and out.dtype == dtype
-    torch.testing.assert_close(out.cpu().float(), expected.float(), **TOL[dtype])
+    case["value_norms"][..., longest:] = float("nan")
+    out, emitted = decode_attention_torch(**case, emit=emit)
+    assert out.dtype == dtype
+    if emit:
+        assert_matches(out, emitted, *expected, dtype)
+        assert torch.equal(out, decode_attention_torch(**case)[0])
+    else:
+        assert emitted is None
+        torch.testing.assert_close(out.cpu().float(), expected[0].float(), **TOL[dtype])
 
 
 @needs_triton

@@ -10,8 +10,9 @@ Three implementations of the same contract live here:
 
 - ``decode_attention_reference``: dense torch in fp32, obviously right, what the others are
   tested against;
-- ``decode_attention_torch``: what runs on CPU (and wherever Triton does not). fp32 is the
-  reference itself (its ``.float()`` are no-ops); bf16 / fp16 never copy the arena to fp32: the
+- ``decode_attention_torch``: what runs on CPU (and wherever Triton does not), over the slots
+  below the longest head's length only (without a sliding window). fp32 runs the reference's
+  ops (its ``.float()`` are no-ops); bf16 / fp16 never copy the arena to fp32: the
   output comes from torch's fused SDPA kernel (fp32 logits and softmax, P.V in the cache's dtype
   with fp32 accumulation, as in the Triton kernel), and emission adds fp32 logits over blocks of
   slots;
@@ -170,21 +171,35 @@ def decode_attention_torch(
 ) -> tuple[torch.Tensor, Emitted | None]:
     """The contract in torch ops that read the arena in its own dtype (see the module docstring).
 
-    Same arguments and outputs as ``decode_attention_reference``, which it is for fp32.
-    Without emission or a sliding window it reads only the slots below the longest head's
-    length, and builds no mask when every head has that length (a full cache: the mask's
-    ops cost a decode step as much as the attention's own at a few hundred slots).
+    Same arguments and outputs as ``decode_attention_reference`` (in fp32 the reference's own
+    ops). Without a sliding window it reads only the slots below the longest head's length,
+    with no mask when every head has that length (a full cache: the mask's ops are a fixed
+    cost a layer on top of a few hundred slots' attention), and emits zeros past it; the
+    output is then the same bits with and without emission.
     """
     check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms)
-    if emit or sliding_window is not None:
+    if sliding_window is not None:
         mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
         return masked_attention_torch(
             q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit
         )
+    capacity = k.shape[2]
     shortest, longest = (int(n) for n in lengths.aminmax())
     k, v = k[:, :, :longest], v[:, :, :longest]  # (B, H_kv, longest, D) views
+    norms = None if value_norms is None else value_norms[..., :longest]
     mask = None if shortest == longest else valid_slot_mask(lengths, longest)
-    return masked_attention_torch(q, k, v, mask, scale=scale)
+    out, emitted = masked_attention_torch(q, k, v, mask, scale=scale, value_norms=norms, emit=emit)
+    return out, None if emitted is None else _padded(emitted, capacity)
+
+
+def _padded(emitted: Emitted, capacity: int) -> Emitted:
+    """`emitted` over the first slots of a layer, with zeros up to `capacity` slots."""
+    pad = (0, capacity - emitted.mass.shape[-1])
+    contribution = emitted.contribution
+    return Emitted(
+        mass=F.pad(emitted.mass, pad),
+        contribution=None if contribution is None else F.pad(contribution, pad),
+    )
 
 
 def masked_attention_torch(
