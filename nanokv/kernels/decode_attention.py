@@ -10,9 +10,9 @@ Three implementations of the same contract live here:
 
 - ``decode_attention_reference``: dense torch in fp32, obviously right, what the others are
   tested against;
-- ``decode_attention_torch``: what runs on CPU (and wherever Triton does not), over the slots
-  below the longest head's length only (without a sliding window). fp32 runs the reference's
-  ops (its ``.float()`` are no-ops); bf16 / fp16 never copy the arena to fp32: the
+- ``decode_attention_torch``: what runs on CPU (and wherever Triton does not); on CPU it reads
+  only the slots below the longest head's length (without a sliding window). fp32 runs the
+  reference's ops (its ``.float()`` are no-ops); bf16 / fp16 never copy the arena to fp32: the
   output comes from torch's fused SDPA kernel (fp32 logits and softmax, P.V in the cache's dtype
   with fp32 accumulation, as in the Triton kernel), and emission adds fp32 logits over blocks of
   slots;
@@ -172,13 +172,14 @@ def decode_attention_torch(
     """The contract in torch ops that read the arena in its own dtype (see the module docstring).
 
     Same arguments and outputs as ``decode_attention_reference`` (in fp32 the reference's own
-    ops). Without a sliding window it reads only the slots below the longest head's length,
+    ops). Without a sliding window, and with lengths in host memory (the decode loop never
+    waits for a GPU), it reads only the slots below the longest head's length,
     with no mask when every head has that length (a full cache: the mask's ops are a fixed
     cost a layer on top of a few hundred slots' attention), and emits zeros past it; the
     output is then the same bits with and without emission.
     """
     check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms)
-    if sliding_window is not None:
+    if sliding_window is not None or lengths.device.type != "cpu":  # reading it would wait
         mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
         return masked_attention_torch(
             q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit
