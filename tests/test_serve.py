@@ -372,13 +372,24 @@ def test_serve_refuses_bad_flags_in_one_line(flags: list[str], capsys):
     assert len(lines) == 1 and lines[0].startswith("nanokv: error: ")
 
 
+def wait_or_dump_threads(process: subprocess.Popen, timeout: float) -> int:
+    """The process's exit code; if it has not exited within `timeout` seconds, fails with the
+    stack of each of its threads (SIGABRT makes Python's fault handler print them)."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, err = process.communicate(timeout=10)
+        pytest.fail(f"the process did not exit within {timeout} s; its threads:\n{err[-8000:]}")
+
+
 def test_serve_command_serves_until_ctrl_c(tiny_llama_dir: Path):
     command = [
         sys.executable, "-m", "nanokv.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0",
         "--dtype", "float32", "--device", "cpu", "--max-kv-tokens", "512",
         "--prefill-share", "0.25",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     watchdog = threading.Timer(60, process.kill)  # a hung server ends the test, not the run
     watchdog.start()
@@ -391,7 +402,7 @@ def test_serve_command_serves_until_ctrl_c(tiny_llama_dir: Path):
         client = openai.OpenAI(base_url=f"{match.group(1)}/v1", api_key="x", max_retries=0)
         assert complete(client, "hello", model=match.group(2), max_tokens=2).choices
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=20) == 0
+        assert wait_or_dump_threads(process, timeout=20) == 0
     finally:
         watchdog.cancel()
         process.kill()
