@@ -27,8 +27,8 @@ row a token) and with its LM head in the model's dtype (models/linear.py); its d
 every head's slots below the layer's longest length at the last step (a packed layer: its flat
 buffer), Quest's sparse layers the pages they read plus their fp32 page bounds. transformers:
 its weights without the input embedding (tied: the head once) and its cache at the middle of
-the decode. Decode tok/s = (new_tokens - 1) / decode seconds: the first
-new token comes from the prefill.
+the decode. Decode tok/s = (new_tokens - 1) / decode seconds: the first new token comes from
+the prefill.
 
     python bench/e2e.py                                        # the full matrix (tens of minutes)
     python bench/e2e.py --lengths 128 --new-tokens 8 --policies snapkv --repeats 1   # quick
@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 import nanokv
-from nanokv.arena import KVArena, PackedLayerView
+from nanokv.arena import KVArena
 from nanokv.dtypes import resolve_dtype
 from nanokv.kernels.decode_attention import triton_available
 from nanokv.models.linear import is_input_major
@@ -262,9 +262,9 @@ def dense_slots_read(arena: KVArena, layer: int, heads: int) -> int:
     """Slots a decode step's dense attention reads in `layer` (kernels/decode_attention.py:
     up to the longest head's length in each of the `heads` rows; packed_attention.py: the
     layer's flat buffer)."""
-    view = arena.layer(layer)
-    if isinstance(view, PackedLayerView):
-        return view.flat_k.shape[0]
+    pages = arena.pages(layer)
+    if pages is not None:
+        return pages.slots
     return int(arena.lengths[layer].max()) * heads
 
 

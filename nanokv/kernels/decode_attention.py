@@ -173,10 +173,10 @@ def decode_attention_torch(
 
     Same arguments and outputs as ``decode_attention_reference`` (in fp32 the reference's own
     ops). Without a sliding window, and with lengths in host memory (the decode loop never
-    waits for a GPU), it reads only the slots below the longest head's length,
-    with no mask when every head has that length (a full cache: the mask's ops are a fixed
-    cost a layer on top of a few hundred slots' attention), and emits zeros past it; the
-    output is then the same bits with and without emission.
+    waits for a GPU), it reads only the slots below the longest head's length, with no mask
+    when every head has that length (a full cache: the mask's ops are a fixed cost a layer on
+    top of a few hundred slots' attention), and emits zeros past it; the output is then the
+    same bits with and without emission.
     """
     check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms)
     if sliding_window is not None or lengths.device.type != "cpu":  # reading it would wait
