@@ -1,5 +1,5 @@
-"""bench/weight_layout.py on a tiny model: its lines, both layouts measured, the loader's layout
-restored (no timing is asserted)."""
+"""bench/weight_layout.py on a tiny model: its lines, the three layouts measured, the loader's
+layout restored (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from bench_scripts import assert_refuses, load_bench
 
 
-def test_weight_layout_bench_measures_both_layouts(tiny_llama_dir, tmp_path, capsys):
+def test_weight_layout_bench_measures_every_layout(tiny_llama_dir, tmp_path, capsys):
     bench = load_bench("weight_layout")
     out = tmp_path / "layout.jsonl"
     argv = [
@@ -18,19 +18,21 @@ def test_weight_layout_bench_measures_both_layouts(tiny_llama_dir, tmp_path, cap
     assert bench.main(argv) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == [json.loads(line) for line in out.read_text().splitlines()]
-    header, gemvs, cells, summary = lines[0], lines[1:3], lines[3:7], lines[-1]
+    header, gemvs, cells, summary = lines[0], lines[1:4], lines[4:10], lines[-1]
     assert header["loader_layout"] in ("input-major", "output-major")
-    assert [g["layout"] for g in gemvs] == ["output-major", "input-major"]
-    assert gemvs[0]["bytes"] == gemvs[1]["bytes"] > 0 and gemvs[0]["weights"] == 2 * 4 + 1
+    layouts = ["output-major", "input-major", "input-major-all"]
+    assert [g["layout"] for g in gemvs] == layouts
+    assert gemvs[0]["bytes"] == gemvs[1]["bytes"] == gemvs[2]["bytes"] > 0
+    assert gemvs[0]["weights"] == 2 * 4 + 1
     assert [(c["cell"], c["layout"]) for c in cells] == [
-        ("full@1.0@40", "output-major"), ("full@1.0@40", "input-major"),
-        ("laprox@0.25@80", "output-major"), ("laprox@0.25@80", "input-major"),
-    ]  # fmt: skip
+        (cell, layout) for cell in ("full@1.0@40", "laprox@0.25@80") for layout in layouts
+    ]
     for cell in cells:
         assert cell["steps"] == 3 and len(cell["step_ms_rounds"]) == 2 and cell["step_ms"] > 0
     assert summary["full@1.0@40 same greedy tokens"] is True
     assert summary["laprox@0.25@80 same greedy tokens"] is True
     assert summary["laprox@0.25@80 output-major / input-major step"] > 0
+    assert summary["laprox@0.25@80 input-major-all / input-major step"] > 0
 
 
 def test_weight_layout_bench_refuses_bad_options(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_scripts import load_bench
 from tiny_models import make_hf_model, save_checkpoint
 from torch import nn
 
@@ -54,11 +55,27 @@ def _storages(model: nn.Module) -> dict[int, int]:
     }
 
 
+def test_only_weights_with_as_many_outputs_as_inputs_are_laid_out_input_major():
+    assert linear.pays_input_major(torch.empty(960, 576))
+    assert linear.pays_input_major(torch.empty(576, 576))
+    assert not linear.pays_input_major(torch.empty(576, 1536))
+    down = nn.Linear(16, 8)
+    up = nn.Linear(8, 16)
+    assert not linear.is_input_major(linear.lay_out(down, True))
+    assert linear.is_input_major(linear.lay_out(up, True))
+    weight, _ = linear.fuse_rows(nn.Linear(8, 4), nn.Linear(8, 4), input_major=True)
+    assert linear.is_input_major(weight) and weight.shape == (8, 8)
+
+
+step_weights = load_bench("weight_layout").step_weights
+
+
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "opt", "opt-post-ln"])
 def test_switching_the_layout_keeps_every_weight_and_holds_each_once(kind, tmp_path):
-    """prepare_weights(True) then (False): every projection and the head change layout, hold
-    the checkpoint's values, remain views of the fused tensors, and the model holds no more
-    bytes than its parameters (nothing is kept twice)."""
+    """prepare_weights(True) then (False): every projection with at least as many outputs as
+    inputs, and the head, change layout (the others stay output-major), hold the checkpoint's
+    values, remain views of the fused tensors, and the model holds no more bytes than its
+    parameters (nothing is kept twice)."""
     path = save_checkpoint(make_hf_model(kind), tmp_path)
     cfg = load_config(path)
     model = load_model(path, cfg, torch.float32, torch.device("cpu"))
@@ -66,9 +83,16 @@ def test_switching_the_layout_keeps_every_weight_and_holds_each_once(kind, tmp_p
     size = sum(p.numel() * p.element_size() for p in original.values())
     for input_major in (True, False, True):
         model.prepare_weights(input_major)
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        assert all(linear.is_input_major(m.weight) is input_major for m in linears)
-        assert linear.is_input_major(model.head) is input_major
+        read = step_weights(model)  # the fused projections and the head
+        for weight in read:
+            wide = weight.shape[0] >= weight.shape[1]
+            assert linear.is_input_major(weight) is (input_major and wide), weight.shape
+        by_storage = {w.untyped_storage().data_ptr(): w for w in read}
+        for m in model.modules():
+            if isinstance(m, nn.Linear):  # each projection in the layout of what it is read from
+                source = by_storage.get(m.weight.untyped_storage().data_ptr(), m.weight)
+                wide = source.shape[0] >= source.shape[1]
+                assert linear.is_input_major(m.weight) is (input_major and wide)
         for name, parameter in model.named_parameters():
             assert torch.equal(parameter, original[name]), name
         attn = model.blocks[0].self_attn

@@ -18,7 +18,14 @@ Three things keep those reads few, large and exact where it matters:
   8.8 GB/s, and a decode step took 1.27x less time at 512 tokens (full cache) and 1.15x at 5% of
   8128 (laprox), same greedy tokens (`bench/weight_layout.py`, docs/bench/weight_layout.jsonl).
   Prefill's GEMMs do not care. Intel CPUs (not measured in that layout yet) and half precision
-  keep the output-major layout (`input_major_default`).
+  keep the output-major layout (`input_major_default`). Only a weight with at least as many
+  outputs as inputs gains (`pays_input_major`): on the same kind of CPU, one row times an
+  (out, in) fp32 weight took 0.51-0.99x the output-major time input-major where out >= in, and
+  1.10-1.66x where in > out (a grid of out 576-8192 x in 576-3072), so a narrow weight (an MLP's
+  down projection) stays output-major. SmolLM2-135M's step weights then read in 25.1 against
+  26.3 ms, and a decode step took 1.03x less time at 512 tokens (full cache) and 1.02x at 5% of
+  8128 (laprox) than with every weight input-major (`bench/weight_layout.py`,
+  docs/bench/weight_layout_wide.jsonl).
 - `head_logits` reads a half-precision LM head in its own dtype (half the bytes of an fp32 copy:
   the head is the largest single read of a step, 49152 x 576 in SmolLM2-135M) and then
   recomputes the `REFINED_LOGITS` largest logits of each row exactly in fp32 from the same
@@ -66,6 +73,12 @@ def cpu_vendor() -> str:
     return ""
 
 
+def pays_input_major(weight: torch.Tensor) -> bool:
+    """Whether a weight (out, in) reads faster input-major where the CPU prefers that layout at
+    all: only with at least as many outputs as inputs (see the module docstring)."""
+    return weight.shape[0] >= weight.shape[1]
+
+
 def laid_out(weight: torch.Tensor, input_major: bool) -> torch.Tensor:
     """`weight` (out, in) with the same values, held input-major (a transposed view of a
     contiguous (in, out) tensor) or output-major (contiguous)."""
@@ -83,9 +96,11 @@ def fuse_rows(
     *layers: nn.Linear, input_major: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (sum of out, in) weight (and bias) for `layers` that share an input, held
-    input-major or not (`laid_out`); each layer's parameters are rebound as views of the fused
-    tensors, so nothing is held twice. Called again, it re-lays the same values out."""
-    weight = laid_out(torch.cat([layer.weight for layer in layers]), input_major)
+    input-major (where that pays) or not (`laid_out`); each layer's parameters are rebound as
+    views of the fused tensors, so nothing is held twice. Called again, it re-lays the same
+    values out."""
+    weight = torch.cat([layer.weight for layer in layers])
+    weight = laid_out(weight, input_major and pays_input_major(weight))
     biases = [layer.bias for layer in layers]
     bias = None if biases[0] is None else torch.cat(biases)
     start = 0
@@ -99,8 +114,10 @@ def fuse_rows(
 
 
 def lay_out(module: nn.Module, input_major: bool) -> torch.Tensor:
-    """Re-lays the weight of a Linear or Embedding module out (`laid_out`), in place; returns
-    it. An embedding laid out input-major still looks up rows (strided, one row a token)."""
+    """Re-lays the weight of a Linear or Embedding module out (`laid_out`; input-major only
+    where that pays), in place; returns it. An embedding laid out input-major still looks up
+    rows (strided, one row a token)."""
+    input_major = input_major and pays_input_major(module.weight)
     module.weight = nn.Parameter(laid_out(module.weight, input_major), requires_grad=False)
     return module.weight
 

@@ -148,7 +148,8 @@ class LlamaForCausalLM(nn.Module):
 
     def prepare_weights(self, input_major: bool = False) -> None:
         """After loading (see above): fused q/k/v and gate/up, every projection and the LM head
-        laid out input-major or not (models/linear.py); callable again to switch."""
+        laid out input-major (where that pays) or not (models/linear.py); callable again to
+        switch."""
         for block in self.blocks:
             block.self_attn.fuse(input_major)
             block.mlp.fuse(input_major)

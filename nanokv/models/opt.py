@@ -113,7 +113,7 @@ class OPTForCausalLM(nn.Module):
 
     def prepare_weights(self, input_major: bool = False) -> None:
         """After loading (see above): fused q/k/v, every projection and the LM head laid out
-        input-major or not (models/linear.py); callable again to switch."""
+        input-major (where that pays) or not (models/linear.py); callable again to switch."""
         decoder = self.model.decoder
         for block in self.blocks:
             block.self_attn.fuse(input_major)
