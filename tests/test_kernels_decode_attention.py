@@ -161,21 +161,25 @@ def test_torch_path_equals_reference_in_half_precision(monkeypatch, group, dtype
         torch.testing.assert_close(out.float(), ref_out.float(), **TOL[dtype])
 
 
-def test_half_precision_output_does_not_depend_on_emission():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("window", [None, 40], ids=["no-window", "window"])
+def test_output_does_not_depend_on_emission(dtype, window):
     """The output is the same bits with and without emission (a policy that keeps every token
     then decodes exactly as the full cache, which emits nothing)."""
-    case = make_case(3, 64, torch.bfloat16, 40)
+    case = make_case(3, 64, dtype, window)
     plain, _ = decode_attention_torch(**case)
     emitting, _ = decode_attention_torch(**case, emit=True)
     assert torch.equal(plain, emitting)
 
 
-def test_torch_path_is_the_reference_in_fp32():
-    """fp32 runs the reference itself: the same bits, emitted statistics included."""
+def test_torch_path_in_fp32_is_the_reference_within_rounding():
+    """fp32: SDPA's output within fp32 rounding of the reference's (not its bits: the fused
+    kernel sums in another order); the emitted statistics are the reference's own bits."""
     case = make_case(3, 64, torch.float32, 40)
     out, emitted = decode_attention_torch(**case, emit=True)
     ref_out, ref = decode_attention_reference(**case, emit=True)
-    assert torch.equal(out, ref_out) and torch.equal(emitted.mass, ref.mass)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    assert torch.equal(emitted.mass, ref.mass)
     assert torch.equal(emitted.contribution, ref.contribution)
 
 

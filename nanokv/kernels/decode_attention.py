@@ -11,11 +11,10 @@ Three implementations of the same contract live here:
 - ``decode_attention_reference``: dense torch in fp32, obviously right, what the others are
   tested against;
 - ``decode_attention_torch``: what runs on CPU (and wherever Triton does not); on CPU it reads
-  only the slots below the longest head's length (without a sliding window). fp32 runs the
-  reference's ops (its ``.float()`` are no-ops); bf16 / fp16 never copy the arena to fp32: the
-  output comes from torch's fused SDPA kernel (fp32 logits and softmax, P.V in the cache's dtype
-  with fp32 accumulation, as in the Triton kernel), and emission adds fp32 logits over blocks of
-  slots;
+  only the slots below the longest head's length (without a sliding window). It never copies
+  the arena to fp32: the output comes from torch's fused SDPA kernel in every dtype (fp32 logits
+  and softmax, P.V in the cache's dtype with fp32 accumulation, as in the Triton kernel), and
+  emission adds fp32 logits (over blocks of slots in half precision);
 - ``decode_attention_triton``: split-K ("flash-decoding") Triton kernels, what runs on CUDA.
   Stage 1 reduces fixed-size splits of slots to a partial (max, sum-exp, output); stage 2 merges
   the splits and stores the log-sum-exp; the emission pass recomputes q.k for each slot block and
@@ -171,12 +170,12 @@ def decode_attention_torch(
 ) -> tuple[torch.Tensor, Emitted | None]:
     """The contract in torch ops that read the arena in its own dtype (see the module docstring).
 
-    Same arguments and outputs as ``decode_attention_reference`` (in fp32 the reference's own
-    ops). Without a sliding window, and with lengths in host memory (the decode loop never
-    waits for a GPU), it reads only the slots below the longest head's length, with no mask
-    when every head has that length (a full cache: the mask's ops are a fixed cost a layer on
-    top of a few hundred slots' attention), and emits zeros past it; the output is then the
-    same bits with and without emission.
+    Same arguments and outputs as ``decode_attention_reference``. Without a sliding window,
+    and with lengths in host memory (the decode loop never waits for a GPU), it reads only the
+    slots below the longest head's length, with no mask when every head has that length (a
+    full cache: the mask's ops are a fixed cost a layer on top of a few hundred slots'
+    attention), and emits zeros past it; the output is then the same bits with and without
+    emission.
     """
     check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms)
     if sliding_window is not None or lengths.device.type != "cpu":  # reading it would wait
@@ -186,8 +185,8 @@ def decode_attention_torch(
         )
     capacity = k.shape[2]
     shortest, longest = (int(n) for n in lengths.aminmax())
-    k, v = k[:, :, :longest], v[:, :, :longest]  # (B, H_kv, longest, D) views
-    norms = None if value_norms is None else value_norms[..., :longest]
+    k, v = k.narrow(2, 0, longest), v.narrow(2, 0, longest)  # (B, H_kv, longest, D) views
+    norms = None if value_norms is None else value_norms.narrow(2, 0, longest)
     mask = None if shortest == longest else valid_slot_mask(lengths, longest)
     out, emitted = masked_attention_torch(q, k, v, mask, scale=scale, value_norms=norms, emit=emit)
     return out, None if emitted is None else _padded(emitted, capacity)
@@ -213,15 +212,12 @@ def masked_attention_torch(
     value_norms: torch.Tensor | None = None,
     emit: bool = False,
 ) -> tuple[torch.Tensor, Emitted | None]:
-    """``masked_attention_reference`` without fp32 copies of k and v (same shapes): the reference
-    itself for fp32; for bf16 / fp16 the output comes from SDPA whether or not statistics are
-    emitted (so a policy that keeps every token decodes exactly as the full cache does), and
-    emission adds fp32 logits over blocks of slots, as the Triton kernel's emission pass
-    recomputes q.k. Shared by the dense and the page-gathered (Quest) torch paths."""
-    if k.dtype == torch.float32:
-        return masked_attention_reference(
-            q, k, v, mask, scale=scale, value_norms=value_norms, emit=emit
-        )
+    """``masked_attention_reference`` without fp32 copies of k and v (same shapes): the output
+    comes from SDPA (one fused call; in fp32 0.7x the reference's four ops for one query over a
+    few hundred slots on a CPU core) whether or not statistics are emitted, so a policy that
+    keeps every token decodes exactly as the full cache does, and emission adds fp32 logits
+    over blocks of slots, as the Triton kernel's emission pass recomputes q.k. Shared by the
+    dense and the page-gathered (Quest) torch paths."""
     batch, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # a group's heads: G queries
@@ -283,8 +279,10 @@ def emitted_over_steps(
 
 def _blocked_logits(qg: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """fp32 logits (B, H_kv, G, C) of queries qg (B, H_kv, G, D) against k (B, H_kv, C, D) of a
-    half dtype, converting LOGIT_BLOCK slots of k at a time (never the whole layer)."""
+    half dtype, converting LOGIT_BLOCK slots of k at a time (never the whole layer), or fp32."""
     q32 = qg.float()
+    if k.dtype == torch.float32:
+        return torch.matmul(q32, k.transpose(-1, -2)).mul_(scale)
     blocks = [
         torch.matmul(q32, k[:, :, start : start + LOGIT_BLOCK].float().transpose(-1, -2))
         for start in range(0, k.shape[2], LOGIT_BLOCK)
