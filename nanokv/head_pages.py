@@ -13,10 +13,13 @@ gathered and written back (`PackedBuffer.gather` / `store`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import inf
 
 import torch
 
 from nanokv.pool import PAGE_SIZE
+
+ROW_BIAS_CACHED = 1 << 20  # elements of a packed layer's attention bias kept between steps
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class HeadPages:
     caps: torch.Tensor  # (B, H_kv) int64: the row's slots
     row_of_slot: torch.Tensor  # (S,) int16 (int32 past 32767 rows): b * H_kv + h of a flat slot
     _query_rows: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _row_bias: dict[tuple, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def for_slots(cls, needed: torch.Tensor) -> HeadPages:
@@ -75,6 +79,24 @@ class HeadPages:
             rows = torch.arange(self.starts.numel(), device=self.starts.device)
             self._query_rows[group] = rows.repeat_interleave(group).unsqueeze(1)
         return self._query_rows[group]
+
+    def own_rows(self, group: int) -> torch.Tensor:
+        """Bool (B * H_q, S): query head (b, h) and flat slot s share a row (its kv head's)."""
+        return self.query_rows(group) == self.row_of_slot
+
+    def row_bias(self, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B * H_q, S) additive attention bias in `dtype`: 0 on a query head's own row, -inf
+        elsewhere (`own_rows`), so that one addmm gives masked logits. Made once for this
+        layout (a new one comes with each eviction) when it has at most `ROW_BIAS_CACHED`
+        elements; larger (many sequences) it is made at each call rather than held."""
+        key = (group, dtype)
+        if key in self._row_bias:
+            return self._row_bias[key]
+        own = self.own_rows(group)
+        bias = torch.zeros(own.shape, dtype=dtype, device=own.device).masked_fill_(~own, -inf)
+        if bias.numel() <= ROW_BIAS_CACHED:
+            self._row_bias[key] = bias
+        return bias
 
     def flat_slots(self, slots: torch.Tensor) -> torch.Tensor:
         """Flat slots of row slots `slots` (B, H_kv, ...) (each inside its row)."""

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import make_hf_model, save_checkpoint
 
+from nanokv import head_pages as head_pages_module
 from nanokv.arena import KVArena
 from nanokv.budget import Budget
 from nanokv.engine import Engine
@@ -62,11 +63,29 @@ def _flat_pos(lengths: torch.Tensor, pages: HeadPages, newest: torch.Tensor) -> 
     return PackedBuffer.pack(rect.int(), pages, fill=-1).flat
 
 
+def test_row_bias_is_minus_inf_off_each_heads_row_and_kept_only_when_small(monkeypatch):
+    pages = HeadPages.for_slots(torch.tensor([[2, 3], [1, 1]]))
+    bias = pages.row_bias(GROUP, torch.float32)  # (B * H_q, S): query head -> its kv row
+    rows = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]).unsqueeze(1)
+    slot_rows = torch.tensor([0, 0, 1, 1, 1, 2, 3])
+    want = torch.where(rows == slot_rows, 0.0, float("-inf"))
+    assert torch.equal(bias, want) and bias.dtype == torch.float32
+    assert pages.row_bias(GROUP, torch.float32) is bias  # held with the layout
+    monkeypatch.setattr(head_pages_module, "ROW_BIAS_CACHED", want.numel() - 1)
+    fresh = HeadPages.for_slots(torch.tensor([[2, 3], [1, 1]]))
+    first = fresh.row_bias(GROUP, torch.float32)
+    assert torch.equal(first, want) and fresh.row_bias(GROUP, torch.float32) is not first
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["bias-held", "bias-made"])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_attention_equals_the_dense_reference(dtype, window):
+def test_packed_attention_equals_the_dense_reference(monkeypatch, dtype, window, held):
     """Two sequences, GQA 2, heads of very different lengths: the packed layer's attention over
-    its flat buffers equals the dense reference over the same rows as a rectangle."""
+    its flat buffers equals the dense reference over the same rows as a rectangle, twice (the
+    second time with the layout's held bias, or a fresh one when it is too large to hold)."""
+    if not held:
+        monkeypatch.setattr(head_pages_module, "ROW_BIAS_CACHED", 0)
     gen = torch.Generator().manual_seed(1)
     lengths = torch.tensor([[4, 19, 1], [11, 2, 30]])
     pages = HeadPages.for_slots(lengths + torch.tensor([[2, 0, 5], [0, 3, 1]]))
@@ -75,9 +94,14 @@ def test_packed_attention_equals_the_dense_reference(dtype, window):
     query_pos = torch.tensor([40, 31])
     slot_pos = _flat_pos(lengths, pages, query_pos - 1)
     q = torch.randn(2, KV_HEADS * GROUP, DIM, generator=gen).to(dtype)
-    out = packed_decode_attention(
-        q, k, v, slot_pos, pages, scale=0.5, query_pos=query_pos, sliding_window=window
-    )
+    outs = [
+        packed_decode_attention(
+            q, k, v, slot_pos, pages, scale=0.5, query_pos=query_pos, sliding_window=window
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(outs[0], outs[1])
+    out = outs[0]
     as_rect = [PackedBuffer(t, pages).gather() for t in (k, v, slot_pos)]
     want, _ = decode_attention_reference(
         q, as_rect[0], as_rect[1], lengths, scale=0.5, slot_pos=as_rect[2], query_pos=query_pos,

@@ -4,11 +4,13 @@ The same contract as `decode_attention` without emission (DESIGN.md, "The decode
 contract"): one query token per sequence attends to the valid slots ``0 .. lengths[b, g] - 1`` of
 its kv head's row, inside the sliding window if any (a slot past its row's length holds position
 -1). A packed layer keeps every (sequence, kv head) row in its own run of one flat buffer, so
-each query head attends over the whole flat buffer under a mask that admits only its own row's
-valid slots: one matmul pair (or one fused
-SDPA call in half precision), no gather of the rows into a rectangle. The mask costs the flops
-of every row for each query head (H_kv x B times the rectangle's), which is small where packing
-applies: a compressed cache of a few percent of the prompt. Policies that emit statistics get
+each query head attends over the whole flat buffer with only its own row's valid slots
+admitted, no gather of the rows into a rectangle. In fp32 the logits are one addmm onto an
+additive bias that is -inf off each head's row, made once for a layout (`HeadPages.row_bias`:
+the rows move only at an eviction), and the empty slots are filled with -inf; half precision
+goes through one fused SDPA call under the equivalent boolean mask. Every query head pays the
+flops of every row (H_kv x B times the rectangle's), which is small where packing applies: a
+compressed cache of a few percent of the prompt. Policies that emit statistics get
 them at the next eviction, from a gathered rectangle (`Engine.settle`), as on a rectangular layer.
 Runs as torch ops on every device.
 """
@@ -32,14 +34,22 @@ def packed_slot_mask(
     inside the sliding window), `group` query heads a kv head. slot_pos (S,) int: -1 marks an
     empty slot, which every slot at or past its row's length is (`KVArena.set_lengths`);
     query_pos (B,)."""
-    mask = (pages.query_rows(group) == pages.row_of_slot) & (slot_pos != -1)  # (B * H_q, S)
+    mask = pages.own_rows(group) & (slot_pos != -1)  # (B * H_q, S)
     if sliding_window is not None:
-        if query_pos is None:
-            raise ValueError("a sliding window needs query_pos")
         query_heads = mask.shape[0] // query_pos.shape[0]
-        oldest = (query_pos.repeat_interleave(query_heads) - sliding_window).unsqueeze(1)
-        mask &= slot_pos.unsqueeze(0) > oldest
+        mask &= _inside_window(slot_pos, query_pos, sliding_window, query_heads)
     return mask
+
+
+def _inside_window(
+    slot_pos: torch.Tensor, query_pos: torch.Tensor | None, sliding_window: int, query_heads: int
+) -> torch.Tensor:
+    """Bool (B * H_q, S): the slot's token is inside the sliding window of the query head's
+    sequence (query_pos (B,), `query_heads` a sequence)."""
+    if query_pos is None:
+        raise ValueError("a sliding window needs query_pos")
+    oldest = (query_pos.repeat_interleave(query_heads) - sliding_window).unsqueeze(1)
+    return slot_pos.unsqueeze(0) > oldest
 
 
 def packed_decode_attention(
@@ -55,17 +65,23 @@ def packed_decode_attention(
 ) -> torch.Tensor:
     """q (B, H_q, D); k, v (S, D) and slot_pos (S,) int a packed layer's flat buffers;
     query_pos (B,). Returns (B, H_q, D) in q's dtype. fp32 is computed as
-    `decode_attention_reference` does (logits, masked softmax, weighted sum); half precision
-    through SDPA (fp32 softmax, the cache's dtype for the products)."""
+    `decode_attention_reference` does (logits, masked softmax, weighted sum; the scale and the
+    rows' mask folded into one addmm); half precision through SDPA (fp32 softmax, the cache's
+    dtype for the products)."""
     batch, q_heads, head_dim = q.shape
     group = q_heads // pages.caps.shape[1]
-    mask = packed_slot_mask(pages, slot_pos, group, query_pos, sliding_window)
     rows = q.reshape(batch * q_heads, head_dim)
     if k.dtype == torch.float32:
-        logits = (rows.float() @ k.transpose(0, 1)) * scale  # (B * H_q, S)
-        probs = torch.softmax(logits.masked_fill_(~mask, float("-inf")), dim=-1)
-        out = probs @ v
+        bias = pages.row_bias(group, torch.float32)  # (B * H_q, S): -inf off a head's row
+        logits = torch.addmm(bias, rows.float(), k.transpose(0, 1), alpha=scale)
+        logits.masked_fill_(slot_pos == -1, float("-inf"))  # empty slots, every head
+        if sliding_window is not None:
+            logits.masked_fill_(
+                ~_inside_window(slot_pos, query_pos, sliding_window, q_heads), float("-inf")
+            )
+        out = torch.softmax(logits, dim=-1) @ v
     else:
+        mask = packed_slot_mask(pages, slot_pos, group, query_pos, sliding_window)
         q_kv = rows if rows.dtype == k.dtype else rows.to(k.dtype)
         out = F.scaled_dot_product_attention(
             q_kv.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask.unsqueeze(0),
