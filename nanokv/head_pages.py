@@ -12,6 +12,7 @@ gathered and written back (`PackedBuffer.gather` / `store`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from math import inf
 
@@ -48,7 +49,7 @@ class HeadPages:
         """Slots of the layer's flat buffers: every row's."""
         return self.row_of_slot.numel()
 
-    @property
+    @functools.cached_property
     def width(self) -> int:
         """Slots of the longest row: the C of the rectangle `PackedBuffer.gather` makes."""
         return int(self.caps.max())
@@ -65,9 +66,11 @@ class HeadPages:
         tensors = (self.starts, self.caps, self.row_of_slot)
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    @functools.cached_property
     def rectangle(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, inside), each (B, H_kv, C): the flat slot of each rectangle slot (clamped
-        in its row) and whether the row has that slot."""
+        in its row) and whether the row has that slot. Made once for the layout: a settle and
+        an eviction gather every statistic of the layer through it."""
         slots = torch.arange(self.width, device=self.caps.device)
         inside = slots < self.caps.unsqueeze(-1)
         index = self.starts.unsqueeze(-1) + torch.minimum(slots, self.caps.unsqueeze(-1) - 1)
@@ -128,7 +131,7 @@ class PackedBuffer:
 
     def gather(self) -> torch.Tensor:
         """A rectangular copy, (B, H_kv, C, *trailing) (value norms: (B, H_q, C))."""
-        index, inside = self.pages.rectangle()
+        index, inside = self.pages.rectangle
         rect = self.flat[index]  # (B, H_kv, C, *trailing)
         outside = ~inside.view(*inside.shape, *([1] * (rect.dim() - 3)))
         rect = rect.masked_fill(outside, self.fill)
