@@ -87,19 +87,20 @@ class HeadPages:
         """Bool (B * H_q, S): query head (b, h) and flat slot s share a row (its kv head's)."""
         return self.query_rows(group) == self.row_of_slot
 
-    def row_bias(self, group: int, dtype: torch.dtype) -> torch.Tensor:
+    def row_bias(self, group: int, dtype: torch.dtype) -> torch.Tensor | None:
         """(B * H_q, S) additive attention bias in `dtype`: 0 on a query head's own row, -inf
         elsewhere (`own_rows`), so that one addmm gives masked logits. Made once for this
-        layout (a new one comes with each eviction) when it has at most `ROW_BIAS_CACHED`
-        elements; larger (many sequences) it is made at each call rather than held."""
+        layout (a new one comes with each eviction) and held with it; None past
+        `ROW_BIAS_CACHED` elements (many sequences), where a caller masks instead of holding a
+        bias as large as the logits."""
+        if self.row_of_slot.numel() * self.starts.numel() * group > ROW_BIAS_CACHED:
+            return None
         key = (group, dtype)
-        if key in self._row_bias:
-            return self._row_bias[key]
-        own = self.own_rows(group)
-        bias = torch.zeros(own.shape, dtype=dtype, device=own.device).masked_fill_(~own, -inf)
-        if bias.numel() <= ROW_BIAS_CACHED:
-            self._row_bias[key] = bias
-        return bias
+        if key not in self._row_bias:
+            own = self.own_rows(group)
+            bias = torch.zeros(own.shape, dtype=dtype, device=own.device)
+            self._row_bias[key] = bias.masked_fill_(~own, -inf)
+        return self._row_bias[key]
 
     def flat_slots(self, slots: torch.Tensor) -> torch.Tensor:
         """Flat slots of row slots `slots` (B, H_kv, ...) (each inside its row)."""

@@ -7,8 +7,9 @@ its kv head's row, inside the sliding window if any (a slot past its row's lengt
 each query head attends over the whole flat buffer with only its own row's valid slots
 admitted, no gather of the rows into a rectangle. In fp32 the logits are one addmm onto an
 additive bias that is -inf off each head's row, made once for a layout (`HeadPages.row_bias`:
-the rows move only at an eviction), and the empty slots are filled with -inf; half precision
-goes through one fused SDPA call under the equivalent boolean mask. Every query head pays the
+the rows move only at an eviction), and the empty slots are filled with -inf (with many
+sequences, where such a bias would be as large as the logits, a boolean mask is built instead);
+half precision goes through one fused SDPA call under that mask. Every query head pays the
 flops of every row (H_kv x B times the rectangle's), which is small where packing applies: a
 compressed cache of a few percent of the prompt. Policies that emit statistics get
 them at the next eviction, from a gathered rectangle (`Engine.settle`), as on a rectangular layer.
@@ -71,15 +72,19 @@ def packed_decode_attention(
     batch, q_heads, head_dim = q.shape
     group = q_heads // pages.caps.shape[1]
     rows = q.reshape(batch * q_heads, head_dim)
-    if k.dtype == torch.float32:
-        bias = pages.row_bias(group, torch.float32)  # (B * H_q, S): -inf off a head's row
-        logits = torch.addmm(bias, rows.float(), k.transpose(0, 1), alpha=scale)
+    rows = rows.float() if k.dtype == torch.float32 else rows  # a no-op for an fp32 model
+    bias = pages.row_bias(group, k.dtype) if k.dtype == torch.float32 else None
+    if bias is not None:  # (B * H_q, S): -inf off each head's row
+        logits = torch.addmm(bias, rows, k.transpose(0, 1), alpha=scale)
         logits.masked_fill_(slot_pos == -1, float("-inf"))  # empty slots, every head
         if sliding_window is not None:
-            logits.masked_fill_(
-                ~_inside_window(slot_pos, query_pos, sliding_window, q_heads), float("-inf")
-            )
+            inside = _inside_window(slot_pos, query_pos, sliding_window, q_heads)
+            logits.masked_fill_(~inside, float("-inf"))
         out = torch.softmax(logits, dim=-1) @ v
+    elif k.dtype == torch.float32:
+        mask = packed_slot_mask(pages, slot_pos, group, query_pos, sliding_window)
+        logits = (rows @ k.transpose(0, 1)) * scale  # (B * H_q, S)
+        out = torch.softmax(logits.masked_fill_(~mask, float("-inf")), dim=-1) @ v
     else:
         mask = packed_slot_mask(pages, slot_pos, group, query_pos, sliding_window)
         q_kv = rows if rows.dtype == k.dtype else rows.to(k.dtype)
