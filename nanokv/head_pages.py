@@ -20,7 +20,7 @@ import torch
 
 from nanokv.pool import PAGE_SIZE
 
-ROW_BIAS_CACHED = 1 << 20  # elements of a packed layer's attention bias kept between steps
+ROW_BIAS_CACHED = 1 << 20  # most elements of a packed layer's attention bias held with it
 
 
 @dataclass(frozen=True)

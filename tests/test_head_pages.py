@@ -111,6 +111,16 @@ def test_packed_attention_equals_the_dense_reference(monkeypatch, dtype, window,
     torch.testing.assert_close(out.float(), want.float(), **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_with_a_window_asks_for_query_positions(dtype):
+    pages = HeadPages.for_slots(torch.tensor([[2, 3, 1]]))
+    k = torch.zeros(pages.slots, DIM, dtype=dtype)
+    q = torch.zeros(1, KV_HEADS * GROUP, DIM, dtype=dtype)
+    slot_pos = torch.zeros(pages.slots, dtype=torch.int32)
+    with pytest.raises(ValueError, match="a sliding window needs query_pos"):
+        packed_decode_attention(q, k, k, slot_pos, pages, scale=0.5, sliding_window=4)
+
+
 def _arena(batch: int, capacity: int) -> KVArena:
     return KVArena(
         LAYERS, batch, KV_HEADS, capacity, DIM, dtype=torch.float32, q_heads=KV_HEADS * GROUP,

@@ -37,18 +37,18 @@ def packed_slot_mask(
     query_pos (B,)."""
     mask = pages.own_rows(group) & (slot_pos != -1)  # (B * H_q, S)
     if sliding_window is not None:
-        query_heads = mask.shape[0] // query_pos.shape[0]
-        mask &= _inside_window(slot_pos, query_pos, sliding_window, query_heads)
+        mask &= _inside_window(slot_pos, query_pos, sliding_window, mask.shape[0])
     return mask
 
 
 def _inside_window(
-    slot_pos: torch.Tensor, query_pos: torch.Tensor | None, sliding_window: int, query_heads: int
+    slot_pos: torch.Tensor, query_pos: torch.Tensor | None, sliding_window: int, rows: int
 ) -> torch.Tensor:
-    """Bool (B * H_q, S): the slot's token is inside the sliding window of the query head's
-    sequence (query_pos (B,), `query_heads` a sequence)."""
+    """Bool (rows, S), rows = B * H_q query heads: the slot's token is inside the sliding
+    window of the query head's sequence (query_pos (B,))."""
     if query_pos is None:
         raise ValueError("a sliding window needs query_pos")
+    query_heads = rows // query_pos.shape[0]
     oldest = (query_pos.repeat_interleave(query_heads) - sliding_window).unsqueeze(1)
     return slot_pos.unsqueeze(0) > oldest
 
@@ -78,7 +78,7 @@ def packed_decode_attention(
         logits = torch.addmm(bias, rows, k.transpose(0, 1), alpha=scale)
         logits.masked_fill_(slot_pos == -1, float("-inf"))  # empty slots, every head
         if sliding_window is not None:
-            inside = _inside_window(slot_pos, query_pos, sliding_window, q_heads)
+            inside = _inside_window(slot_pos, query_pos, sliding_window, logits.shape[0])
             logits.masked_fill_(~inside, float("-inf"))
         out = torch.softmax(logits, dim=-1) @ v
     elif k.dtype == torch.float32:
