@@ -213,11 +213,11 @@ def masked_attention_torch(
     emit: bool = False,
 ) -> tuple[torch.Tensor, Emitted | None]:
     """``masked_attention_reference`` without fp32 copies of k and v (same shapes): the output
-    comes from SDPA (one fused call; in fp32 0.7x the reference's four ops for one query over a
-    few hundred slots on a CPU core) whether or not statistics are emitted, so a policy that
-    keeps every token decodes exactly as the full cache does, and emission adds fp32 logits
-    over blocks of slots, as the Triton kernel's emission pass recomputes q.k. Shared by the
-    dense and the page-gathered (Quest) torch paths."""
+    comes from SDPA (one fused call where the reference makes four, in fp32 too) whether or not
+    statistics are emitted, so a policy that keeps every token decodes exactly as the full
+    cache does, and emission adds fp32 logits over blocks of slots, as the Triton kernel's
+    emission pass recomputes q.k. Shared by the dense and the page-gathered (Quest) torch
+    paths."""
     batch, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # a group's heads: G queries

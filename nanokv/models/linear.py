@@ -19,10 +19,8 @@ Three things keep those reads few, large and exact where it matters:
   8128 (laprox), same greedy tokens (`bench/weight_layout.py`, docs/bench/weight_layout.jsonl).
   Prefill's GEMMs do not care. Intel CPUs (not measured in that layout yet) and half precision
   keep the output-major layout (`input_major_default`). Only a weight with at least as many
-  outputs as inputs gains (`pays_input_major`): on the same kind of CPU, one row times an
-  (out, in) fp32 weight took 0.51-0.99x the output-major time input-major where out >= in, and
-  1.10-1.66x where in > out (a grid of out 576-8192 x in 576-3072), so a narrow weight (an MLP's
-  down projection) stays output-major. SmolLM2-135M's step weights then read in 25.1 against
+  outputs as inputs gains (`pays_input_major`), so a narrow weight (an MLP's down projection)
+  stays output-major. SmolLM2-135M's step weights then read in 25.1 against
   26.3 ms, and a decode step took 1.03x less time at 512 tokens (full cache) and 1.02x at 5% of
   8128 (laprox) than with every weight input-major (`bench/weight_layout.py`,
   docs/bench/weight_layout_wide.jsonl).
