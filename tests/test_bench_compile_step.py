@@ -1,0 +1,40 @@
+"""bench/compile_step.py on a tiny model: its lines, eager and one compiled mode measured, the
+eager methods restored on the block class (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from bench_scripts import assert_refuses, load_bench
+
+from nanokv.models.llama import LlamaBlock
+
+
+def test_compile_step_bench_measures_eager_and_compiled(tiny_llama_dir, tmp_path, capsys):
+    bench = load_bench("compile_step")
+    eager = (LlamaBlock.qkv, LlamaBlock.finish)
+    out = tmp_path / "compile.jsonl"
+    argv = [
+        "--model", str(tiny_llama_dir), "--reference", "40", "--length", "80", "--budget", "0.25",
+        "--new-tokens", "3", "--repeats", "2", "--modes", "default", "--out", str(out),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert (LlamaBlock.qkv, LlamaBlock.finish) == eager
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [json.loads(line) for line in out.read_text().splitlines()]
+    header, cells, summary = lines[0], lines[1:5], lines[-1]
+    assert header["dtype"] == "float32"
+    variants = ["eager", "compile:default"]
+    assert [(c["cell"], c["variant"]) for c in cells] == [
+        (cell, variant) for cell in ("full@1.0@40", "laprox@0.25@80") for variant in variants
+    ]
+    for cell in cells:
+        assert cell["steps"] == 2 and len(cell["step_ms_rounds"]) == 2 and cell["step_ms"] > 0
+    assert summary["compile_s"]["compile:default"] > 0
+    assert summary["laprox@0.25@80 compile:default / eager step"] > 0
+    assert isinstance(summary["full@1.0@40 same greedy tokens"], bool)
+
+
+def test_compile_step_bench_refuses_bad_options(capsys):
+    assert_refuses("compile_step", ["--repeats", "0"], "--repeats >= 1", capsys)
+    assert_refuses("compile_step", ["--modes", "fast"], "invalid choice", capsys)
