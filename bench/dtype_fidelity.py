@@ -20,6 +20,7 @@ so a dtype's error and a policy's error read on one scale.
     python bench/dtype_fidelity.py --cases 2 --length 256 --tokens 32          # quick
     python bench/dtype_fidelity.py --dtypes bfloat16 float16 --sources docs --out x.jsonl
     python bench/dtype_fidelity.py --policy laprox --budget 0.05   # laprox@5%: bf16 vs fp32
+    python bench/dtype_fidelity.py --dtypes float32 --kv-dtype bfloat16   # fp32, bf16 KV cache
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 
 import nanokv
 from nanokv.budget import Budget
-from nanokv.dtypes import DTYPES, cpu_bf16_flags
+from nanokv.dtypes import DTYPES, cpu_bf16_flags, dtype_label
 from nanokv.eval.fidelity import (
     SOURCES,
     FidelityCase,
@@ -74,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF-layout model dir (default: SmolLM2-135M)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="compared with float32")
+    p.add_argument(
+        "--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="the compared runs' KV cache dtype (auto: each run's model dtype)",
+    )  # fmt: skip
     p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     p.add_argument("--length", type=int, default=512, help="context tokens of a window")
     p.add_argument("--tokens", type=int, default=64, help="teacher-forced continuation tokens")
@@ -126,9 +131,9 @@ def policy_spec(text: str, budget: float) -> PolicySpec:
 # ------------------------------------------------------------------------------------- running
 
 
-def load(args: argparse.Namespace, dtype: str) -> nanokv.LLM:
-    """The model in `dtype` on `args.device`."""
-    return nanokv.LLM(args.model, dtype=dtype, device=args.device)
+def load(args: argparse.Namespace, dtype: str, kv_dtype: str = "auto") -> nanokv.LLM:
+    """The model in `dtype` (its KV cache in `kv_dtype`) on `args.device`."""
+    return nanokv.LLM(args.model, dtype=dtype, kv_dtype=kv_dtype, device=args.device)
 
 
 def make_cases(args: argparse.Namespace, llm: nanokv.LLM) -> list[FidelityCase]:
@@ -149,7 +154,7 @@ def make_cases(args: argparse.Namespace, llm: nanokv.LLM) -> list[FidelityCase]:
 
 def run_cases(llm: nanokv.LLM, args: argparse.Namespace, cases: list[FidelityCase]) -> list[Trace]:
     """Teacher-forces every case with the policy of `args`, exact budget (no cache floor)."""
-    dtype = str(llm.dtype).removeprefix("torch.")
+    dtype = dtype_label(llm.dtype, llm.kv_dtype)
     traces = []
     for index, case in enumerate(cases):
         engine, _ = engine_for(llm, args.spec, args.budget, min_cache=0)
@@ -196,11 +201,12 @@ def dtype_means(lines: list[dict]) -> dict[str, float]:
 
 def summary_line(lines: list[dict], args: argparse.Namespace, argv: list[str]) -> dict:
     """The final JSON object: means per dtype, what was run, on what, and the command line."""
-    by_dtype = {dtype: [x for x in lines if x["dtype"] == dtype] for dtype in args.dtypes}
+    labels = dict.fromkeys(x["dtype"] for x in lines)  # 'bfloat16', 'float32+kv-bfloat16'
+    by_dtype = {label: [x for x in lines if x["dtype"] == label] for label in labels}
     return {
         "bench": "dtype_fidelity-summary", "reference": REFERENCE,
         "means": {dtype: dtype_means(rows) for dtype, rows in by_dtype.items()},
-        "cases": len(lines) // len(args.dtypes), "sources": args.sources,
+        "cases": len(lines) // len(labels), "sources": args.sources,
         "length": args.length, "tokens": args.tokens, "policy": args.spec.label,
         "budget": 1.0 if args.spec.is_full else args.budget, "min_cache": 0,
         "model": args.model_dir, "device": args.device, "machine": machine_info(),
@@ -230,8 +236,8 @@ def emit(line: dict, sink: list[str]) -> None:
 def dtype_lines(
     llm: nanokv.LLM, args: argparse.Namespace, cases: list[FidelityCase], references: list[Trace]
 ) -> list[dict]:
-    """Every case run in `llm`'s dtype, compared with its float32 trace."""
-    dtype = str(llm.dtype).removeprefix("torch.")
+    """Every case run in `llm`'s dtypes, compared with its float32 trace."""
+    dtype = dtype_label(llm.dtype, llm.kv_dtype)
     traces = run_cases(llm, args, cases)
     return [
         {**case_line(case, dtype, trace, reference), "model": args.model_dir}
@@ -267,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     references = run_cases(reference_llm, args, cases)
     sink, lines = [], []
     for dtype in args.dtypes:
-        llm = reference_llm if dtype == REFERENCE else load(args, dtype)
+        same = dtype == REFERENCE and args.kv_dtype in ("auto", REFERENCE)
+        llm = reference_llm if same else load(args, dtype, args.kv_dtype)
         for line in dtype_lines(llm, args, cases, references):
             lines.append(line)
             emit(line, sink)

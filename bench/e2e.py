@@ -30,9 +30,14 @@ its weights without the input embedding (tied: the head once) and its cache at t
 the decode. Decode tok/s = (new_tokens - 1) / decode seconds: the first new token comes from
 the prefill.
 
+`--kv-dtypes` adds nanokv's cells with the KV cache in another dtype than the model's
+(nanokv/models/kv_dtype.py), named e.g. `float32+kv-bfloat16` in the lines and ratios (no
+transformers cells: it runs once a model dtype).
+
     python bench/e2e.py                                        # the full matrix (tens of minutes)
     python bench/e2e.py --lengths 128 --new-tokens 8 --policies snapkv --repeats 1   # quick
     python bench/e2e.py --dtypes bfloat16 --engines nanokv --lengths 512 --policies --out x.jsonl
+    python bench/e2e.py --dtypes float32 --kv-dtypes auto bfloat16 --lengths 512 8128
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import argparse
 import contextlib
 import copy
 import inspect
+import itertools
 import json
 import os
 import platform
@@ -58,7 +64,7 @@ import torch
 
 import nanokv
 from nanokv.arena import KVArena
-from nanokv.dtypes import resolve_dtype
+from nanokv.dtypes import dtype_label, resolve_dtype
 from nanokv.kernels.decode_attention import triton_available
 from nanokv.models.linear import is_input_major
 
@@ -85,6 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=["auto", "float32", "bfloat16", "float16"])  # fmt: skip
+    p.add_argument(
+        "--kv-dtypes",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="nanokv's KV cache dtype(s) under each of --dtypes (auto: the model's)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     p.add_argument("--repeats", type=int, default=3, help="decodes per cell; medians reported")
@@ -454,11 +467,14 @@ def cell_line(cell: Cell, args: argparse.Namespace, bandwidth: float) -> dict:
 # ------------------------------------------------------------------------------------- engines
 
 
-def load_dtype(args: argparse.Namespace, dtype: str) -> tuple[nanokv.LLM, HFRunner | None]:
+def load_dtype(
+    args: argparse.Namespace, dtype: str, kv_dtype: str = "auto"
+) -> tuple[nanokv.LLM, HFRunner | None]:
     """nanokv (loaded in any case: tokenizer, config, model directory) and, when asked for,
-    transformers' model of the same directory, dtype and device."""
-    llm = nanokv.LLM(args.model, dtype=dtype, device=args.device)
-    if "transformers" not in args.engines:
+    transformers' model of the same directory, dtype and device (not under a KV cache dtype of
+    nanokv's own: transformers runs once per model dtype)."""
+    llm = nanokv.LLM(args.model, dtype=dtype, kv_dtype=kv_dtype, device=args.device)
+    if "transformers" not in args.engines or llm.kv_dtype != llm.dtype:
         return llm, None
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -473,7 +489,7 @@ def dtype_cells(
 ) -> list[Cell]:
     """The cells of one dtype: the full cache at every length (nanokv, transformers), every
     policy cell at the longest."""
-    name, meta = str(llm.dtype).removeprefix("torch."), engine_info(llm, hf)
+    name, meta = dtype_label(llm.dtype, llm.kv_dtype), engine_info(llm, hf)
     nano = {key: value for key, value in meta.items() if not key.startswith("transformers")}
     cells = []
     for n in args.lengths:
@@ -496,6 +512,7 @@ def engine_info(llm: nanokv.LLM, hf: HFRunner | None) -> dict:
     info = {
         "dtype_reason": llm.dtype_reason,
         "nanokv_prefill_chunk": llm.engine.prefill_chunk,
+        "nanokv_kv_dtype": str(llm.kv_dtype).removeprefix("torch."),
         "nanokv_decode_attention": "triton split-K" if cuda_kernel else "torch path",
         "nanokv_weight_layout": "input-major" if is_input_major(llm.model.head) else "output-major",
     }
@@ -631,9 +648,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     bandwidths = [copy_bandwidth_gb_s(device, args.copy_mib)]
-    cells, meta = [], {}
-    for dtype in args.dtypes:
-        llm, hf = load_dtype(args, dtype)
+    cells, meta, labels = [], {}, set()
+    for dtype, kv_dtype in itertools.product(args.dtypes, args.kv_dtypes):
+        llm, hf = load_dtype(args, dtype, kv_dtype)
+        label = dtype_label(llm.dtype, llm.kv_dtype)
+        if label in labels:  # e.g. --kv-dtypes auto float32 under float32: loaded already
+            continue
+        labels.add(label)
         context = llm.config.max_position_embeddings
         if max(args.lengths) + args.new_tokens > context:
             sys.exit(f"e2e.py: error: prompt + new tokens exceed the model's {context} tokens")

@@ -159,6 +159,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="auto (default): bf16 where the CPU or GPU does bf16 natively, else fp32",
     )  # fmt: skip
+    p.add_argument(
+        "--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="the KV cache's dtype: auto (default) is the model's; bfloat16 under fp32 weights "
+        "holds the cache in half the bytes",
+    )  # fmt: skip
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
@@ -181,8 +186,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     _print_outputs(llm.chat if use_chat else llm.generate, prompts, _sampling_params(args))
     if args.verbose:
         print(llm.last_report.summary(), file=sys.stderr)
-        dtype = str(llm.dtype).removeprefix("torch.")
-        print(f"dtype: {dtype} ({llm.dtype_reason})", file=sys.stderr)
+        dtype, kv_dtype = (str(d).removeprefix("torch.") for d in (llm.dtype, llm.kv_dtype))
+        print(f"dtype: {dtype} ({llm.dtype_reason}); KV cache: {kv_dtype}", file=sys.stderr)
     return 0
 
 
@@ -248,7 +253,8 @@ def _load_llm(args: argparse.Namespace, budget: Budget) -> LLM:
     )  # fmt: skip
     return LLM(
         args.model, policy=args.policy, budget=budget.value, dtype=args.dtype,
-        device=args.device, quest_budget=args.quest_budget, quest_oracle=args.quest_oracle,
+        kv_dtype=args.kv_dtype, device=args.device, quest_budget=args.quest_budget,
+        quest_oracle=args.quest_oracle,
         **{name: value for name, value in options.items() if value is not None},
     )  # fmt: skip
 

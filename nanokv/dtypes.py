@@ -56,3 +56,26 @@ def resolve_dtype(
     if flags:
         return torch.bfloat16, f"auto: this CPU has native bf16 ({', '.join(flags)})"
     return torch.float32, f"auto: no native bf16 on this {device.type} (fp32 is faster there)"
+
+
+def resolve_kv_dtype(kv_dtype: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the KV cache (nanokv/models/kv_dtype.py): None or "auto" is the model's
+    dtype, as vLLM's `kv_cache_dtype="auto"`; a name or a torch dtype is taken as given; anything
+    else is a ValueError naming the choices."""
+    if isinstance(kv_dtype, torch.dtype) and kv_dtype in DTYPES.values():
+        return kv_dtype
+    if kv_dtype is None or kv_dtype == AUTO:
+        return model_dtype
+    if kv_dtype not in DTYPES:
+        raise ValueError(
+            f"unknown KV cache dtype {kv_dtype!r}; choose auto (the model's), float32, bfloat16 "
+            "or float16"
+        )
+    return DTYPES[kv_dtype]
+
+
+def dtype_label(weights: torch.dtype, kv: torch.dtype) -> str:
+    """How results name a model's dtypes: the weights' ('float32'), with the KV cache's after
+    it where that differs ('float32+kv-bfloat16')."""
+    weights_name, kv_name = (str(d).removeprefix("torch.") for d in (weights, kv))
+    return weights_name if kv_name == weights_name else f"{weights_name}+kv-{kv_name}"

@@ -31,6 +31,7 @@ from nanokv.information import InformationTrail, token_information, weigh
 from nanokv.kernels.decode_attention import decode_attention, emitted_over_steps
 from nanokv.kernels.packed_attention import packed_decode_attention
 from nanokv.kernels.value_norms import output_gram, value_output_norms
+from nanokv.models import kv_dtype
 from nanokv.policies import Policy, PromptLayer
 from nanokv.policies.base import ProbedKeys
 from nanokv.probe import Probe, ProbeScores, ProbeSegment, repeat_probe
@@ -143,7 +144,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.scale = cfg.head_dim**-0.5
         first = next(model.parameters())
-        self.device, self.dtype = first.device, first.dtype
+        self.device, self.kv_dtype = first.device, kv_dtype(model)  # the arena's dtype
         self._grams: list[torch.Tensor] | None = None
         self.last_report: CacheReport | None = None
         self.clock: StepClock = STOPPED  # a running StepClock times the phases of decode steps
@@ -269,7 +270,7 @@ class Engine:
         if not self.defers_statistics or self.quest is not None:
             return 0
         steps = min(DEFERRED_STEPS, max_new_tokens)
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.kv_dtype).element_size()
         return steps * cfg.num_layers * batch * cfg.num_heads * cfg.head_dim * element
 
     def arena_bytes(self, capacity: int | list[int], batch: int = 1) -> int:
@@ -284,7 +285,7 @@ class Engine:
                 cfg.num_kv_heads,
                 slots,
                 cfg.head_dim,
-                element_size=torch.empty((), dtype=self.dtype).element_size(),
+                element_size=torch.empty((), dtype=self.kv_dtype).element_size(),
                 q_heads=cfg.num_heads if self.policy.needs_value_norms else None,
                 slot_state=len(self.policy.slot_state),
             )  # fmt: skip
@@ -448,7 +449,7 @@ class Engine:
         q_heads = cfg.num_heads if self.policy.needs_value_norms else None
         return KVArena(
             cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
-            dtype=self.dtype, device=self.device, q_heads=q_heads,
+            dtype=self.kv_dtype, device=self.device, q_heads=q_heads,
             slot_state=self.policy.slot_state,
         )  # fmt: skip
 
@@ -592,13 +593,14 @@ class Engine:
         value norms)."""
         n, cfg = h.shape[0], self.cfg
         extra = 0 if probe is None else probe.probe.longest
-        k_all = h.new_empty(n + extra, cfg.num_kv_heads, cfg.head_dim)  # document, then probe
+        # the document's K/V, then the probe's
+        k_all = h.new_empty(n + extra, cfg.num_kv_heads, cfg.head_dim, dtype=self.kv_dtype)
         v_all = torch.empty_like(k_all)
         window = min(self.policy.options.observation_window, n) or 1
-        window_queries = h.new_empty(window, cfg.num_heads, cfg.head_dim)
+        window_queries = h.new_empty(window, cfg.num_heads, cfg.head_dim, dtype=self.kv_dtype)
         all_queries = None
         if self.policy.needs_all_queries or every_statistic:
-            all_queries = h.new_empty(n, cfg.num_heads, cfg.head_dim)
+            all_queries = h.new_empty(n, cfg.num_heads, cfg.head_dim, dtype=self.kv_dtype)
         for start in range(0, n, self.prefill_chunk):
             end = min(start + self.prefill_chunk, n)
             q, k_all[start:end], v_all[start:end] = block.qkv(h[start:end], positions[start:end])
@@ -1038,7 +1040,8 @@ class Engine:
         """Runs `block` over one probe segment h (m, hidden) in query chunks, updating h in
         place, and folds each chunk's slot attention (max) and output norms into `seen`."""
         m, cfg = h.shape[0], self.cfg
-        own_k = h.new_empty(m, cfg.num_kv_heads, cfg.head_dim)  # the segment's, this layer only
+        # the segment's own K/V, this layer only
+        own_k = h.new_empty(m, cfg.num_kv_heads, cfg.head_dim, dtype=self.kv_dtype)
         own_v = torch.empty_like(own_k)
         for start in range(0, m, chunk):
             end = min(start + chunk, m)

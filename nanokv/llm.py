@@ -11,9 +11,10 @@ import torch
 
 from nanokv.budget import Budget
 from nanokv.context import CompressedContext, split_context
-from nanokv.dtypes import resolve_dtype
+from nanokv.dtypes import resolve_dtype, resolve_kv_dtype
 from nanokv.engine import Engine, InputError, TextCallback
 from nanokv.loader import load_config, load_model, resolve_model_dir
+from nanokv.models import set_kv_dtype
 from nanokv.policies import POLICIES, Policy, make_policy, parse_policy, policy_for_budget
 from nanokv.pool import KVPool
 from nanokv.report import CacheReport
@@ -49,7 +50,9 @@ class LLM:
     `model` is an HF-layout directory (Llama, Mistral or OPT); None uses the embedded default
     model (SmolLM2-135M-Instruct), converting it into `weights/` on first use. `dtype` None or
     "auto" picks bf16 where the device does bf16 natively and fp32 elsewhere (nanokv/dtypes.py);
-    `dtype_reason` says why.
+    `dtype_reason` says why. `kv_dtype` is the KV cache's (and attention's) dtype: None or
+    "auto" the model's, or e.g. "bfloat16" under fp32 weights for half the cache bytes
+    (nanokv/models/kv_dtype.py).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class LLM:
         policy: str | None = None,
         budget: float | Budget = 1.0,
         dtype: str | torch.dtype | None = None,
+        kv_dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         prefill_chunk: int = 512,
         min_cache: int = DEFAULT_MIN_CACHE,
@@ -77,6 +81,7 @@ class LLM:
         self.min_cache = min_cache
         self.device = _resolve_device(device)
         self.dtype, self.dtype_reason = resolve_dtype(dtype, self.device)
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
         self.prefill_chunk = prefill_chunk
         self.model_dir = _model_dir(model)
         self.config = load_config(self.model_dir)
@@ -85,6 +90,7 @@ class LLM:
             policy, budget, quest_budget, quest_oracle, quest_dense_layers, **policy_options
         )
         self.model = load_model(self.model_dir, self.config, self.dtype, self.device)
+        set_kv_dtype(self.model, self.kv_dtype)
         self._build_engine()
         self.eos_token_ids = self._eos_token_ids()
 

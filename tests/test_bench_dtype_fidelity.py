@@ -101,6 +101,18 @@ def test_a_policy_runs_in_both_dtypes(bench, tiny_dir, capsys):
         assert row["agreement"] == 1.0 and row["kl"] == 0.0
 
 
+def test_a_bf16_kv_cache_under_fp32_weights_is_its_own_row(bench, tiny_dir, capsys):
+    """--kv-dtype bfloat16 with --dtypes float32 bfloat16: fp32 weights with a bf16 cache
+    differ from fp32 (rounded K/V), less than bf16 everywhere does."""
+    argv = _argv(tiny_dir, "--dtypes", "float32", "bfloat16", "--kv-dtype", "bfloat16")
+    lines = _run(bench, capsys, [*argv, "--sources", "docs"])
+    rows, summary = lines[:-1], lines[-1]
+    assert [row["dtype"] for row in rows] == ["float32+kv-bfloat16"] * CASES + ["bfloat16"] * CASES
+    means = summary["means"]
+    assert set(means) == {"float32+kv-bfloat16", "bfloat16"} and summary["cases"] == CASES
+    assert 0.0 < means["float32+kv-bfloat16"]["kl"] < means["bfloat16"]["kl"]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

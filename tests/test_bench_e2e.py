@@ -60,3 +60,29 @@ def test_e2e_counts_bytes_and_writes_every_cell(four_layer_dir, tmp_path, capsys
     assert "bfloat16 quest@0.2@80 / full@80" in summary["ratios"]
     assert "float32 full@40 nanokv / transformers" in summary["ratios"]
     assert "bfloat16 quest@0.2@80 faster than full@80" in summary["targets"]
+
+
+def test_e2e_kv_dtypes_add_nanokv_cells_with_half_the_kv_bytes(four_layer_dir, capsys):
+    """`--kv-dtypes auto bfloat16 float32` under fp32: the model's own cells once, then nanokv's
+    cells with a bf16 cache (no transformers), reading and holding half the K/V bytes."""
+    argv = [
+        "--model", str(four_layer_dir), "--lengths", "40", "--new-tokens", "3", "--policies",
+        "snapkv", "--budget", "0.5", "--dtypes", "float32", "--kv-dtypes", "auto", "bfloat16",
+        "float32", "--repeats", "1", "--copy-mib", "1",
+    ]  # fmt: skip
+    assert _bench().main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    cells, summary = lines[:-1], lines[-1]
+    assert [(c["engine"], c["dtype"], c["policy"]) for c in cells] == [
+        ("nanokv", "float32", "full"), ("transformers", "float32", "full"),
+        ("nanokv", "float32", "snapkv"),
+        ("nanokv", "float32+kv-bfloat16", "full"), ("nanokv", "float32+kv-bfloat16", "snapkv"),
+    ]  # fmt: skip
+    by = {(c["dtype"], c["policy"]): c for c in cells if c["engine"] == "nanokv"}
+    for policy in ("full", "snapkv"):
+        exact, half = by[("float32", policy)], by[("float32+kv-bfloat16", policy)]
+        assert half["kv_read_bytes"] * 2 == exact["kv_read_bytes"]
+        assert half["kv_held_bytes"] < exact["kv_held_bytes"]  # K/V halved, metadata not
+        assert half["weight_bytes"] == exact["weight_bytes"]
+    assert by[("float32+kv-bfloat16", "full")]["nanokv_kv_dtype"] == "bfloat16"
+    assert "float32+kv-bfloat16 snapkv@0.5@40 / full@40" in summary["ratios"]

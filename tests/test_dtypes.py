@@ -69,6 +69,7 @@ def test_verbose_generate_reports_the_dtype(tiny_llama_dir, capsys):
     assert main([*argv, "hello"]) == 0
     dtype, reason = resolve_dtype("auto", CPU)
     err = capsys.readouterr().err
-    assert f"dtype: {str(dtype).removeprefix('torch.')} ({reason})" in err.splitlines()
+    name = str(dtype).removeprefix("torch.")
+    assert f"dtype: {name} ({reason}); KV cache: {name}" in err.splitlines()
     assert main([*argv, "--dtype", "float32", "hello"]) == 0
-    assert "dtype: float32 (given)" in capsys.readouterr().err.splitlines()
+    assert "dtype: float32 (given); KV cache: float32" in capsys.readouterr().err.splitlines()

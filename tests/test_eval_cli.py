@@ -173,3 +173,16 @@ def test_results_with_another_cache_floor_are_not_mixed_in(long_tiny_dir, tmp_pa
     assert main([*args, "--lengths", "300", "--seeds", "0", "--policies", "full"]) == 2
     err = capsys.readouterr().err
     assert "min_cache 0, not 128" in err and "choose another --out" in err
+
+
+def test_results_of_another_dtype_are_not_mixed_in(long_tiny_dir, tmp_path, capsys):
+    """The meta names the model's and the KV cache's dtypes; a run with a bf16 cache does not
+    resume into an fp32 directory."""
+    out = tmp_path / "eval"
+    args = ["eval", "code", "--model", str(long_tiny_dir), "--out", str(out), "--no-plots"]
+    grid = ["--lengths", "300", "--seeds", "0", "--policies", "full", "--tokens", "4"]
+    assert main([*args, *grid]) == 0
+    assert json.loads((out / "meta.json").read_text())["dtype"] == "float32"
+    assert main([*args, *grid, "--kv-dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "dtype 'float32', not 'float32+kv-bfloat16'" in err and "choose another --out" in err

@@ -386,8 +386,8 @@ def wait_or_dump_threads(process: subprocess.Popen, timeout: float) -> int:
 def test_serve_command_serves_until_ctrl_c(tiny_llama_dir: Path):
     command = [
         sys.executable, "-m", "nanokv.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0",
-        "--dtype", "float32", "--device", "cpu", "--max-kv-tokens", "512",
-        "--prefill-share", "0.25",
+        "--dtype", "float32", "--kv-dtype", "bfloat16", "--device", "cpu", "--max-kv-tokens",
+        "512", "--prefill-share", "0.25",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
@@ -395,7 +395,7 @@ def test_serve_command_serves_until_ctrl_c(tiny_llama_dir: Path):
     watchdog.start()
     try:
         lines = iter(process.stderr.readline, "")
-        ready = re.compile(r"(http://\S+)/v1 model=(\S+) policy=full")
+        ready = re.compile(r"(http://\S+)/v1 model=(\S+) policy=full budget=1 kv-dtype=bfloat16")
         match = next((m for m in map(ready.search, lines) if m), None)
         assert match, "nanokv serve exited before it was ready"
         assert httpx.get(f"{match.group(1)}/health").status_code == 200

@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from nanokv.dtypes import dtype_label
 from nanokv.eval.grid import ALL, SUITES, Grid, resolve
 from nanokv.eval.specs import NEEDLE_ORACLE, parse_spec
 from nanokv.policies import parse_policy
@@ -72,6 +73,10 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
         help="default float32: the results in docs/ were measured in it (auto: bf16 where native)",
+    )  # fmt: skip
+    p.add_argument(
+        "--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="the KV cache's dtype (default auto: the model's)",
     )  # fmt: skip
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(run=run_eval)
@@ -136,13 +141,16 @@ def run_eval(args: argparse.Namespace) -> int:
         from nanokv.eval.plots import pyplot
 
         pyplot()  # fail now, not after the run, when matplotlib is missing
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, device=args.device)
     for suite, grid in chosen.items():
         grid.validate(suite, llm.config.max_position_embeddings)
     if "chat" in chosen and llm.tokenizer.chat_template is None:
         raise ValueError(f"the chat suite needs a model with a chat template: {llm.model_dir.name}")
     out = args.out.resolve()
-    meta = {"model": str(llm.model_dir.name), "corpus": corpus_fingerprint()}
+    meta = {
+        "model": str(llm.model_dir.name), "corpus": corpus_fingerprint(),
+        "dtype": dtype_label(llm.dtype, llm.kv_dtype),
+    }  # fmt: skip
     check_meta(out, meta | {"min_cache": _min_cache(chosen)})
     for suite, grid in chosen.items():
         run_jobs(suite, SUITE_JOBS[suite](llm, grid), ResultStore(out, suite))

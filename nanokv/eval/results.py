@@ -53,8 +53,8 @@ def _read(path: Path) -> list[dict]:
 
 def check_meta(out: Path, meta: dict[str, object]) -> None:
     """Writes `<out>/meta.json`, or raises ValueError when the directory holds results made
-    with a different model, corpus or cache floor (the same keys with other values; a key the
-    old file lacks is added)."""
+    with a different model, corpus, dtype or cache floor (the same keys with other values; a
+    key the old file lacks is added)."""
     path = out / "meta.json"
     if path.is_file():
         try:

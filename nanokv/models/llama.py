@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokv.config import ModelConfig
+from nanokv.models.kv_dtype import to_kv_dtype
 from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear
 from nanokv.models.rope import Rotary
 
@@ -101,6 +102,7 @@ class LlamaBlock(nn.Module):
         self.self_attn = LlamaAttentionWeights(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
+        self.kv_dtype: torch.dtype | None = None  # None: the weights' (models/__init__.py)
 
     @property
     def o_proj(self) -> nn.Linear:
@@ -113,12 +115,12 @@ class LlamaBlock(nn.Module):
         qk = qk.view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
         cos, signed_sin = self.rotary[0].cos_sin(positions, qk.dtype)
         q, k = Rotary.apply(qk, cos, signed_sin).split((cfg.num_heads, cfg.num_kv_heads), dim=1)
-        return q, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        return to_kv_dtype(self.kv_dtype, q, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim))
 
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: (T, hidden), attn_out: (T, H_q * D) -> the layer's output (T, hidden)."""
         o_proj = self.self_attn.o_proj
-        h = h + linear(attn_out, o_proj.weight, o_proj.bias)
+        h = h + linear(attn_out.to(h.dtype), o_proj.weight, o_proj.bias)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokv.config import ModelConfig
+from nanokv.models.kv_dtype import to_kv_dtype
 from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq's padding legacy)
@@ -47,6 +48,7 @@ class OPTBlock(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.kv_dtype: torch.dtype | None = None  # None: the weights' (models/__init__.py)
 
     @property
     def o_proj(self) -> nn.Linear:
@@ -58,12 +60,12 @@ class OPTBlock(nn.Module):
         x = self.self_attn_layer_norm(h) if cfg.do_layer_norm_before else h
         shape = (-1, cfg.num_heads, cfg.head_dim)
         q, k, v = linear(x, attn.qkv_weight, attn.qkv_bias).chunk(3, dim=-1)  # (T, hidden) each
-        return q.view(shape), k.view(shape), v.view(shape)
+        return to_kv_dtype(self.kv_dtype, q.view(shape), k.view(shape), v.view(shape))
 
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: (T, hidden), attn_out: (T, H * D) -> the layer's output (T, hidden)."""
         pre_norm, out_proj = self.cfg.do_layer_norm_before, self.self_attn.out_proj
-        h = h + linear(attn_out, out_proj.weight, out_proj.bias)
+        h = h + linear(attn_out.to(h.dtype), out_proj.weight, out_proj.bias)
         if not pre_norm:
             h = self.self_attn_layer_norm(h)
         x = self.final_layer_norm(h) if pre_norm else h

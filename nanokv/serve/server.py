@@ -229,7 +229,8 @@ def ready_line(url: str, model_name: str, llm: LLM, pool: KVPool) -> str:
     budget = llm.budget.value
     return (
         f"nanokv serve: {url}/v1 model={model_name} policy={llm.policy.name} "
-        f"budget={budget:g} kv-pool={_size(pool.capacity_bytes)} "
+        f"budget={budget:g} kv-dtype={str(llm.kv_dtype).removeprefix('torch.')} "
+        f"kv-pool={_size(pool.capacity_bytes)} "
         f"(~{pool.capacity_bytes // per_token} tokens of full cache, {cfg.num_layers} layers)"
     )
 
