@@ -155,3 +155,20 @@ def test_unusable_options_are_one_line_and_exit_2(word_dir, monkeypatch, capsys,
     code, out, err = _chat(word_dir, "hello world\n", monkeypatch, capsys, *flags)
     (line,) = _lines(err)
     assert code == 2 and out == "" and line.startswith("nanokv: error: ") and fragment in line
+
+
+def test_a_chat_on_a_bf16_cache_is_the_library_s_and_holds_half_the_bytes(
+    word_dir, monkeypatch, capsys
+):
+    """--kv-dtype bfloat16: the same turns as `Conversation` on `LLM(kv_dtype="bfloat16")`, and
+    /stats counts its K/V at 2 bytes an element."""
+    script = "hello world\n/stats\n"
+    code, out, err = _chat(word_dir, script, monkeypatch, capsys, "--kv-dtype", "bfloat16")
+    assert code == 0, err
+    half = nanokv.LLM(word_dir, policy="snapkv", budget=12.0, min_cache=0, kv_dtype="bfloat16")
+    conversation = half.conversation(SamplingParams(max_new_tokens=NEW))
+    answer = conversation.send("hello world")
+    stats = conversation.stats()
+    assert out == f"{answer.text}\n{stats.line()}\n"
+    cfg = half.config
+    assert stats.kv_bytes == 12 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
