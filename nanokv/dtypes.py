@@ -9,6 +9,7 @@ CUDA device that supports bf16, and fp32 everywhere else; it always says why.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -35,6 +36,14 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
             present = set(value.split())
             return tuple(flag for flag in BF16_CPU_FLAGS if flag in present)
     return ()
+
+
+@functools.cache
+def half_is_native(device_type: str) -> bool:
+    """Whether half precision runs natively on this device type: CUDA, or a CPU with bf16
+    instructions (`cpu_bf16_flags`). Elsewhere torch converts every half-precision operand to
+    fp32, and a small product can be faster taken in fp32 outright."""
+    return device_type == "cuda" or (device_type == "cpu" and bool(cpu_bf16_flags()))
 
 
 def resolve_dtype(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nanokv import dtypes
 from nanokv.cli import main
 from nanokv.dtypes import cpu_bf16_flags, resolve_dtype
 from nanokv.llm import LLM
@@ -73,3 +74,14 @@ def test_verbose_generate_reports_the_dtype(tiny_llama_dir, capsys):
     assert f"dtype: {name} ({reason}); KV cache: {name}" in err.splitlines()
     assert main([*argv, "--dtype", "float32", "hello"]) == 0
     assert "dtype: float32 (given); KV cache: float32" in capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize(("flags", "native"), [((), False), (("avx512_bf16",), True)])
+def test_half_is_native_on_cuda_and_on_cpus_with_bf16_instructions(monkeypatch, flags, native):
+    monkeypatch.setattr(dtypes, "cpu_bf16_flags", lambda: flags)
+    dtypes.half_is_native.cache_clear()
+    try:
+        assert dtypes.half_is_native("cpu") is native
+        assert dtypes.half_is_native("cuda") is True
+    finally:
+        dtypes.half_is_native.cache_clear()

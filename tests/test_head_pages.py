@@ -16,6 +16,7 @@ from nanokv.arena import KVArena
 from nanokv.budget import Budget
 from nanokv.engine import Engine
 from nanokv.head_pages import HeadPages, PackedBuffer
+from nanokv.kernels import packed_attention as packed_attention_module
 from nanokv.kernels.decode_attention import decode_attention_reference
 from nanokv.kernels.packed_attention import packed_decode_attention
 from nanokv.loader import load_config, load_model
@@ -77,15 +78,18 @@ def test_row_bias_is_minus_inf_off_each_heads_row_and_held_only_when_small(monke
     )
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["half-native", "half-converted"])
 @pytest.mark.parametrize("held", [True, False], ids=["bias-held", "masked"])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_attention_equals_the_dense_reference(monkeypatch, dtype, window, held):
+def test_packed_attention_equals_the_dense_reference(monkeypatch, dtype, window, held, native):
     """Two sequences, GQA 2, heads of very different lengths: the packed layer's attention over
     its flat buffers equals the dense reference over the same rows as a rectangle, twice (the
-    second time with the layout's held bias, or under a mask where the bias is too large)."""
+    second time with the layout's held bias, or under a mask where the bias is too large); in
+    bf16 both where half precision is native (SDPA) and where it is converted to fp32."""
     if not held:
         monkeypatch.setattr(head_pages_module, "ROW_BIAS_CACHED", 0)
+    monkeypatch.setattr(packed_attention_module, "half_is_native", lambda device_type: native)
     gen = torch.Generator().manual_seed(1)
     lengths = torch.tensor([[4, 19, 1], [11, 2, 30]])
     pages = HeadPages.for_slots(lengths + torch.tensor([[2, 0, 5], [0, 3, 1]]))
@@ -100,7 +104,7 @@ def test_packed_attention_equals_the_dense_reference(monkeypatch, dtype, window,
         )
         for _ in range(2)
     ]
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and outs[0].dtype == dtype
     out = outs[0]
     as_rect = [PackedBuffer(t, pages).gather() for t in (k, v, slot_pos)]
     want, _ = decode_attention_reference(
