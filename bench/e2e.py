@@ -64,7 +64,7 @@ import torch
 
 import nanokv
 from nanokv.arena import KVArena
-from nanokv.dtypes import dtype_label, resolve_dtype
+from nanokv.dtypes import dtype_label, resolve_dtype, resolve_kv_dtype
 from nanokv.kernels.decode_attention import triton_available
 from nanokv.models.linear import is_input_major
 
@@ -650,11 +650,12 @@ def main(argv: list[str] | None = None) -> int:
     bandwidths = [copy_bandwidth_gb_s(device, args.copy_mib)]
     cells, meta, labels = [], {}, set()
     for dtype, kv_dtype in itertools.product(args.dtypes, args.kv_dtypes):
-        llm, hf = load_dtype(args, dtype, kv_dtype)
-        label = dtype_label(llm.dtype, llm.kv_dtype)
-        if label in labels:  # e.g. --kv-dtypes auto float32 under float32: loaded already
+        weights = resolve_dtype(dtype, device)[0]
+        label = dtype_label(weights, resolve_kv_dtype(kv_dtype, weights))
+        if label in labels:  # e.g. --kv-dtypes auto float32 under float32: measured already
             continue
         labels.add(label)
+        llm, hf = load_dtype(args, dtype, kv_dtype)
         context = llm.config.max_position_embeddings
         if max(args.lengths) + args.new_tokens > context:
             sys.exit(f"e2e.py: error: prompt + new tokens exceed the model's {context} tokens")
