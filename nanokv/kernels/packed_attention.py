@@ -10,11 +10,12 @@ additive bias that is -inf off each head's row, made once for a layout (`HeadPag
 the rows move only at an eviction), and the empty slots are filled with -inf (with many
 sequences, where such a bias would be as large as the logits, a boolean mask is built instead);
 half precision goes through one fused SDPA call under that mask where the device does half
-precision natively, and elsewhere (a CPU without bf16 instructions) takes the fp32 path on the
-K/V converted: a laprox-like layer of 3 rows and 9 query heads took 170 against 270 us, the same
-output. Every query head pays the
-flops of every row (H_kv x B times the rectangle's), which is small where packing applies: a
-compressed cache of a few percent of the prompt. Policies that emit statistics get
+precision natively, and elsewhere (a CPU without bf16 instructions, where every half-precision
+operand is converted anyway) takes the fp32 path on the layer's K/V converted, with the held
+bias: laprox with a bf16 cache under fp32 weights went from 0.93x to 0.97x the fp32 cache's
+decode step (`bench/e2e.py --kv-dtypes`, docs/bench/e2e_kv_bf16.jsonl). Every query head pays
+the flops of every row (H_kv x B times the rectangle's), which is small where packing applies:
+a compressed cache of a few percent of the prompt. Policies that emit statistics get
 them at the next eviction, from a gathered rectangle (`Engine.settle`), as on a rectangular layer.
 Runs as torch ops on every device.
 """
