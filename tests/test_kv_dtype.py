@@ -85,14 +85,14 @@ def test_set_kv_dtype_rounds_what_qkv_hands_out_and_finish_takes_any(tiny_llama)
     assert model.blocks[0].kv_dtype is None
 
 
-@pytest.mark.parametrize("kind", ["llama", "opt"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "opt"])
 def test_a_bf16_cache_under_fp32_weights_is_fp32_arithmetic_on_rounded_kv(
     kind, tmp_path, monkeypatch
 ):
-    """Full cache, teacher forced: the bf16 cache holds half the bytes, and its logits are
-    those of fp32 attention over the same rounded q, k, v, up to bf16's own arithmetic, and
-    further from the unrounded fp32 model's."""
-    path = tiny_llama_or_opt(kind, tmp_path)
+    """Full cache, teacher forced (Mistral with its sliding window): the bf16 cache holds half
+    the bytes, and its logits are those of fp32 attention over the same rounded q, k, v, up to
+    bf16's own arithmetic, and further from the unrounded fp32 model's."""
+    path = save_checkpoint(make_hf_model(kind), tmp_path / kind)
     half, state = teacher_forced(load(path, "bfloat16"))
     exact, exact_state = teacher_forced(load(path, None))
     assert state.arena.k.dtype is torch.bfloat16 and exact_state.arena.k.dtype is torch.float32
@@ -102,10 +102,6 @@ def test_a_bf16_cache_under_fp32_weights_is_fp32_arithmetic_on_rounded_kv(
     scale, off_reference = reference.abs().max(), (half - reference).abs().max()
     assert off_reference < 0.01 * scale  # measured 0.007 (llama), 0.004 (opt)
     assert off_reference < (half - exact).abs().max() < 0.05 * scale  # 0.025, 0.007
-
-
-def tiny_llama_or_opt(kind: str, tmp_path):
-    return save_checkpoint(make_hf_model(kind), tmp_path / kind)
 
 
 @pytest.mark.parametrize(
