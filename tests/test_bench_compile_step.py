@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from bench_scripts import assert_refuses, load_bench
 
 from nanokv.models.llama import LlamaBlock
@@ -16,9 +17,15 @@ def test_compile_step_bench_measures_eager_and_compiled(tiny_llama_dir, tmp_path
     out = tmp_path / "compile.jsonl"
     argv = [
         "--model", str(tiny_llama_dir), "--reference", "40", "--length", "80", "--budget", "0.25",
-        "--new-tokens", "3", "--repeats", "2", "--modes", "default", "--out", str(out),
+        "--new-tokens", "3", "--repeats", "2", "--modes", "default", "--threads", "1",
+        "--out", str(out),
     ]  # fmt: skip
-    assert bench.main(argv) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(argv) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert (LlamaBlock.qkv, LlamaBlock.finish) == eager
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == [json.loads(line) for line in out.read_text().splitlines()]
