@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import tiny_models
+import torch
 from bench_scripts import load_bench
 from tiny_models import llama_config, make_hf_model, save_checkpoint
 
@@ -68,9 +69,13 @@ def test_e2e_kv_dtypes_add_nanokv_cells_with_half_the_kv_bytes(four_layer_dir, c
     argv = [
         "--model", str(four_layer_dir), "--lengths", "40", "--new-tokens", "3", "--policies",
         "snapkv", "--budget", "0.5", "--dtypes", "float32", "--kv-dtypes", "auto", "bfloat16",
-        "float32", "--repeats", "1", "--copy-mib", "1",
+        "float32", "--repeats", "1", "--copy-mib", "1", "--threads", "1",
     ]  # fmt: skip
-    assert _bench().main(argv) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert _bench().main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     cells, summary = lines[:-1], lines[-1]
     assert [(c["engine"], c["dtype"], c["policy"]) for c in cells] == [
