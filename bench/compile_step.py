@@ -32,12 +32,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from e2e import emit, machine_info, stdlib_token_stream
-from weight_layout import decode
+from e2e import emit, machine_info
+from weight_layout import Cell, add_cell_options, check_cell_options, decode, prefilled_cells
 
 import nanokv
 
@@ -48,25 +46,11 @@ DENSE_METHODS = ("qkv", "finish")  # a block's work before and after its attenti
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="HF-layout model dir (default: SmolLM2-135M)")
-    p.add_argument("--reference", type=int, default=512, help="prompt tokens of the full cache")
-    p.add_argument("--length", type=int, default=8128, help="prompt tokens of the policy cell")
-    p.add_argument("--policy", default="laprox")
-    p.add_argument("--budget", type=float, default=0.05)
+    add_cell_options(p, repeats=5)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--new-tokens", type=int, default=25, help="decode steps + 1 a round")
-    p.add_argument("--repeats", type=int, default=5, help="rounds; medians reported")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="order of the stdlib files in the prompt")
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
     args = p.parse_args(argv)
-    if min(args.reference, args.length) < 1 or args.new_tokens < 2 or args.repeats < 1:
-        p.error("--reference and --length must be >= 1, --new-tokens >= 2, --repeats >= 1")
-    if not 0 < args.budget <= 1:
-        p.error("--budget must be in (0, 1]")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
+    check_cell_options(p, args)
     return args
 
 
@@ -93,21 +77,6 @@ class DenseVariants:
         methods = self.eager if variant == "eager" else self.compiled[variant.partition(":")[2]]
         for name, method in methods.items():
             setattr(self.block_class, name, method)
-
-
-@dataclass
-class Cell:
-    policy: str
-    budget: float
-    length: int
-    engine: object = None
-    prefilled: object = None  # (state, logits)
-    step_ms: dict[str, list[float]] = field(default_factory=dict)
-    tokens: dict[str, list[int]] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"{self.policy}@{self.budget}@{self.length}"
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -167,15 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     variants, sink = DenseVariants(type(llm.model.blocks[0]), args.modes), []
     dtype = str(llm.dtype).removeprefix("torch.")
     emit({"machine": machine_info(llm.device), "dtype": dtype}, sink)
-    stream = stdlib_token_stream(llm.tokenizer.encode, max(args.reference, args.length), args.seed)
-    cells = [Cell("full", 1.0, args.reference), Cell(args.policy, args.budget, args.length)]
+    cells = prefilled_cells(llm, args)
     try:
         with torch.inference_mode():
-            for cell in cells:
-                llm.configure(cell.policy, budget=cell.budget, min_cache=0)
-                cell.engine = llm.engine
-                cell.prefilled = cell.engine.start([stream[: cell.length]], args.new_tokens)
-                print(f"# prefilled {cell.name}", file=sys.stderr, flush=True)
             compile_s = measure(cells, variants, args)
     finally:
         variants.use("eager")

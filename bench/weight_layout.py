@@ -56,42 +56,70 @@ LAYOUTS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; see the module docstring."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_cell_options(p: argparse.ArgumentParser, repeats: int) -> None:
+    """The options of a two-cell A/B bench (this one, bench/compile_step.py): the model, the
+    full cache at --reference tokens, --policy at --budget of --length, the rounds."""
     p.add_argument("--model", default=None, help="HF-layout model dir (default: SmolLM2-135M)")
     p.add_argument("--reference", type=int, default=512, help="prompt tokens of the full cache")
     p.add_argument("--length", type=int, default=8128, help="prompt tokens of the policy cell")
     p.add_argument("--policy", default="laprox")
     p.add_argument("--budget", type=float, default=0.05)
     p.add_argument("--new-tokens", type=int, default=25, help="decode steps + 1 a round")
-    p.add_argument("--repeats", type=int, default=6, help="rounds; medians reported")
+    p.add_argument("--repeats", type=int, default=repeats, help="rounds; medians reported")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="order of the stdlib files in the prompt")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
-    args = p.parse_args(argv)
+
+
+def check_cell_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`p.error` (exit status 2) for a count or budget `add_cell_options` cannot run with."""
     if min(args.reference, args.length) < 1 or args.new_tokens < 2 or args.repeats < 1:
         p.error("--reference and --length must be >= 1, --new-tokens >= 2, --repeats >= 1")
     if not 0 < args.budget <= 1:
         p.error("--budget must be in (0, 1]")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; see the module docstring."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_cell_options(p, repeats=6)
+    args = p.parse_args(argv)
+    check_cell_options(p, args)
     return args
 
 
 @dataclass
 class Cell:
+    """One policy, budget and prompt length: its prefilled state, and per variant (a layout
+    here) its step times a round and its last greedy tokens."""
+
     policy: str
     budget: float
     length: int
     engine: object = None
     prefilled: object = None  # (state, logits)
-    step_ms: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in LAYOUTS})
+    step_ms: dict[str, list[float]] = field(default_factory=dict)
     tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return f"{self.policy}@{self.budget}@{self.length}"
+
+
+def prefilled_cells(llm: nanokv.LLM, args: argparse.Namespace) -> list[Cell]:
+    """The full cache at --reference and --policy at --budget of --length tokens of real text,
+    each prefilled once (exact budgets)."""
+    stream = stdlib_token_stream(llm.tokenizer.encode, max(args.reference, args.length), args.seed)
+    cells = [Cell("full", 1.0, args.reference), Cell(args.policy, args.budget, args.length)]
+    with torch.inference_mode():
+        for cell in cells:
+            llm.configure(cell.policy, budget=cell.budget, min_cache=0)
+            cell.engine = llm.engine
+            cell.prefilled = cell.engine.start([stream[: cell.length]], args.new_tokens)
+            print(f"# prefilled {cell.name}", file=sys.stderr, flush=True)
+    return cells
 
 
 def decode(cell: Cell, steps: int) -> tuple[float, list[int]]:
@@ -151,22 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(llm.device), "cpu_vendor": cpu_vendor(),
         "loader_layout": "input-major" if default else "output-major",
     }, sink)  # fmt: skip
-    stream = stdlib_token_stream(llm.tokenizer.encode, max(args.reference, args.length), args.seed)
-    cells = [Cell("full", 1.0, args.reference), Cell(args.policy, args.budget, args.length)]
+    cells = prefilled_cells(llm, args)
     bandwidths = [copy_bandwidth_gb_s(llm.device)]
     with torch.inference_mode():
-        for cell in cells:
-            llm.configure(cell.policy, budget=cell.budget, min_cache=0)
-            cell.engine = llm.engine
-            cell.prefilled = cell.engine.start([stream[: cell.length]], args.new_tokens)
-            print(f"# prefilled {cell.name}", file=sys.stderr, flush=True)
         for round_ in range(args.repeats):
             order = list(LAYOUTS) if round_ % 2 == 0 else list(reversed(LAYOUTS))
             for layout in order:
                 LAYOUTS[layout](model)
                 for cell in cells:
                     ms, tokens = decode(cell, steps)
-                    cell.step_ms[layout].append(ms)
+                    cell.step_ms.setdefault(layout, []).append(ms)
                     cell.tokens[layout] = tokens
             bandwidths.append(copy_bandwidth_gb_s(llm.device))
             print(f"# round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
