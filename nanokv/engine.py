@@ -493,7 +493,8 @@ class Engine:
             information = None
             if self.eviction.weighs_information(plan):
                 information = token_information(self.model.logits, h, ids)
-            self.eviction.finish_prefill(arena, seq, plan, information)
+            sentences = probe.sentence_of if probe is not None else ()
+            self.eviction.finish_prefill(arena, seq, plan, information, sentences)
         return self.model.logits(h if all_logits else h[-1:])
 
     @torch.inference_mode()
@@ -537,7 +538,8 @@ class Engine:
         information = None
         if self.eviction.weighs_information(plan):
             information = record.information(self.model.logits)
-        self.eviction.finish_prefill(arena, seq, plan, information)
+        sentences = record.probe.sentence_of if record.probe is not None else ()
+        self.eviction.finish_prefill(arena, seq, plan, information, sentences)
         return record.logits.clone()
 
     def _as_policy_sees(self, recorded: PromptLayer, seq: int) -> PromptLayer:
@@ -969,8 +971,9 @@ class Engine:
         scoring of KVzip's `probe` run against the arena (`probe_arena`) or, without one, by
         its `eviction_scores`; the sinks and the policy's observation window (the last
         positions seen) are protected; `information` (positions seen,) multiplies each slot's
-        score by its token's self-information (a conversation's `InformationTrail`). Nothing
-        is re-prefilled."""
+        score by its token's self-information (a conversation's `InformationTrail`); the
+        probe's sentences are shared by every head under the `sentences` option. Nothing is
+        re-prefilled."""
         arena = state.arena
         self.settle(state)
         if int(arena.lengths.max()) <= cache:
@@ -986,7 +989,8 @@ class Engine:
         self.eviction.seconds += time.perf_counter() - began
         if information is not None:  # (positions seen,) self-information, by position
             scores = weigh(scores, arena.pos[:, 0], information)
-        self.eviction.reselect(arena, 0, scores, cache, int(state.positions[0]))
+        sentences = probe.sentence_of if probe is not None else ()
+        self.eviction.reselect(arena, 0, scores, cache, int(state.positions[0]), sentences)
 
     @torch.inference_mode()
     def probe_arena(

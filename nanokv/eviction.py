@@ -24,6 +24,7 @@ from nanokv.policies.allocation import (
 from nanokv.policies.selection import protection_rank, select_prompt_tokens, select_victims
 from nanokv.recompress import kept_to_budget
 from nanokv.reconstruct import fold_victims, reconstruct_prefill
+from nanokv.sentences import shared_sentence_rank
 
 
 @dataclass(frozen=True)
@@ -199,34 +200,68 @@ class EvictionStage:
         seq: int,
         plan: SequencePlan,
         information: torch.Tensor | None = None,
+        sentence_of: tuple[int, ...] = (),
     ) -> None:
         """`global` allocation: one top-k over every layer's and head's provisional tokens,
         then each head is compacted to its share; `layerwise`: one top-k over layer widths.
         Other allocations are already final. `information` (n,) multiplies each prompt token's
-        score first (nanokv/information.py)."""
+        score first (nanokv/information.py); with the `sentences` option, the best sentences
+        of `sentence_of` (the sentence of each prompt token) are kept in every head first
+        (nanokv/sentences.py)."""
         if not self.cuts_after_prefill(plan):
             return
         start = time.perf_counter()
         scores = arena.score[:, seq]  # (L, H_kv, C)
         if information is not None:
             scores = weigh(scores, arena.pos[:, seq], information)
-        self._select_across(arena, seq, scores, plan, range(len(arena.k)))
+        shared = self._shared_sentences(arena, seq, scores, plan, sentence_of)
+        self._select_across(arena, seq, scores, plan, range(len(arena.k)), shared)
         self.seconds += time.perf_counter() - start
 
+    def _shared_sentences(
+        self,
+        arena: KVArena,
+        seq: int,
+        scores: torch.Tensor,
+        plan: SequencePlan,
+        sentence_of: tuple[int, ...],
+    ) -> torch.Tensor | None:
+        """(n,) each prompt position's place among the shared sentences' tokens (-1: not
+        shared), or None without the option or the sentences."""
+        if not self.options.sentences or len(sentence_of) != plan.prompt_length:
+            return None
+        pos = arena.pos[:, seq]  # (L, H_kv, C)
+        slots = torch.arange(arena.capacity, device=pos.device)
+        valid = slots < arena.lengths[:, seq].long().unsqueeze(-1)
+        room = int(self.options.sentences * plan.layer_counts[0])
+        return shared_sentence_rank(
+            scores.flatten(0, 1), pos.flatten(0, 1), valid.flatten(0, 1),
+            torch.tensor(sentence_of, device=pos.device), room, self.options.sinks,
+        )  # fmt: skip
+
     def reselect(
-        self, arena: KVArena, seq: int, scores: torch.Tensor, cache: int, seen: int
+        self,
+        arena: KVArena,
+        seq: int,
+        scores: torch.Tensor,
+        cache: int,
+        seen: int,
+        sentence_of: tuple[int, ...] = (),
     ) -> None:
         """Brings a live sequence (a conversation) back to `cache` slots a head on average,
         ranked by `scores` (L, H_kv, C) under the policy's allocation: `global` picks across
         every layer and head, `layer` across the heads of each layer, otherwise every head keeps
         its own best `cache` (pyramid too: a conversation has no prompt to slope). The sinks and
-        the last `observation_window` of the `seen` positions are protected."""
+        the last `observation_window` of the `seen` positions are protected; with the
+        `sentences` option, a model-wide cut keeps the best sentences of `sentence_of` (the
+        sentence of each position seen) in every head first."""
         start = time.perf_counter()
         options, num_layers = self.options, len(arena.k)
         cap = max(math.ceil(options.max_head_share * cache), cache)
         plan = SequencePlan(seen, False, (cache,) * num_layers, cap)
         if options.allocation in MODEL_WIDE:
-            self._select_across(arena, seq, scores, plan, range(num_layers))
+            shared = self._shared_sentences(arena, seq, scores, plan, sentence_of)
+            self._select_across(arena, seq, scores, plan, range(num_layers), shared)
         elif options.allocation == "layer":
             for layer in range(num_layers):
                 self._select_across(arena, seq, scores, plan, range(layer, layer + 1))
@@ -241,11 +276,18 @@ class EvictionStage:
         self.seconds += time.perf_counter() - start
 
     def _select_across(
-        self, arena: KVArena, seq: int, scores: torch.Tensor, plan: SequencePlan, layers: range
+        self,
+        arena: KVArena,
+        seq: int,
+        scores: torch.Tensor,
+        plan: SequencePlan,
+        layers: range,
+        shared: torch.Tensor | None = None,
     ) -> None:
         """One top-k of the plan's mean count a head over every head of `layers` of `seq`
         (`layerwise`: over the layers' widths), ranked by scores (L, H_kv, C); each head is
-        compacted to what it won."""
+        compacted to what it won. `shared` (n,): places of prompt positions every head keeps
+        after its protected ones, in that order (-1: none; `_shared_sentences`)."""
         mean, n = plan.layer_counts[0], plan.prompt_length
         chosen = slice(layers.start, layers.stop)
         lengths = arena.lengths[chosen, seq].long()  # (l, H_kv)
@@ -253,6 +295,8 @@ class EvictionStage:
         slots = torch.arange(arena.capacity, device=pos.device)
         valid = slots < lengths.unsqueeze(-1)
         protected, total = self._protection_rank(pos, n), mean * lengths.numel()
+        if shared is not None:
+            protected = self._with_shared(protected, pos, shared)
         if self.options.allocation == "layerwise":
             keep = select_layer_widths(
                 scores[chosen], protected, valid, total, floor=self._floor(mean, plan),
@@ -267,6 +311,17 @@ class EvictionStage:
         for index, layer in enumerate(layers):
             kept, counts = kept_slots(keep[index])
             arena.compact_sequence(layer, seq, kept, counts)
+
+    def _with_shared(
+        self, protected: torch.Tensor, pos: torch.Tensor, shared: torch.Tensor
+    ) -> torch.Tensor:
+        """The protection rank (l, H_kv, C) with the `shared` positions (n,) protected after
+        the sinks and the window, in their places."""
+        after = self.options.sinks + self.options.observation_window
+        held = pos.long()
+        place = shared[held.clamp(0, shared.shape[0] - 1)]
+        place = torch.where((held >= 0) & (held < shared.shape[0]), place, -1)
+        return torch.where((protected < 0) & (place >= 0), after + place, protected)
 
     def cache_tokens(self, plan: SequencePlan, lengths: torch.Tensor) -> torch.Tensor:
         """(L, H_kv) tokens each head holds after every decode-time eviction, given the

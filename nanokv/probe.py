@@ -18,8 +18,10 @@ follows kvpress's `KVzipPress.prepare` and `score_kvzip`:
   row (not over the rest of the document). Keys outside every span (the template's prefix, a
   BOS) score 0; the selection protects the sinks.
 
-`repeat_probe` builds the segments (the LLM has the tokenizer); `ProbeScores` is the running
-statistic the engine keeps per layer while it runs them, chunk by chunk (never an n x n matrix).
+`repeat_probe` builds the segments (the LLM has the tokenizer) and cuts the document into
+sentences for the shared sentences of the model-wide cut (nanokv/sentences.py); `ProbeScores` is
+the running statistic the engine keeps per layer while it runs them, chunk by chunk (never an
+n x n matrix).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from nanokv.kernels.prefill_scores import probe_attention
+from nanokv.sentences import sentence_index
 from nanokv.tokenizer import Tokenizer
 
 REPEAT = "\n\nRepeat the previous context exactly."
@@ -55,6 +58,7 @@ class Probe:
 
     segments: tuple[ProbeSegment, ...]
     sinks: int = SINKS
+    sentence_of: tuple[int, ...] = ()  # the sentence of each document token (nanokv/sentences.py)
 
     @property
     def longest(self) -> int:
@@ -92,7 +96,7 @@ def repeat_probe(
             quoted = document_ids[max(first, start - OVERLAP_TOKENS) : start]
             instruction = _encode(tokenizer, REPEAT_PART) + quoted
         segments.append(ProbeSegment(instruction + tail_ids + document_ids[start:end], start, end))
-    return Probe(tuple(segments), sinks)
+    return Probe(tuple(segments), sinks, sentence_index(tokenizer, document_ids))
 
 
 def segment_overhead(tokenizer: Tokenizer, document_ids: list[int]) -> int:

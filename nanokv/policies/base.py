@@ -34,6 +34,10 @@ OBSERVATIONS = ("last", "repeat")  # where an observation-window policy takes it
 # context-only cases than the cap of 4 in every cell measured (docs/eval.md), and costs no more
 # memory once decoding since each head holds only its own slots (`KVArena.pack_heads`).
 REPEAT_DEFAULTS: dict[str, object] = {"pool": 1, "observation_window": 0, "max_head_share": 20.0}
+# ... and where the allocation is model-wide (global, layerwise): the share of the mean head
+# budget kept as whole sentences in every head (nanokv/sentences.py), measured best of 0.4, 0.6
+# and 0.8 on the context-only NIAH grid (docs/eval.md, "Shared sentences")
+REPEAT_SENTENCES = 0.6
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class PolicyOptions:
     reconstruct: bool = True  # AUV: keep evicted tokens' weighted mean in one extra slot
     observe: str = "last"  # snapkv/laprox/tova: "last" w prompt queries or KVzip's "repeat" probe
     information: bool = False  # global/layerwise: scores times -log p(x_j | x_<j) at the cut
+    sentences: float = 0.0  # global/layerwise under the probe: budget share of shared sentences
 
     def __post_init__(self) -> None:
         for name in ("sinks", "observation_window", "decode_window"):
@@ -80,10 +85,25 @@ class PolicyOptions:
                 "information weighs the scores at the model-wide cut, after the last layer: "
                 f"use allocation global or layerwise (got {self.allocation!r})"
             )
+        self._check_sentences()
         if self.observe not in OBSERVATIONS:
             raise ValueError(
                 f"observe must be 'last' (the last prompt queries) or 'repeat' (KVzip's probe), "
                 f"got {self.observe!r}"
+            )
+
+    def _check_sentences(self) -> None:
+        if not 0.0 <= self.sentences < 1.0:
+            raise ValueError(f"sentences must be in [0, 1), got {self.sentences}")
+        if self.sentences and self.allocation not in MODEL_WIDE:
+            raise ValueError(
+                "sentences are shared by every head at the model-wide cut: use allocation "
+                f"global or layerwise (got {self.allocation!r})"
+            )
+        if self.sentences and self.observe != "repeat":
+            raise ValueError(
+                "sentences are ranked by KVzip's query-agnostic probe: use observe='repeat' "
+                f"(got {self.observe!r})"
             )
 
 
@@ -182,11 +202,15 @@ class Policy:
 
     def __init__(self, **options: object) -> None:
         """`options` are PolicyOptions fields; unset ones take this policy's defaults (and, with
-        observe="repeat", REPEAT_DEFAULTS). A policy without an observation window rejects
+        observe="repeat", REPEAT_DEFAULTS, and REPEAT_SENTENCES under a model-wide allocation).
+        A policy without an observation window rejects
         observe="repeat": there are no observation queries for the probe to replace."""
         observe = options.get("observe", self.defaults.get("observe", "last"))
         repeat = REPEAT_DEFAULTS if observe == "repeat" else {}
-        self.options = PolicyOptions(**{**self.defaults, **repeat, **options})
+        merged = {**self.defaults, **repeat, **options}
+        if observe == "repeat" and merged.get("allocation") in MODEL_WIDE:
+            merged = {"sentences": REPEAT_SENTENCES, **merged}
+        self.options = PolicyOptions(**merged)
         if self.options.observe == "repeat" and not self.observes_window:
             raise ValueError(
                 f"policy {self.name!r} does not score from an observation window, so "

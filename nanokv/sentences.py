@@ -1,0 +1,99 @@
+"""Shared sentences: whole sentences that the query-agnostic cut keeps in every head.
+
+Compressed before its question is known, a document loses its facts in a particular way on the
+default model: the model-wide cut gives a few copy heads most of the budget and leaves most heads
+their sinks, while answering from a fact needs its sentence in many heads (docs/eval.md, "Why 5%
+of 2k fails"). Yet the probe does find the fact: ranked by the best token of the heads' mean
+max-normalised probe score, the needle's sentence is among the few best of the document in most
+cases of the context-only NIAH grid (docs/eval.md, "Shared sentences"). So before the
+model-wide cut, the best-ranked sentences that fit in a share of the mean head budget are kept
+whole in every head (as protected tokens, like the sinks); the cut spends the rest as before.
+Sentence- and chunk-level units are what SentenceKV and ChunkKV (2025) keep for the same reason:
+a fact is a span, not a token.
+
+`sentence_index` cuts a prompt into sentences from its token texts (a token that ends with
+., ! or ? or holds a newline closes one); `shared_sentence_rank` ranks and picks them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanokv.tokenizer import Tokenizer
+
+SENTENCE_ENDS = (".", "!", "?")
+
+
+def sentence_index(tokenizer: Tokenizer, ids: list[int]) -> tuple[int, ...]:
+    """The sentence of each token of `ids` (0, 1, ...): a token whose text ends with
+    `SENTENCE_ENDS` (trailing spaces aside) or holds a newline ends its sentence."""
+    ends: dict[int, bool] = {}
+    sentence, index = 0, []
+    for token in ids:
+        if token not in ends:
+            text = tokenizer.decode([token])
+            ends[token] = "\n" in text or text.rstrip().endswith(SENTENCE_ENDS)
+        index.append(sentence)
+        sentence += ends[token]
+    return tuple(index)
+
+
+def shared_sentence_rank(
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    sentence_of: torch.Tensor,
+    room: int,
+    sinks: int,
+) -> torch.Tensor:
+    """(n,) int64: each prompt position's place among the shared tokens (0 first), -1 if its
+    sentence is not shared.
+
+    scores, positions, valid: (R, C) the R heads' slots (model-wide: every layer's kv heads);
+    sentence_of: (n,) the sentence of each prompt position (`sentence_index`). A head's scores
+    are divided by its largest (sinks aside), so that every head votes alike; a position's
+    weight is the mean over heads, a sentence's the largest of its positions'. Sentences are
+    taken best first while they fit in `room` tokens (one that does not is passed over);
+    sentences holding a sink are never shared (the sinks are kept anyway)."""
+    n = sentence_of.shape[0]
+    weight = _position_weight(scores, positions, valid, n, sinks)  # (n,)
+    sentences = int(sentence_of.max()) + 1 if n else 0
+    best = torch.full((sentences,), float("-inf"), device=weight.device)
+    best.scatter_reduce_(0, sentence_of, weight, "amax")
+    best[sentence_of[:sinks]] = float("-inf")
+    sizes = torch.bincount(sentence_of, minlength=sentences).tolist()
+    chosen = []
+    for sentence in torch.argsort(-best, stable=True).tolist():
+        if room <= 0 or best[sentence] == float("-inf"):
+            break
+        if sizes[sentence] <= room:
+            chosen.append(sentence)
+            room -= sizes[sentence]
+    return _token_places(sentence_of, chosen)
+
+
+def _position_weight(
+    scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int, sinks: int
+) -> torch.Tensor:
+    """(n,) the mean over the R heads of each position's max-normalised score (0 where a head
+    does not hold the position)."""
+    rows = scores.shape[0]
+    positions = positions.long()
+    counted = valid & (positions >= sinks) & (positions < n)
+    held = scores.float().masked_fill(~counted, 0.0).clamp_min(0.0)
+    normalised = held / held.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    dense = torch.zeros(rows, n, device=scores.device)  # (R, n)
+    dense.scatter_reduce_(1, positions.clamp(0, max(n - 1, 0)), normalised, "amax")
+    return dense.mean(dim=0)
+
+
+def _token_places(sentence_of: torch.Tensor, chosen: list[int]) -> torch.Tensor:
+    """(n,) each position's place among the tokens of the `chosen` sentences, taken in that
+    order (by position within a sentence), -1 elsewhere."""
+    places = torch.full_like(sentence_of, -1, dtype=torch.int64)
+    taken = 0
+    for sentence in chosen:
+        where = (sentence_of == sentence).nonzero().flatten()
+        places[where] = torch.arange(taken, taken + where.numel(), device=places.device)
+        taken += where.numel()
+    return places

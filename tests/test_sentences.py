@@ -1,0 +1,196 @@
+"""Shared sentences (nanokv/sentences.py): the document cut into sentences, the sentences ranked
+and picked as a brute-force reference does, kept in every head by the model-wide cut with the
+budget still exact, and on by default only where the query-agnostic probe cuts model-wide."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanokv
+from nanokv import eviction as eviction_module
+from nanokv.budget import Budget
+from nanokv.engine import Engine
+from nanokv.loader import load_config, load_model
+from nanokv.policies import make_policy
+from nanokv.policies.base import REPEAT_SENTENCES
+from nanokv.probe import repeat_probe
+from nanokv.sentences import sentence_index, shared_sentence_rank
+from nanokv.tokenizer import Tokenizer
+
+SENTENCES = (
+    "The cat sat on the mat. A dog ran to the park! Was the sky blue? "
+    "The magic number is 4821.\nIt rained all day. The river rose fast. "
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir) -> Tokenizer:
+    return Tokenizer(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    cfg = load_config(tiny_llama_dir)
+    return load_model(tiny_llama_dir, cfg, torch.float32, torch.device("cpu")), cfg
+
+
+def test_sentence_index_cuts_after_end_marks_and_newlines(tokenizer):
+    ids = tokenizer.encode("Hi there. How are you?\nFine! ok", add_special_tokens=False)
+    index = sentence_index(tokenizer, ids)
+    assert len(index) == len(ids) and index[0] == 0
+    assert all(b - a in (0, 1) for a, b in zip(index, index[1:], strict=False))
+    texts = [
+        tokenizer.decode([t for t, s in zip(ids, index, strict=True) if s == k]) for k in set(index)
+    ]
+    assert [t.strip() for t in texts if t.strip()] == ["Hi there.", "How are you?", "Fine!", "ok"]
+
+
+def reference_rank(scores, positions, valid, sentence_of, room, sinks) -> list[int]:
+    """The rule of `shared_sentence_rank`, one entry at a time."""
+    rows, slots = scores.shape
+    n = len(sentence_of)
+    weight = [0.0] * n
+    for r in range(rows):
+        held = {}
+        for c in range(slots):
+            p = int(positions[r, c])
+            if valid[r, c] and sinks <= p < n:
+                held[p] = max(held.get(p, 0.0), max(float(scores[r, c]), 0.0))
+        top = max(held.values(), default=0.0)
+        for p, s in held.items():
+            weight[p] += (s / top if top > 0 else 0.0) / rows
+    sentences = max(sentence_of) + 1
+    best = [max(weight[p] for p in range(n) if sentence_of[p] == k) for k in range(sentences)]
+    for p in range(min(sinks, n)):
+        best[sentence_of[p]] = float("-inf")
+    chosen = []
+    for k in sorted(range(sentences), key=lambda k: -best[k]):  # stable: ties by sentence
+        size = sentence_of.count(k)
+        if room <= 0 or best[k] == float("-inf"):
+            break
+        if size <= room:
+            chosen.append(k)
+            room -= size
+    places, taken = [-1] * n, 0
+    for k in chosen:
+        for p in range(n):
+            if sentence_of[p] == k:
+                places[p], taken = taken, taken + 1
+    return places
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shared_sentence_rank_equals_the_brute_force_rule(seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows, slots, n, sinks = 6, 24, 40, 2
+    sizes = torch.randint(1, 7, (n,), generator=gen).tolist()
+    sentence_of = [k for k, size in enumerate(sizes) for _ in range(size)][:n]
+    scores = torch.rand(rows, slots, generator=gen) ** 3  # distinct values, no ties
+    positions = torch.stack([torch.randperm(n, generator=gen)[:slots] for _ in range(rows)])
+    valid = torch.rand(rows, slots, generator=gen) > 0.2
+    positions[~valid & (torch.rand(rows, slots, generator=gen) > 0.5)] = -1  # empty slots
+    room = int(torch.randint(0, 20, (), generator=gen))
+    got = shared_sentence_rank(
+        scores, positions, valid, torch.tensor(sentence_of), room=room, sinks=sinks
+    )
+    assert got.tolist() == reference_rank(scores, positions, valid, sentence_of, room, sinks)
+    assert int((got >= 0).sum()) <= room
+
+
+def test_options_share_sentences_only_under_the_probe_at_a_model_wide_cut():
+    assert make_policy("laprox", observe="repeat").options.sentences == REPEAT_SENTENCES
+    assert make_policy("laprox").options.sentences == 0.0  # question-aware: unchanged
+    assert make_policy("snapkv", observe="repeat").options.sentences == 0.0  # uniform
+    global_snapkv = make_policy("snapkv", observe="repeat", allocation="global")
+    assert global_snapkv.options.sentences == REPEAT_SENTENCES
+    assert make_policy("laprox", observe="repeat", sentences=0).options.sentences == 0.0
+    with pytest.raises(ValueError, match="observe='repeat'"):
+        make_policy("laprox", sentences=0.5)
+    with pytest.raises(ValueError, match="allocation global or layerwise"):
+        make_policy("snapkv", observe="repeat", sentences=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        make_policy("laprox", observe="repeat", sentences=1.0)
+
+
+def test_the_probe_carries_the_documents_sentences(tokenizer):
+    ids = tokenizer.encode_chat([{"role": "user", "content": SENTENCES}])
+    probe = repeat_probe(tokenizer, ids)
+    assert probe.sentence_of == sentence_index(tokenizer, ids)
+
+
+@pytest.mark.parametrize("allocation", ["global", "layerwise"])
+def test_every_head_keeps_the_shared_sentences_and_the_budget_stays_exact(
+    llama, tokenizer, monkeypatch, allocation
+):
+    net, cfg = llama
+    ids = tokenizer.encode_chat([{"role": "user", "content": SENTENCES}])
+    probe = repeat_probe(tokenizer, ids, span=24)  # inside the tiny model's context
+    picked = []
+
+    def spy(*args, **kwargs):
+        picked.append(shared_sentence_rank(*args, **kwargs))
+        return picked[-1]
+
+    monkeypatch.setattr(eviction_module, "shared_sentence_rank", spy)
+    kept = {}
+    for share in (0.0, 0.5):
+        policy = make_policy("laprox", observe="repeat", allocation=allocation, sentences=share)
+        engine = Engine(net, cfg, policy, budget=Budget(0.4), prefill_chunk=16)
+        state, _ = engine.start([ids], 2, probes=[probe])
+        plan = engine.eviction.plan(len(ids), 2)
+        lengths = state.arena.lengths[:, 0]  # (L, H_kv)
+        assert int(lengths.sum()) == plan.layer_counts[0] * lengths.numel()  # exact budget
+        kept[share] = [
+            set(state.arena.pos[layer, 0, head, : int(lengths[layer, head])].tolist())
+            for layer in range(cfg.num_layers)
+            for head in range(cfg.num_kv_heads)
+        ]
+    assert len(picked) == 1  # sentences=0 never ranks them
+    shared = set((picked[0] >= 0).nonzero().flatten().tolist())
+    room = int(0.5 * plan.layer_counts[0])
+    assert 0 < len(shared) <= room
+    assert all(shared <= head for head in kept[0.5])
+    assert not all(shared <= head for head in kept[0.0])  # the option is what keeps them
+
+
+def test_compress_shares_sentences_by_default(tiny_llama_dir, monkeypatch):
+    calls = []
+    real = eviction_module.shared_sentence_rank
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("room", args[4] if len(args) > 4 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eviction_module, "shared_sentence_rank", spy)
+    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0, dtype="float32")
+    llm.compress(SENTENCES, chat=False, max_question_tokens=8, max_new_tokens=4)
+    assert len(calls) == 1 and calls[0] > 0
+
+
+def test_a_conversation_shares_the_sentences_of_every_token_seen(tiny_llama_dir, monkeypatch):
+    """Each recompression ranks the sentences of all the positions seen (the probe's), and
+    every head keeps the shared ones."""
+    seen_lengths, kept = [], []
+    real = eviction_module.shared_sentence_rank
+
+    def spy(scores, positions, valid, sentence_of, room, sinks):
+        seen_lengths.append(sentence_of.shape[0])
+        kept.append(real(scores, positions, valid, sentence_of, room, sinks))
+        return kept[-1]
+
+    monkeypatch.setattr(eviction_module, "shared_sentence_rank", spy)
+    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0, dtype="float32")
+    conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=4))
+    for turn in ("The cat sat on the mat. A dog ran!", "Was the sky blue? It rained."):
+        conversation.send(turn)
+        arena = conversation.state.arena
+        assert seen_lengths[-1] == conversation.tokens_seen
+        shared = set((kept[-1] >= 0).nonzero().flatten().tolist())
+        assert shared
+        for layer in range(arena.lengths.shape[0]):
+            for head in range(arena.lengths.shape[2]):
+                held = arena.layer(layer)
+                count = int(held.lengths[0, head])
+                assert shared <= set(held.pos[0, head, :count].tolist())
+    assert len(seen_lengths) == 2
