@@ -16,7 +16,7 @@ from nanokv.budget import Budget
 from nanokv.eval.cli import add_eval_parser
 from nanokv.policies import DEFAULT_POLICY, parse_policy, policy_for_budget, policy_names
 from nanokv.policies.allocation import ALLOCATIONS
-from nanokv.policies.base import OBSERVATIONS
+from nanokv.policies.base import OBSERVATIONS, REPEAT_SENTENCES
 from nanokv.sampling import SamplingParams
 from nanokv.scheduler import PREFILL_SHARE
 
@@ -150,6 +150,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="global/layerwise: weigh each token's score by its self-information "
         "-log p(x_j | x_<j) at the model-wide cut (default off)",
     )  # fmt: skip
+    p.add_argument(
+        "--sentences", type=float, metavar="SHARE",
+        help="global/layerwise with KVzip's probe: share of the mean head budget kept as whole "
+        f"sentences in every head, in [0, 1) (default {REPEAT_SENTENCES} there, 0 = off)",
+    )  # fmt: skip
     p.add_argument("--pool", type=int, help="max-pool kernel along tokens (odd)")
     p.add_argument("--chunk", type=int, help="keep whole chunks of C tokens (default 1)")
     p.add_argument("--decode-window", type=int, help="W: slots freed per eviction (default 16)")
@@ -250,6 +255,7 @@ def _load_llm(args: argparse.Namespace, budget: Budget) -> LLM:
         pool=args.pool, chunk=args.chunk, decode_window=args.decode_window,
         allocation=args.allocation, min_head_share=args.min_head_share,
         max_head_share=args.max_head_share, observe=args.observe, information=args.information,
+        sentences=args.sentences,
     )  # fmt: skip
     return LLM(
         args.model, policy=args.policy, budget=budget.value, dtype=args.dtype,

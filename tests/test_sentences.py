@@ -10,6 +10,7 @@ import torch
 import nanokv
 from nanokv import eviction as eviction_module
 from nanokv.budget import Budget
+from nanokv.cli import main
 from nanokv.engine import Engine
 from nanokv.loader import load_config, load_model
 from nanokv.policies import make_policy
@@ -105,8 +106,8 @@ def test_options_share_sentences_only_under_the_probe_at_a_model_wide_cut():
     global_snapkv = make_policy("snapkv", observe="repeat", allocation="global")
     assert global_snapkv.options.sentences == REPEAT_SENTENCES
     assert make_policy("laprox", observe="repeat", sentences=0).options.sentences == 0.0
-    with pytest.raises(ValueError, match="observe='repeat'"):
-        make_policy("laprox", sentences=0.5)
+    # given with observe="last", it waits for `compress`'s probe (generate has no sentences)
+    assert make_policy("laprox", sentences=0.5).options.sentences == 0.5
     with pytest.raises(ValueError, match="allocation global or layerwise"):
         make_policy("snapkv", observe="repeat", sentences=0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
@@ -194,3 +195,15 @@ def test_a_conversation_shares_the_sentences_of_every_token_seen(tiny_llama_dir,
                 count = int(held.lengths[0, head])
                 assert shared <= set(held.pos[0, head, :count].tolist())
     assert len(seen_lengths) == 2
+
+
+def test_cli_sentences_flag(tiny_llama_dir, capsys):
+    argv = ["generate", "--model", str(tiny_llama_dir), "--max-new-tokens", "2", "--budget", "0.5"]
+    argv += ["--min-cache", "0"]
+    assert main([*argv, "--observe", "repeat", "--sentences", "0.3", SENTENCES]) == 0
+    assert main([*argv, "--observe", "repeat", "--sentences", "1.5", SENTENCES]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "sentences must be in [0, 1)" in err[0]
+    assert main([*argv, "--policy", "snapkv", "--sentences", "0.3", SENTENCES]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "allocation global or layerwise" in err[0]
