@@ -26,7 +26,10 @@ SENTENCE_ENDS = (".", "!", "?")
 
 def sentence_index(tokenizer: Tokenizer, ids: list[int]) -> tuple[int, ...]:
     """The sentence of each token of `ids` (0, 1, ...): a token whose text ends with
-    `SENTENCE_ENDS` (trailing spaces aside) or holds a newline ends its sentence."""
+    `SENTENCE_ENDS` (trailing spaces aside) or holds a newline ends its sentence. The tokens
+    after the last such token, a sentence the prompt stops inside, are -1: no sentence. That
+    fragment is the prompt's most recent text, which the probe's first rows attend to whatever
+    it says; ranked, it came first in nearly every context-only case (docs/eval.md)."""
     ends: dict[int, bool] = {}
     sentence, index = 0, []
     for token in ids:
@@ -35,7 +38,7 @@ def sentence_index(tokenizer: Tokenizer, ids: list[int]) -> tuple[int, ...]:
             ends[token] = "\n" in text or text.rstrip().endswith(SENTENCE_ENDS)
         index.append(sentence)
         sentence += ends[token]
-    return tuple(index)
+    return tuple(s if s < sentence else -1 for s in index)  # `sentence`: the unfinished one
 
 
 def shared_sentence_rank(
@@ -50,17 +53,21 @@ def shared_sentence_rank(
     sentence is not shared.
 
     scores, positions, valid: (R, C) the R heads' slots (model-wide: every layer's kv heads);
-    sentence_of: (n,) the sentence of each prompt position (`sentence_index`). A head's scores
+    sentence_of: (n,) the sentence of each prompt position (`sentence_index`; -1: none). A
+    head's scores
     are divided by its largest (sinks aside), so that every head votes alike; a position's
     weight is the mean over heads, a sentence's the largest of its positions'. Sentences are
     taken best first while they fit in `room` tokens (one that does not is passed over);
     sentences holding a sink are never shared (the sinks are kept anyway)."""
     n = sentence_of.shape[0]
     weight = _position_weight(scores, positions, valid, n, sinks)  # (n,)
-    sentences = int(sentence_of.max()) + 1 if n else 0
+    in_sentence = sentence_of >= 0
+    with_sinks = sentence_of[:sinks][in_sentence[:sinks]]
+    sentence_of, weight = sentence_of[in_sentence], weight[in_sentence]
+    sentences = int(sentence_of.max()) + 1 if sentence_of.numel() else 0
     best = torch.full((sentences,), float("-inf"), device=weight.device)
     best.scatter_reduce_(0, sentence_of, weight, "amax")
-    best[sentence_of[:sinks]] = float("-inf")
+    best[with_sinks] = float("-inf")
     sizes = torch.bincount(sentence_of, minlength=sentences).tolist()
     chosen = []
     for sentence in torch.argsort(-best, stable=True).tolist():
@@ -69,7 +76,9 @@ def shared_sentence_rank(
         if sizes[sentence] <= room:
             chosen.append(sentence)
             room -= sizes[sentence]
-    return _token_places(sentence_of, chosen)
+    places = torch.full((n,), -1, dtype=torch.int64, device=weight.device)
+    places[in_sentence] = _token_places(sentence_of, chosen)
+    return places
 
 
 def _position_weight(

@@ -40,11 +40,13 @@ def test_sentence_index_cuts_after_end_marks_and_newlines(tokenizer):
     ids = tokenizer.encode("Hi there. How are you?\nFine! ok", add_special_tokens=False)
     index = sentence_index(tokenizer, ids)
     assert len(index) == len(ids) and index[0] == 0
-    assert all(b - a in (0, 1) for a, b in zip(index, index[1:], strict=False))
-    texts = [
-        tokenizer.decode([t for t, s in zip(ids, index, strict=True) if s == k]) for k in set(index)
-    ]
-    assert [t.strip() for t in texts if t.strip()] == ["Hi there.", "How are you?", "Fine!", "ok"]
+    complete = [s for s in index if s >= 0]
+    assert all(b - a in (0, 1) for a, b in zip(complete, complete[1:], strict=False))
+    pairs = list(zip(ids, index, strict=True))
+    texts = [tokenizer.decode([t for t, s in pairs if s == k]) for k in sorted(set(index))]
+    assert [t.strip() for t in texts if t.strip()] == ["ok", "Hi there.", "How are you?", "Fine!"]
+    finished = tokenizer.encode("Hi there. Fine!", add_special_tokens=False)
+    assert -1 not in sentence_index(tokenizer, finished)
 
 
 def reference_rank(scores, positions, valid, sentence_of, room, sinks) -> list[int]:
@@ -64,7 +66,8 @@ def reference_rank(scores, positions, valid, sentence_of, room, sinks) -> list[i
     sentences = max(sentence_of) + 1
     best = [max(weight[p] for p in range(n) if sentence_of[p] == k) for k in range(sentences)]
     for p in range(min(sinks, n)):
-        best[sentence_of[p]] = float("-inf")
+        if sentence_of[p] >= 0:
+            best[sentence_of[p]] = float("-inf")
     chosen = []
     for k in sorted(range(sentences), key=lambda k: -best[k]):  # stable: ties by sentence
         size = sentence_of.count(k)
@@ -81,12 +84,20 @@ def reference_rank(scores, positions, valid, sentence_of, room, sinks) -> list[i
     return places
 
 
+def _renumbered(sentence_of: list[int]) -> list[int]:
+    """Sentence ids 0, 1, ... in order (a sentence cut whole by the fragment leaves no gap)."""
+    ids = {k: i for i, k in enumerate(dict.fromkeys(k for k in sentence_of if k >= 0))}
+    return [ids.get(k, -1) for k in sentence_of]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_shared_sentence_rank_equals_the_brute_force_rule(seed):
     gen = torch.Generator().manual_seed(seed)
     rows, slots, n, sinks = 6, 24, 40, 2
     sizes = torch.randint(1, 7, (n,), generator=gen).tolist()
     sentence_of = [k for k, size in enumerate(sizes) for _ in range(size)][:n]
+    unfinished = int(torch.randint(0, 4, (), generator=gen))  # a fragment at the end: -1
+    sentence_of = _renumbered([k if p < n - unfinished else -1 for p, k in enumerate(sentence_of)])
     scores = torch.rand(rows, slots, generator=gen) ** 3  # distinct values, no ties
     positions = torch.stack([torch.randperm(n, generator=gen)[:slots] for _ in range(rows)])
     valid = torch.rand(rows, slots, generator=gen) > 0.2
