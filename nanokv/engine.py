@@ -971,9 +971,8 @@ class Engine:
         scoring of KVzip's `probe` run against the arena (`probe_arena`) or, without one, by
         its `eviction_scores`; the sinks and the policy's observation window (the last
         positions seen) are protected; `information` (positions seen,) multiplies each slot's
-        score by its token's self-information (a conversation's `InformationTrail`); the
-        probe's sentences are shared by every head under the `sentences` option. Nothing is
-        re-prefilled."""
+        score by its token's self-information (a conversation's `InformationTrail`). Nothing
+        is re-prefilled."""
         arena = state.arena
         self.settle(state)
         if int(arena.lengths.max()) <= cache:
@@ -989,8 +988,7 @@ class Engine:
         self.eviction.seconds += time.perf_counter() - began
         if information is not None:  # (positions seen,) self-information, by position
             scores = weigh(scores, arena.pos[:, 0], information)
-        sentences = probe.sentence_of if probe is not None else ()
-        self.eviction.reselect(arena, 0, scores, cache, int(state.positions[0]), sentences)
+        self.eviction.reselect(arena, 0, scores, cache, int(state.positions[0]))
 
     @torch.inference_mode()
     def probe_arena(

@@ -240,28 +240,22 @@ class EvictionStage:
         )  # fmt: skip
 
     def reselect(
-        self,
-        arena: KVArena,
-        seq: int,
-        scores: torch.Tensor,
-        cache: int,
-        seen: int,
-        sentence_of: tuple[int, ...] = (),
+        self, arena: KVArena, seq: int, scores: torch.Tensor, cache: int, seen: int
     ) -> None:
         """Brings a live sequence (a conversation) back to `cache` slots a head on average,
         ranked by `scores` (L, H_kv, C) under the policy's allocation: `global` picks across
         every layer and head, `layer` across the heads of each layer, otherwise every head keeps
         its own best `cache` (pyramid too: a conversation has no prompt to slope). The sinks and
-        the last `observation_window` of the `seen` positions are protected; with the
-        `sentences` option, a model-wide cut keeps the best sentences of `sentence_of` (the
-        sentence of each position seen) in every head first."""
+        the last `observation_window` of the `seen` positions are protected. No sentences are
+        shared here: on the chat suite a conversation recompressed with them recalled its fact
+        in 1 of the 9 conversations the full cache recalls, against 5 without (docs/eval.md,
+        "Shared sentences")."""
         start = time.perf_counter()
         options, num_layers = self.options, len(arena.k)
         cap = max(math.ceil(options.max_head_share * cache), cache)
         plan = SequencePlan(seen, False, (cache,) * num_layers, cap)
         if options.allocation in MODEL_WIDE:
-            shared = self._shared_sentences(arena, seq, scores, plan, sentence_of)
-            self._select_across(arena, seq, scores, plan, range(num_layers), shared)
+            self._select_across(arena, seq, scores, plan, range(num_layers))
         elif options.allocation == "layer":
             for layer in range(num_layers):
                 self._select_across(arena, seq, scores, plan, range(layer, layer + 1))

@@ -180,32 +180,18 @@ def test_compress_shares_sentences_by_default(tiny_llama_dir, monkeypatch):
     assert len(calls) == 1 and calls[0] > 0
 
 
-def test_a_conversation_shares_the_sentences_of_every_token_seen(tiny_llama_dir, monkeypatch):
-    """Each recompression ranks the sentences of all the positions seen (the probe's), and
-    every head keeps the shared ones."""
-    seen_lengths, kept = [], []
-    real = eviction_module.shared_sentence_rank
-
-    def spy(scores, positions, valid, sentence_of, room, sinks):
-        seen_lengths.append(sentence_of.shape[0])
-        kept.append(real(scores, positions, valid, sentence_of, room, sinks))
-        return kept[-1]
-
-    monkeypatch.setattr(eviction_module, "shared_sentence_rank", spy)
+def test_a_conversation_recompresses_without_shared_sentences(tiny_llama_dir, monkeypatch):
+    """Measured worse on the chat suite (docs/eval.md): a conversation's recompressions rank
+    no sentences, though its compress engine has the option."""
+    calls = []
+    monkeypatch.setattr(eviction_module, "shared_sentence_rank", lambda *a: calls.append(a))
     llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0, dtype="float32")
+    assert llm.compress_engine.policy.options.sentences == REPEAT_SENTENCES
     conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=4))
     for turn in ("The cat sat on the mat. A dog ran!", "Was the sky blue? It rained."):
         conversation.send(turn)
-        arena = conversation.state.arena
-        assert seen_lengths[-1] == conversation.tokens_seen
-        shared = set((kept[-1] >= 0).nonzero().flatten().tolist())
-        assert shared
-        for layer in range(arena.lengths.shape[0]):
-            for head in range(arena.lengths.shape[2]):
-                held = arena.layer(layer)
-                count = int(held.lengths[0, head])
-                assert shared <= set(held.pos[0, head, :count].tolist())
-    assert len(seen_lengths) == 2
+    assert int(conversation.state.arena.lengths.max()) < conversation.tokens_seen  # compressed
+    assert calls == []
 
 
 def test_cli_sentences_flag(tiny_llama_dir, capsys):
