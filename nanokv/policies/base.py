@@ -94,6 +94,7 @@ class PolicyOptions:
             )
 
     def _check_sentences(self) -> None:
+        """ValueError for a share outside [0, 1) or one that no model-wide cut would use."""
         if not 0.0 <= self.sentences < 1.0:
             raise ValueError(f"sentences must be in [0, 1), got {self.sentences}")
         if self.sentences and self.allocation not in MODEL_WIDE:
@@ -199,8 +200,8 @@ class Policy:
     def __init__(self, **options: object) -> None:
         """`options` are PolicyOptions fields; unset ones take this policy's defaults (and, with
         observe="repeat", REPEAT_DEFAULTS, and REPEAT_SENTENCES under a model-wide allocation).
-        A policy without an observation window rejects
-        observe="repeat": there are no observation queries for the probe to replace."""
+        A policy without an observation window rejects observe="repeat": there are no
+        observation queries for the probe to replace."""
         observe = options.get("observe", self.defaults.get("observe", "last"))
         repeat = REPEAT_DEFAULTS if observe == "repeat" else {}
         merged = {**self.defaults, **repeat, **options}
