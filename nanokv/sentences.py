@@ -29,8 +29,8 @@ def sentence_index(tokenizer: Tokenizer, ids: list[int]) -> tuple[int, ...]:
     `SENTENCE_ENDS` (trailing spaces aside) or holds a newline ends its sentence. The tokens
     after the last such token, a sentence the prompt stops inside, are -1: no sentence. That
     fragment is the prompt's most recent text, which the probe's first rows attend to whatever
-    it says: ranked, the document's last sentence came first in all 40 context-only cases
-    dumped (docs/eval.md)."""
+    it says, so that ranked it would take the room before any fact (docs/eval.md, "Shared
+    sentences")."""
     ends: dict[int, bool] = {}
     sentence, index = 0, []
     for token in ids:
