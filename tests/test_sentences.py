@@ -12,12 +12,10 @@ from nanokv import eviction as eviction_module
 from nanokv.budget import Budget
 from nanokv.cli import main
 from nanokv.engine import Engine
-from nanokv.loader import load_config, load_model
 from nanokv.policies import make_policy
 from nanokv.policies.base import REPEAT_SENTENCES
 from nanokv.probe import repeat_probe
 from nanokv.sentences import sentence_index, shared_sentence_rank
-from nanokv.tokenizer import Tokenizer
 
 SENTENCES = (
     "The cat sat on the mat. A dog ran to the park! Was the sky blue? "
@@ -25,28 +23,17 @@ SENTENCES = (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_llama_dir) -> Tokenizer:
-    return Tokenizer(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    cfg = load_config(tiny_llama_dir)
-    return load_model(tiny_llama_dir, cfg, torch.float32, torch.device("cpu")), cfg
-
-
-def test_sentence_index_cuts_after_end_marks_and_newlines(tokenizer):
-    ids = tokenizer.encode("Hi there. How are you?\nFine! ok", add_special_tokens=False)
-    index = sentence_index(tokenizer, ids)
+def test_sentence_index_cuts_after_end_marks_and_newlines(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("Hi there. How are you?\nFine! ok", add_special_tokens=False)
+    index = sentence_index(tiny_tokenizer, ids)
     assert len(index) == len(ids) and index[0] == 0
     complete = [s for s in index if s >= 0]
     assert all(b - a in (0, 1) for a, b in zip(complete, complete[1:], strict=False))
     pairs = list(zip(ids, index, strict=True))
-    texts = [tokenizer.decode([t for t, s in pairs if s == k]) for k in sorted(set(index))]
+    texts = [tiny_tokenizer.decode([t for t, s in pairs if s == k]) for k in sorted(set(index))]
     assert [t.strip() for t in texts if t.strip()] == ["ok", "Hi there.", "How are you?", "Fine!"]
-    finished = tokenizer.encode("Hi there. Fine!", add_special_tokens=False)
-    assert -1 not in sentence_index(tokenizer, finished)
+    finished = tiny_tokenizer.encode("Hi there. Fine!", add_special_tokens=False)
+    assert -1 not in sentence_index(tiny_tokenizer, finished)
 
 
 def reference_rank(scores, positions, valid, sentence_of, room, sinks) -> list[int]:
@@ -125,19 +112,19 @@ def test_options_share_sentences_only_under_the_probe_at_a_model_wide_cut():
         make_policy("laprox", observe="repeat", sentences=1.0)
 
 
-def test_the_probe_carries_the_documents_sentences(tokenizer):
-    ids = tokenizer.encode_chat([{"role": "user", "content": SENTENCES}])
-    probe = repeat_probe(tokenizer, ids)
-    assert probe.sentence_of == sentence_index(tokenizer, ids)
+def test_the_probe_carries_the_documents_sentences(tiny_tokenizer):
+    ids = tiny_tokenizer.encode_chat([{"role": "user", "content": SENTENCES}])
+    probe = repeat_probe(tiny_tokenizer, ids)
+    assert probe.sentence_of == sentence_index(tiny_tokenizer, ids)
 
 
 @pytest.mark.parametrize("allocation", ["global", "layerwise"])
 def test_every_head_keeps_the_shared_sentences_and_the_budget_stays_exact(
-    llama, tokenizer, monkeypatch, allocation
+    tiny_llama, tiny_tokenizer, monkeypatch, allocation
 ):
-    net, cfg = llama
-    ids = tokenizer.encode_chat([{"role": "user", "content": SENTENCES}])
-    probe = repeat_probe(tokenizer, ids, span=24)  # inside the tiny model's context
+    net, cfg = tiny_llama
+    ids = tiny_tokenizer.encode_chat([{"role": "user", "content": SENTENCES}])
+    probe = repeat_probe(tiny_tokenizer, ids, span=24)  # inside the tiny model's context
     picked = []
 
     def spy(*args, **kwargs):
