@@ -4,10 +4,11 @@ Compressed before its question is known, a document loses its facts in a particu
 default model: the model-wide cut gives a few copy heads most of the budget and leaves most heads
 their sinks, while answering from a fact needs its sentence in many heads (docs/eval.md, "Why 5%
 of 2k fails"). Yet the probe does find the fact: ranked by the best token of the heads' mean
-max-normalised probe score, the needle's sentence is among the few best of the document in most
-cases of the context-only NIAH grid (docs/eval.md, "Shared sentences"). So before the
-model-wide cut, the best-ranked sentences that fit in a share of the mean head budget are kept
-whole in every head (as protected tokens, like the sinks); the cut spends the rest as before.
+max-normalised probe score (cubed: `shared_sentence_rank`), the needle's sentence is among the
+few best of the document in most cases of the context-only NIAH grid (docs/eval.md, "Shared
+sentences"). So before the model-wide cut, the best-ranked sentences that fit in a share of the
+mean head budget are kept whole in every head (as protected tokens, like the sinks); the cut
+spends the rest as before.
 Sentence- and chunk-level units are what SentenceKV and ChunkKV (2025) keep for the same reason:
 a fact is a span, not a token.
 
@@ -22,6 +23,7 @@ import torch
 from nanokv.tokenizer import Tokenizer
 
 SENTENCE_ENDS = (".", "!", "?")
+SHARPNESS = 3  # a head's max-normalised score is cubed before the mean over heads
 
 
 def sentence_index(tokenizer: Tokenizer, ids: list[int]) -> tuple[int, ...]:
@@ -55,11 +57,14 @@ def shared_sentence_rank(
 
     scores, positions, valid: (R, C) the R heads' slots (model-wide: every layer's kv heads);
     sentence_of: (n,) the sentence of each prompt position (`sentence_index`; -1: none). A
-    head's scores
-    are divided by its largest (sinks aside), so that every head votes alike; a position's
-    weight is the mean over heads, a sentence's the largest of its positions'. Sentences are
-    taken best first while they fit in `room` tokens (one that does not is passed over);
-    sentences holding a sink are never shared (the sinks are kept anyway)."""
+    head's scores are divided by its largest (sinks aside), so that every head votes alike,
+    and cubed (`SHARPNESS`), so that a few heads sure of a position outvote many that find it
+    mildly useful: the probe's rows spread some attention over the latest sentences in most
+    heads, while a fact's tokens are the largest scores of a few (docs/eval.md, "Shared
+    sentences"). A position's weight is the mean over heads, a sentence's the largest of its
+    positions'. Sentences are taken best first while they fit in `room` tokens (one that does
+    not is passed over); sentences holding a sink are never shared (the sinks are kept
+    anyway)."""
     n = sentence_of.shape[0]
     weight = _position_weight(scores, positions, valid, n, sinks)  # (n,)
     in_sentence = sentence_of >= 0
@@ -85,15 +90,15 @@ def shared_sentence_rank(
 def _position_weight(
     scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int, sinks: int
 ) -> torch.Tensor:
-    """(n,) the mean over the R heads of each position's max-normalised score (0 where a head
-    does not hold the position)."""
+    """(n,) the mean over the R heads of each position's max-normalised score to the power
+    `SHARPNESS` (0 where a head does not hold the position)."""
     rows = scores.shape[0]
     positions = positions.long()
     counted = valid & (positions >= sinks) & (positions < n)
     held = scores.float().masked_fill(~counted, 0.0).clamp_min(0.0)
     normalised = held / held.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     dense = torch.zeros(rows, n, device=scores.device)  # (R, n)
-    dense.scatter_reduce_(1, positions.clamp(0, max(n - 1, 0)), normalised, "amax")
+    dense.scatter_reduce_(1, positions.clamp(0, max(n - 1, 0)), normalised.pow_(SHARPNESS), "amax")
     return dense.mean(dim=0)
 
 

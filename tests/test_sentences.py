@@ -49,7 +49,7 @@ def reference_rank(scores, positions, valid, sentence_of, room, sinks) -> list[i
                 held[p] = max(held.get(p, 0.0), max(float(scores[r, c]), 0.0))
         top = max(held.values(), default=0.0)
         for p, s in held.items():
-            weight[p] += (s / top if top > 0 else 0.0) / rows
+            weight[p] += (s / top if top > 0 else 0.0) ** 3 / rows  # cubed: SHARPNESS
     sentences = max(sentence_of) + 1
     best = [max(weight[p] for p in range(n) if sentence_of[p] == k) for k in range(sentences)]
     for p in range(min(sinks, n)):
@@ -95,6 +95,19 @@ def test_shared_sentence_rank_equals_the_brute_force_rule(seed):
     )
     assert got.tolist() == reference_rank(scores, positions, valid, sentence_of, room, sinks)
     assert int((got >= 0).sum()) <= room
+
+
+def test_a_sentence_one_head_is_sure_of_outranks_one_every_head_finds_mild():
+    # sentences 0-1 (positions 0-1, 2-3) fit the room, sentence 2 (4-6) does not. Head 0's
+    # largest score is on position 0, the other three heads' on position 4; every head scores
+    # position 2 at 0.6 of its largest. Averaged plainly the mild sentence would be shared
+    # (0.6 > 0.25); cubed, the one head 0 is sure of is (0.25 > 0.216)
+    positions = torch.tensor([[0, 2, 4]] * 4)
+    scores = torch.tensor([[1.0, 0.6, 0.0]] + [[0.0, 0.6, 1.0]] * 3)
+    valid = torch.ones(4, 3, dtype=torch.bool)
+    sentence_of = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    got = shared_sentence_rank(scores, positions, valid, sentence_of, room=2, sinks=0)
+    assert got.tolist() == [0, 1, -1, -1, -1, -1, -1]
 
 
 def test_options_share_sentences_only_under_the_probe_at_a_model_wide_cut():
