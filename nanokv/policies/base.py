@@ -36,8 +36,8 @@ OBSERVATIONS = ("last", "repeat")  # where an observation-window policy takes it
 REPEAT_DEFAULTS: dict[str, object] = {"pool": 1, "observation_window": 0, "max_head_share": 20.0}
 # ... and where the allocation is model-wide (global, layerwise): the share of the mean head
 # budget kept as whole sentences in every head (nanokv/sentences.py); of 0.4, 0.6 and 0.8 tried
-# on the context-only NIAH grid, 0.4 lost cases and 0.8 kept no more (docs/eval.md, "Shared
-# sentences")
+# on the context-only NIAH grid, 0.4 lost cases and 0.8 kept no more; 0.4 lost ten cells again
+# under the cubed ranking (docs/eval.md, "Shared sentences" and "Ranking the sentences ...")
 REPEAT_SENTENCES = 0.6
 
 
