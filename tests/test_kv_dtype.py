@@ -109,24 +109,31 @@ def test_a_bf16_cache_under_fp32_weights_is_fp32_arithmetic_on_rounded_kv(
     ["streaming", "h2o", "snapkv", "tova", "auv", "laprox", "quest", "laprox+quest",
      "laprox:observe=repeat", "snapkv:observe=repeat"],
 )  # fmt: skip
-def test_every_policy_runs_on_a_bf16_cache(tiny_llama_dir, policy):
-    """Each policy evicts, attends (Quest's pages too) and scores (KVzip's probe too) in bf16:
-    as many slots kept as in fp32, nearly the same ones (rounded scores may reorder near-ties:
-    KVzip's unweighted probe maxima on a random model swap ~1 in 10, and LaProx's shared
-    sentences swap a whole sentence in every head, 3% of the slots), and where they are the
-    same (h2o and tova differ in 1%) the logits stay near the fp32 run's."""
+def test_every_policy_runs_on_a_bf16_cache(tiny_llama_dir, policy, monkeypatch):
+    """Each policy evicts, attends (Quest's pages too) and scores (KVzip's probe too) in bf16
+    as fp32 arithmetic does on the same rounded q, k, v: the same slots kept, and logits within
+    bf16's own arithmetic of that reference's. Only KVzip's unweighted probe maxima
+    (snapkv:observe=repeat) reorder near-ties on a random model (~1% of the slots), and a
+    different kept set moves a tiny model's logits far: there only the kept count is held."""
     name, _, option = policy.partition(":")
     options = dict([option.split("=")]) if option else {}
-    budget = 1.0 if name == "quest" else 0.3
+    budget = 1.0 if name == "quest" else 0.5
     half, state = teacher_forced(load(tiny_llama_dir, "bfloat16", name, budget, **options))
-    exact, exact_state = teacher_forced(load(tiny_llama_dir, None, name, budget, **options))
+    rounded_like_bf16(monkeypatch)
+    reference, reference_state = teacher_forced(load(tiny_llama_dir, None, name, budget, **options))
     assert state.arena.k.dtype is torch.bfloat16
-    kept, exact_kept = kept_positions(state), kept_positions(exact_state)
-    assert len(kept) == len(exact_kept)
-    overlap = len(kept & exact_kept) / len(kept | exact_kept)
-    assert overlap > 0.85
-    if overlap > 0.98:
-        assert torch.nn.functional.cosine_similarity(half, exact, dim=-1).min() > 0.99
+    assert reference_state.arena.k.dtype is torch.float32
+    kept, reference_kept = kept_positions(state), kept_positions(reference_state)
+    assert len(kept) == len(reference_kept)
+    layers, _, kv_heads = state.arena.lengths.shape
+    seen = layers * kv_heads * (len(PROMPT) + len(FORCED))
+    assert name == "quest" or len(kept) < 0.6 * seen  # it evicted (Quest reads pages)
+    if policy == "snapkv:observe=repeat":
+        assert len(kept & reference_kept) / len(kept) > 0.97  # measured 0.993
+        return
+    assert kept == reference_kept
+    off_reference = (half - reference).abs().max()
+    assert off_reference < 0.02 * reference.abs().max()  # measured <= 0.011 (auv)
 
 
 def kept_positions(state) -> set[tuple[int, int, int]]:
