@@ -18,7 +18,10 @@ back to the budget and the next turn continues from it. Nothing is ever re-prefi
   slots with KVzip's probe of the whole conversation run against the arena (the next question
   is unknown: nanokv/recompress.py); streaming, h2o and auv rank them with their own eviction
   scores (recency, accumulated attention, usage counts; AUV keeps no reconstructed slot here).
-  The sinks and the policy's observation window (none with the probe) are protected. `full`, or
+  The sinks and the policy's observation window (none with the probe) are protected. A policy
+  that shares sentences under the probe (laprox by default) recompresses through its turn
+  memory instead: every head keeps the same sinks, whole turns (or their sentences) ranked by
+  the best probe weight they have had, and latest tokens (nanokv/turn_memory.py). `full`, or
   a budget of 1.0, keeps everything. (Probing only the turns since the last compression, each
   slot keeping the score it got then, ran 3.5x faster but recalled less on `nanokv eval chat`:
   docs/eval.md.)
@@ -43,6 +46,7 @@ from nanokv.llm import LLM, GenerationOutput
 from nanokv.probe import segment_overhead
 from nanokv.sampling import Sampler, SamplingParams
 from nanokv.stopping import StopChecker
+from nanokv.turn_memory import TurnMemory
 
 TextStream = Callable[[str], None]
 PROBE_MIN_SPAN = 32  # tokens: near the context's end the probe's spans shrink no further
@@ -101,6 +105,7 @@ class Conversation:
         self._rendered = ""  # the template's rendering after the last user turn
         weighs = self.engine.policy.options.information and self.engine.policy.evicts
         self._trail = InformationTrail() if weighs else None  # by position, for _compress
+        self._memory = _turn_memory(self.engine)  # whole turns every head keeps, or None
 
     @property
     def tokens_seen(self) -> int:
@@ -122,6 +127,7 @@ class Conversation:
         self._check_room(turn, len(feed), params.max_new_tokens)
         logits = self._append(feed, params.max_new_tokens)
         self.messages.append({"role": "user", "content": text})
+        self._begin_span()
         self._ids, self._pending, self._rendered = self._ids + turn, [], rendered
         stopper = StopChecker(
             self.tokenizer.decode, self.llm.eos_token_ids, params.stop, params.ignore_eos
@@ -231,6 +237,8 @@ class Conversation:
         the assistant's message; its last token, sampled but never stepped, is pending: it
         goes into the arena first thing next turn."""
         answer = tokens[:-1] if tokens and tokens[-1] in eos else tokens
+        if answer:
+            self._begin_span()
         self._ids += answer
         self._pending = answer[len(tokens) - 1 :]
         self.messages.append({"role": "assistant", "content": self.tokenizer.decode(answer)})
@@ -243,9 +251,15 @@ class Conversation:
             return
         probes = self.engine.probes(self.tokenizer, [self._ids[:seen]])
         information = None if self._trail is None else self._trail.values()
-        self.engine.recompress(self.state, cache, probes[0] if probes else None, information)
+        probe = probes[0] if probes else None
+        self.engine.recompress(self.state, cache, probe, information, self._memory)
         arena = self.state.arena  # between turns each head holds only what it kept
         arena.pack_heads(arena.lengths)  # (the next turn grows it back to one rectangle)
+
+    def _begin_span(self) -> None:
+        """The turn or answer about to be appended starts a unit of the turn memory."""
+        if self._memory is not None:
+            self._memory.begin_span(len(self._ids))
 
     def _cache_tokens(self, seen: int) -> int:
         """Slots a head keeps after an answer: the budget of `seen` tokens, never below the
@@ -271,6 +285,15 @@ def _engine(llm: LLM) -> Engine:
             f"has no queries to score the arena with; leave observe unset for {policy.name!r}"
         )
     return llm.compress_engine
+
+
+def _turn_memory(engine: Engine) -> TurnMemory | None:
+    """The memory of whole turns when the conversation is compressed with KVzip's probe and its
+    policy shares sentences (laprox by default: nanokv/turn_memory.py), else None."""
+    options = engine.policy.options
+    if not (_uses_probe(engine) and options.sentences):
+        return None
+    return TurnMemory(options.sentences, options.sinks)
 
 
 def _uses_probe(engine: Engine) -> bool:

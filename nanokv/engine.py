@@ -42,6 +42,7 @@ from nanokv.sparsity import QuestOptions, QuestSparsity
 from nanokv.step_clock import STOPPED, StepClock
 from nanokv.stopping import StopChecker
 from nanokv.tokenizer import Tokenizer
+from nanokv.turn_memory import TurnMemory
 
 TextCallback = Callable[[int, str], None]
 DEFERRED_STEPS = 32  # most decode steps whose statistics wait for one batched emission
@@ -965,14 +966,16 @@ class Engine:
         cache: int,
         probe: Probe | None = None,
         information: torch.Tensor | None = None,
+        memory: TurnMemory | None = None,
     ) -> None:
         """Brings a one-sequence arena back to `cache` slots a (layer, kv head) on average
         under the policy's allocation (`EvictionStage.reselect`), ranked by the policy's own
         scoring of KVzip's `probe` run against the arena (`probe_arena`) or, without one, by
         its `eviction_scores`; the sinks and the policy's observation window (the last
         positions seen) are protected; `information` (positions seen,) multiplies each slot's
-        score by its token's self-information (a conversation's `InformationTrail`). Nothing
-        is re-prefilled."""
+        score by its token's self-information (a conversation's `InformationTrail`). With a
+        turn `memory` and a probe, every head keeps the same whole turns and latest tokens
+        instead (`EvictionStage.keep_turns`). Nothing is re-prefilled."""
         arena = state.arena
         self.settle(state)
         if int(arena.lengths.max()) <= cache:
@@ -988,7 +991,10 @@ class Engine:
         self.eviction.seconds += time.perf_counter() - began
         if information is not None:  # (positions seen,) self-information, by position
             scores = weigh(scores, arena.pos[:, 0], information)
-        self.eviction.reselect(arena, 0, scores, cache, int(state.positions[0]))
+        if memory is not None and probe is not None:
+            self.eviction.keep_turns(arena, 0, scores, cache, memory, probe.sentence_of)
+        else:
+            self.eviction.reselect(arena, 0, scores, cache, int(state.positions[0]))
 
     @torch.inference_mode()
     def probe_arena(

@@ -25,6 +25,7 @@ from nanokv.policies.selection import protection_rank, select_prompt_tokens, sel
 from nanokv.recompress import kept_to_budget
 from nanokv.reconstruct import fold_victims, reconstruct_prefill
 from nanokv.sentences import shared_sentence_rank
+from nanokv.turn_memory import TurnMemory
 
 
 @dataclass(frozen=True)
@@ -246,10 +247,8 @@ class EvictionStage:
         ranked by `scores` (L, H_kv, C) under the policy's allocation: `global` picks across
         every layer and head, `layer` across the heads of each layer, otherwise every head keeps
         its own best `cache` (pyramid too: a conversation has no prompt to slope). The sinks and
-        the last `observation_window` of the `seen` positions are protected. No sentences are
-        shared here: on the chat suite a conversation recompressed with them recalled its fact
-        in 1 of the 9 conversations the full cache recalls, against 5 without (docs/eval.md,
-        "Shared sentences")."""
+        the last `observation_window` of the `seen` positions are protected. A conversation
+        with a turn memory recompresses with `keep_turns` instead."""
         start = time.perf_counter()
         options, num_layers = self.options, len(arena.k)
         cap = max(math.ceil(options.max_head_share * cache), cache)
@@ -267,6 +266,39 @@ class EvictionStage:
                     window=options.observation_window, seen=seen,
                 )  # fmt: skip
                 arena.compact_sequence(layer, seq, kept, counts)
+        self.seconds += time.perf_counter() - start
+
+    def keep_turns(
+        self,
+        arena: KVArena,
+        seq: int,
+        scores: torch.Tensor,
+        cache: int,
+        memory: TurnMemory,
+        sentence_of: tuple[int, ...],
+    ) -> None:
+        """Brings a conversation back to `cache` slots in every (layer, kv head), the same
+        positions in each: the sinks, the units `memory` ranks best under `scores` (L, H_kv, C)
+        in its share of the room, then the most recent positions (nanokv/turn_memory.py).
+        sentence_of: the sentence of each position seen."""
+        start = time.perf_counter()
+        pos, lengths = arena.pos[:, seq], arena.lengths[:, seq].long()  # (L, H_kv, C), (L, H_kv)
+        valid = torch.arange(arena.capacity, device=pos.device) < lengths.unsqueeze(-1)
+        sentences = torch.tensor(sentence_of, dtype=torch.int64, device=pos.device)
+        places = memory.shared_places(
+            scores.flatten(0, 1), pos.flatten(0, 1), valid.flatten(0, 1), sentences, cache
+        )  # (seen,)
+        seen, recent = len(sentence_of), cache - self.options.sinks - memory.room(cache)
+        held = pos.long().clamp(0, max(seen - 1, 0))
+        shared = torch.where(pos >= 0, places[held], -1)
+        rank = (2 * seen - shared).float()  # above every position: units in their places
+        ranked = torch.where(shared >= 0, rank, pos.float())  # then the most recent
+        for layer in range(len(arena.k)):
+            kept, counts = kept_to_budget(
+                ranked[layer], pos[layer], lengths[layer], cache, sinks=self.options.sinks,
+                window=recent, seen=seen,
+            )  # fmt: skip
+            arena.compact_sequence(layer, seq, kept, counts)
         self.seconds += time.perf_counter() - start
 
     def _select_across(

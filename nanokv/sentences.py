@@ -66,7 +66,7 @@ def shared_sentence_rank(
     not is passed over); sentences holding a sink are never shared (the sinks are kept
     anyway)."""
     n = sentence_of.shape[0]
-    weight = _position_weight(scores, positions, valid, n, sinks)  # (n,)
+    weight = position_weight(scores, positions, valid, n, sinks)  # (n,)
     in_sentence = sentence_of >= 0
     with_sinks = sentence_of[:sinks][in_sentence[:sinks]]
     sentence_of, weight = sentence_of[in_sentence], weight[in_sentence]
@@ -87,7 +87,7 @@ def shared_sentence_rank(
     return places
 
 
-def _position_weight(
+def position_weight(
     scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, n: int, sinks: int
 ) -> torch.Tensor:
     """(n,) the mean over the R heads of each position's max-normalised score to the power

@@ -231,8 +231,9 @@ def test_the_probe_scores_decide_what_is_kept(word_dir, monkeypatch):
 def test_between_turns_each_head_holds_only_what_it_kept(word_dir):
     """A global selection leaves a layer's heads at different counts: after each compression
     every such layer holds each head's kept slots only (`KVArena.pack_heads`), the others one
-    rectangle as wide as they hold, and the next turn grows it back and answers."""
-    llm = nanokv.LLM(word_dir, policy="laprox", budget=0.2, min_cache=0)
+    rectangle as wide as they hold, and the next turn grows it back and answers. (Without
+    shared sentences: with them every head keeps the same turns, tests/test_turn_memory.py.)"""
+    llm = nanokv.LLM(word_dir, policy="laprox", budget=0.2, min_cache=0, sentences=0)
     conversation = llm.conversation(PARAMS)
     layers = range(llm.config.num_layers)
     for turn in TURNS:

@@ -169,7 +169,9 @@ def test_a_conversation_recompresses_on_score_times_information(tiny_llama_dir, 
 
     monkeypatch.setattr(Engine, "probe_arena", probe_spy)
     monkeypatch.setattr(EvictionStage, "reselect", reselect_spy)
-    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0, information=True)
+    llm = nanokv.LLM(
+        tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0, information=True, sentences=0
+    )
     conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=4, ignore_eos=True))
     conversation.send(DOC)
     ((scores, positions),), (ranked,) = probed, selected

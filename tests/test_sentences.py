@@ -180,18 +180,22 @@ def test_compress_shares_sentences_by_default(tiny_llama_dir, monkeypatch):
     assert len(calls) == 1 and calls[0] > 0
 
 
-def test_a_conversation_recompresses_without_shared_sentences(tiny_llama_dir, monkeypatch):
-    """Measured worse on the chat suite (docs/eval.md): a conversation's recompressions rank
-    no sentences, though its compress engine has the option."""
+def test_a_conversation_keeps_whole_turns_instead_of_the_model_wide_sentence_rank(
+    tiny_llama_dir, monkeypatch
+):
+    """A conversation's recompressions go through its turn memory (tests/test_turn_memory.py),
+    not the model-wide cut's sentence rank, though its compress engine has the option."""
     calls = []
     monkeypatch.setattr(eviction_module, "shared_sentence_rank", lambda *a: calls.append(a))
     llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0, dtype="float32")
     assert llm.compress_engine.policy.options.sentences == REPEAT_SENTENCES
     conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=4))
+    assert conversation._memory.share == REPEAT_SENTENCES
     for turn in ("The cat sat on the mat. A dog ran!", "Was the sky blue? It rained."):
         conversation.send(turn)
     assert int(conversation.state.arena.lengths.max()) < conversation.tokens_seen  # compressed
     assert calls == []
+    assert conversation._memory.span_starts[0] == 0 and len(conversation._memory.span_starts) == 4
 
 
 def test_cli_sentences_flag(tiny_llama_dir, capsys):
