@@ -457,9 +457,9 @@ def cell_line(cell: Cell, args: argparse.Namespace, bandwidth: float) -> dict:
         "decode_cpu_ms_per_token": _significant(cpu_ms),
         "bytes_per_token": step_bytes, "weight_bytes": cell.weight_bytes,
         "kv_read_bytes": cell.kv_read_bytes, "kv_held_bytes": cell.held_kv_bytes,
-        "achieved_gb_s": round(achieved, 2),
+        "achieved_gb_s": _significant(achieved),
         "floor_ms_per_token": _significant(step_bytes / bandwidth / 1e6),
-        "floor_fraction": round(achieved / bandwidth, 3),
+        "floor_fraction": _significant(achieved / bandwidth),
         "peak_extra_bytes": cell.peak_extra_bytes, **cell.meta,
     }  # fmt: skip
 
