@@ -153,7 +153,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sentences", type=float, metavar="SHARE",
         help="global/layerwise with KVzip's probe: share of the mean head budget kept as whole "
-        f"sentences in every head, in [0, 1) (default {REPEAT_SENTENCES} there, 0 = off)",
+        f"sentences in every head, in [0, 1) (default {REPEAT_SENTENCES} there, 0 = off); in a "
+        "conversation, the share of whole turns in its turn memory",
     )  # fmt: skip
     p.add_argument("--pool", type=int, help="max-pool kernel along tokens (odd)")
     p.add_argument("--chunk", type=int, help="keep whole chunks of C tokens (default 1)")

@@ -37,7 +37,8 @@ REPEAT_DEFAULTS: dict[str, object] = {"pool": 1, "observation_window": 0, "max_h
 # ... and where the allocation is model-wide (global, layerwise): the share of the mean head
 # budget kept as whole sentences in every head (nanokv/sentences.py); of 0.4, 0.6 and 0.8 tried
 # on the context-only NIAH grid, 0.4 lost cases and 0.8 kept no more; 0.4 lost ten cells again
-# under the cubed ranking (docs/eval.md, "Shared sentences" and "Ranking the sentences ...")
+# under the cubed ranking (docs/eval.md, "Shared sentences" and "Ranking the sentences ...").
+# A conversation gives the same share of its room to whole turns (nanokv/turn_memory.py).
 REPEAT_SENTENCES = 0.6
 
 
