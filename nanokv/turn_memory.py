@@ -18,7 +18,7 @@ recompresses into one set of positions that every (layer, kv head) keeps:
   answer) when it fits in that share, otherwise each of the span's sentences; sink positions
   belong to no unit. A unit ranks by its best token's weight under KVzip's probe
   (`sentences.position_weight`: the heads' cubed max-normalised scores, averaged) and
-  remembers the best rank it ever had: a turn the probe found important once is not dropped
+  remembers the best weight it ever had: a turn the probe found important once is not dropped
   because a later probe of the same arena attends elsewhere (`TurnMemory.best`). Only units
   that every head still holds whole are candidates;
 - the rest of the cache, the most recent positions.
