@@ -75,16 +75,24 @@ def shared_sentence_rank(
     best.scatter_reduce_(0, sentence_of, weight, "amax")
     best[with_sinks] = float("-inf")
     sizes = torch.bincount(sentence_of, minlength=sentences).tolist()
-    chosen = []
-    for sentence in torch.argsort(-best, stable=True).tolist():
-        if room <= 0 or best[sentence] == float("-inf"):
-            break
-        if sizes[sentence] <= room:
-            chosen.append(sentence)
-            room -= sizes[sentence]
+    order = [k for k in torch.argsort(-best, stable=True).tolist() if best[k] > float("-inf")]
+    chosen = fit_in_room(order, [sizes[k] for k in order], room)
     places = torch.full((n,), -1, dtype=torch.int64, device=weight.device)
-    places[in_sentence] = _token_places(sentence_of, chosen)
+    places[in_sentence] = token_places(sentence_of, chosen)
     return places
+
+
+def fit_in_room(units: list[int], sizes: list[int], room: int) -> list[int]:
+    """The `units` (best first) taken in order while they fit in `room` tokens; one that does
+    not fit is passed over, and the taking stops once the room is full."""
+    chosen = []
+    for unit, size in zip(units, sizes, strict=True):
+        if room <= 0:
+            break
+        if size <= room:
+            chosen.append(unit)
+            room -= size
+    return chosen
 
 
 def position_weight(
@@ -102,13 +110,14 @@ def position_weight(
     return dense.mean(dim=0)
 
 
-def _token_places(sentence_of: torch.Tensor, chosen: list[int]) -> torch.Tensor:
-    """(n,) each position's place among the tokens of the `chosen` sentences, taken in that
-    order (by position within a sentence), -1 elsewhere."""
-    places = torch.full_like(sentence_of, -1, dtype=torch.int64)
+def token_places(unit_of: torch.Tensor, chosen: list[int]) -> torch.Tensor:
+    """(n,) each position's place among the tokens of the `chosen` units (sentences here, a
+    conversation's turns in nanokv/turn_memory.py), taken in that order (by position within a
+    unit), -1 elsewhere. unit_of: (n,) the unit of each position."""
+    places = torch.full_like(unit_of, -1, dtype=torch.int64)
     taken = 0
-    for sentence in chosen:
-        where = (sentence_of == sentence).nonzero().flatten()
+    for unit in chosen:
+        where = (unit_of == unit).nonzero().flatten()
         places[where] = torch.arange(taken, taken + where.numel(), device=places.device)
         taken += where.numel()
     return places

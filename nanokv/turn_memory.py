@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from nanokv.sentences import position_weight
+from nanokv.sentences import fit_in_room, position_weight, token_places
 
 
 class TurnMemory:
@@ -67,16 +67,8 @@ class TurnMemory:
         weight = position_weight(scores, positions, valid, n, self.sinks)  # (n,)
         whole = _held_by_every_head(positions, valid, n)  # (n,) bool
         ranked = self._remember(unit_of, weight, whole)  # [(best, first position, size)]
-        places = torch.full((n,), -1, dtype=torch.int64, device=sentence_of.device)
-        taken = 0
-        for _, first, size in ranked:
-            if room - taken <= 0:
-                break
-            if size <= room - taken:
-                where = (unit_of == first).nonzero().flatten()
-                places[where] = torch.arange(taken, taken + size, device=places.device)
-                taken += size
-        return places
+        chosen = fit_in_room([first for _, first, _ in ranked], [size for *_, size in ranked], room)
+        return token_places(unit_of, chosen)
 
     def units(self, sentence_of: torch.Tensor, room: int, recent: int) -> torch.Tensor:
         """(n,) int64: the unit of each position, named by its first position; -1 for the

@@ -172,3 +172,28 @@ def test_a_chat_on_a_bf16_cache_is_the_library_s_and_holds_half_the_bytes(
     assert out == f"{answer.text}\n{stats.line()}\n"
     cfg = half.config
     assert stats.kv_bytes == 12 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+
+
+@pytest.mark.parametrize("sentences", [None, "0"])
+def test_sentences_flag_switches_the_turn_memory(word_dir, monkeypatch, capsys, sentences):
+    """laprox: by default a conversation recompresses through its turn memory (every head holds
+    the same count), `--sentences 0` through the model-wide per-head cut (counts differ); the
+    CLI's turns and /stats are the library's."""
+    flags = [
+        "--policy",
+        "laprox",
+        "--budget",
+        "0.2",
+        *(["--sentences", sentences] * bool(sentences)),
+    ]
+    script = "hello world\nthe quick brown fox\n/stats\n"
+    code, out, err = _chat(word_dir, script, monkeypatch, capsys, *flags)
+    assert code == 0, err
+    options = {} if sentences is None else {"sentences": float(sentences)}
+    same = nanokv.LLM(word_dir, policy="laprox", budget=0.2, min_cache=0, **options)
+    conversation = same.conversation(SamplingParams(max_new_tokens=NEW))
+    answers = [conversation.send(turn).text for turn in ("hello world", "the quick brown fox")]
+    stats = conversation.stats()
+    assert out == "\n".join([*answers, stats.line()]) + "\n"
+    assert (conversation._memory is None) == (sentences == "0")
+    assert (stats.kept_min == stats.kept_max) == (sentences is None)
