@@ -112,6 +112,12 @@ class Conversation:
         """Tokens written to the arena so far (kept or evicted)."""
         return 0 if self.state is None else int(self.state.positions[0])
 
+    @property
+    def next_position(self) -> int:
+        """The position the next user turn's first token takes: every token rendered so far,
+        the last answer's final token (written with the next turn) included."""
+        return len(self._ids)
+
     def send(
         self, text: str, params: SamplingParams | None = None, on_text: TextStream | None = None
     ) -> GenerationOutput:

@@ -1,7 +1,7 @@
 """The chat suite (`nanokv eval chat`): a scripted conversation of exactly ten user turns -- the
-fact in turn 1, eight filler turns on prose passages, the question in turn 10 -- run through
-`Conversation` (compressed back to the budget after every answer); the rows, the full cache as
-reference, the summary paired with it, the presets and bad input."""
+fact in turn 1 (or inside an early passage), eight filler turns on prose passages, the question
+in turn 10 -- run through `Conversation` (compressed back to the budget after every answer); the
+rows, the full cache as reference, the summary paired with it, the presets and bad input."""
 
 from __future__ import annotations
 
@@ -18,16 +18,19 @@ from test_eval_fixtures import (  # noqa: F401
 
 from nanokv.cli import main
 from nanokv.conversation import Conversation
+from nanokv.eval import chat as chat_suite
 from nanokv.eval.chat import (
     FILLER_ANSWER_TOKENS,
     FILLER_TASKS,
+    GREETING,
     QUESTION_ANSWER_TOKENS,
     ChatSpec,
+    converse,
     make_chat_case,
 )
 from nanokv.eval.cli import add_eval_parser, grids
 from nanokv.eval.grid import FULL, QUICK, Grid
-from nanokv.eval.suites import chat_jobs
+from nanokv.eval.suites import chat_jobs, chat_specs
 from nanokv.eval.summary import chat_section, write_summary
 from nanokv.eval.tokens import counter
 
@@ -52,16 +55,62 @@ def test_the_script_is_ten_turns_fact_first_question_last(tiny_tokenizer):
         # stream includes the installed distributions' texts, so which words end them varies
         assert abs(sum(count(turn) for turn in case.turns) - LENGTH) <= 8 * 6
         assert case.sources  # where the passages came from
+        assert case.fact_turn == 0
     assert len({case.value for case in cases}) == 3
     assert len({case.turns[1] for case in cases}) == 3  # each seed its own passages
+
+
+def test_inside_the_fact_is_one_sentence_of_an_early_passage(tiny_tokenizer):
+    count = counter(tiny_tokenizer)
+    cases = [make_chat_case(ChatSpec(LENGTH, seed, "inside"), tiny_tokenizer) for seed in range(8)]
+    for case in cases:
+        greeting, *fillers, question = case.turns
+        sentence = f"The locker code of {case.name} is {case.value}."
+        assert greeting == GREETING and case.fact_turn in (1, 2, 3)
+        holders = [turn for turn, text in enumerate(case.turns) if case.value in text]
+        assert holders == [case.fact_turn] and case.turns[case.fact_turn].count(sentence) == 1
+        task, passage = case.turns[case.fact_turn].split("\n\n", 1)
+        assert task in FILLER_TASKS and sentence in passage and passage != sentence
+        before, after = passage.split(sentence)  # at a sentence boundary of the prose
+        assert (before + after).strip() and before[-1:] in ("", " ") and after[:1] in ("", " ")
+        assert all(case.name not in text for text in case.turns[: case.fact_turn])
+        assert case.name in question and case.value not in question
+        assert abs(sum(count(turn) for turn in case.turns) - LENGTH) <= 8 * 6
+    assert {case.fact_turn for case in cases} == {1, 2, 3}  # the seeds move it
+    first = make_chat_case(ChatSpec(LENGTH, 0), tiny_tokenizer)
+    assert cases[0].value != first.value  # a case of its own, not the first case moved
 
 
 def test_a_case_is_reproducible_from_its_id(tiny_tokenizer):
     spec = ChatSpec(1024, 3)
     assert spec.id == "chat/L1024/s3" and ChatSpec.from_id(spec.id) == spec
     assert make_chat_case(spec, tiny_tokenizer) == make_chat_case(spec, tiny_tokenizer)
+    inside = ChatSpec(1024, 3, "inside")
+    assert inside.id == "chat/L1024/s3/inside" and ChatSpec.from_id(inside.id) == inside
+    assert make_chat_case(inside, tiny_tokenizer) == make_chat_case(inside, tiny_tokenizer)
     with pytest.raises(ValueError, match="not a chat case id"):
         ChatSpec.from_id("chat/1024/s3")
+    with pytest.raises(ValueError, match="not a chat case id"):
+        ChatSpec.from_id("chat/L1024/s3/middle")
+    with pytest.raises(ValueError, match="unknown chat fact 'middle'"):
+        ChatSpec(1024, 3, "middle")
+
+
+@pytest.mark.parametrize("fact", ["first", "inside"])
+def test_the_fact_held_is_measured_at_the_codes_own_positions(long_tiny_llm, monkeypatch, fact):
+    llm = long_tiny_llm
+    llm.configure("full")
+    case = make_chat_case(ChatSpec(LENGTH, 1, fact), llm.tokenizer)
+    asked = []
+    monkeypatch.setattr(
+        chat_suite, "kept_share", lambda state, positions: asked.append(positions) or [1.0]
+    )
+    conversation = llm.conversation()
+    converse(conversation, case)
+    (positions,) = asked
+    ids = conversation._ids  # the conversation's tokens, by position
+    assert llm.tokenizer.decode([ids[p] for p in positions]).strip() == case.value
+    assert positions == list(range(positions[0], positions[-1] + 1))
 
 
 def _sent(monkeypatch) -> list[tuple[str, int]]:
@@ -142,6 +191,21 @@ def test_summary_counts_hits_and_pairs_them_with_the_full_cache():
     assert _cells(paired.split("Fact held")[1], "laprox") == ["60 (min 40)"]
 
 
+def test_summary_has_a_part_for_each_place_of_the_fact():
+    inside = [
+        {**row, "case": row["case"] + "/inside", "fact": "inside", "correct": not row["correct"]}
+        for row in chat_rows()
+    ]
+    text = chat_section(chat_rows() + inside)
+    first, later = text.split("## Recall across a conversation (chat) -- fact inside")
+    assert "## Recall across a conversation (chat) -- fact first" in first
+    assert "stated in turn 1" in first and "inside the passage of turn 2, 3 or 4" in later
+    assert _cells(first, "full") == ["8/10 [49, 94]"]
+    assert _cells(later, "full") == ["2/10 [6, 51]"]
+    assert "where the full cache recalled the fact (2 of 10)" in later
+    assert "fact first" not in chat_section(chat_rows())  # one place: no part titles
+
+
 def test_summary_file_has_the_chat_section_sources_and_time(tmp_path):
     text = write_summary(tmp_path, {"chat": chat_rows()}).read_text()
     assert "## Recall across a conversation (chat)" in text
@@ -164,6 +228,10 @@ def test_presets_hold_ten_conversations_a_cell_and_all_leaves_chat_out():
     assert set(_grids("chat")) == {"chat"}
     chosen = _grids("all", "--cases", "chat/L1024/s0", "--policies", "full", "quest")
     assert set(chosen) == {"chat"} and chosen["chat"].policies == ("full",)
+    assert full.facts == quick.facts == ("first",)
+    facts = _grids("chat", "--facts", "first", "inside", "--seeds", "0", "1")["chat"]
+    ids = [spec.id for spec in chat_specs(facts)]
+    assert ids == ["chat/L1024/s0", "chat/L1024/s1", "chat/L1024/s0/inside", "chat/L1024/s1/inside"]
 
 
 @pytest.mark.parametrize(
@@ -176,6 +244,7 @@ def test_presets_hold_ten_conversations_a_cell_and_all_leaves_chat_out():
         (["--lengths", "100"], "chat length 100 is too short"),
         (["--lengths", "4000"], "more than the model's 4096-token context"),
         (["--cases", "chat/L1024"], "not a chat case id"),
+        (["--facts", "middle"], "unknown chat fact 'middle'; choose from first, inside"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(long_tiny_dir, tmp_path, capsys, extra, message):

@@ -1,5 +1,5 @@
-"""Recall across a conversation: a fact stated in turn 1, eight filler turns, the fact asked in
-turn 10 -- generated, no download.
+"""Recall across a conversation: a fact stated early, eight filler turns, the fact asked in turn
+10 -- generated, no download.
 
 A case is one scripted conversation run through `Conversation`, the path `nanokv chat` takes:
 every turn goes into one arena and after every answer the arena is compressed back to the
@@ -14,9 +14,17 @@ dozen tokens), so what is compressed is a real conversation.
   seed-chosen offset, as NIAH's haystacks), a new passage each turn;
 - turn 10 asks for the code; a hit is an answer holding it as a whole number.
 
-A case is fully determined by its id, ``chat/L<tokens>/s<seed>``: `tokens` is the length of the
-ten user messages together (their text, without the chat template; the passages share what the
-fact, the question and the instructions leave), the model's answers come on top.
+Where the fact is (`fact`): `first`, as above, a short turn of its own, the turn the
+conversation's memory can keep whole (nanokv/turn_memory.py); or `inside`, one sentence ("The
+locker code of <name> is <code>.") inside the passage of turn 2, 3 or 4, at the sentence
+boundary nearest a quarter, half or three quarters of it (drawn from the id), with a greeting
+as turn 1 and a question that does not say which text held it: a fact in a turn too long to
+keep whole, which only its sentence can carry through the compressions.
+
+A case is fully determined by its id, ``chat/L<tokens>/s<seed>`` (fact first) or
+``chat/L<tokens>/s<seed>/inside``: `tokens` is the length of the ten user messages together
+(their text, without the chat template; the passages share what the fact, the question and the
+instructions leave), the model's answers come on top.
 """
 
 from __future__ import annotations
@@ -64,25 +72,36 @@ FILLER_TASKS = (
     "Rewrite the first sentence of this text in simpler words.",
     "What question does this passage answer?",
 )
-_ID = re.compile(r"^chat/L(\d+)/s(\d+)$")
+FACTS = ("first", "inside")  # the fact's own first turn, or a sentence inside a passage
+INSIDE_TURNS = (1, 2, 3)  # `inside`: the turns (0-based) whose passage may hold the fact
+INSIDE_DEPTHS = (0.25, 0.5, 0.75)  # `inside`: where in that passage
+GREETING = "Hello! I will send you a few texts to work on, one at a time."
+_ID = re.compile(r"^chat/L(\d+)/s(\d+)(/inside)?$")
 
 
 @dataclass(frozen=True)
 class ChatSpec:
     length: int  # tokens of the ten user messages' text together
     seed: int
+    fact: str = "first"  # where the fact is: FACTS
+
+    def __post_init__(self) -> None:
+        if self.fact not in FACTS:
+            raise ValueError(f"unknown chat fact {self.fact!r}; choose from {', '.join(FACTS)}")
 
     @property
     def id(self) -> str:
-        return f"chat/L{self.length}/s{self.seed}"
+        suffix = "" if self.fact == "first" else f"/{self.fact}"
+        return f"chat/L{self.length}/s{self.seed}{suffix}"
 
     @classmethod
     def from_id(cls, case_id: str) -> ChatSpec:
         """The spec a case id names (ids are the reproducible handle of a case)."""
         match = _ID.match(case_id)
         if match is None:
-            raise ValueError(f"{case_id!r} is not a chat case id (chat/L<tokens>/s<seed>)")
-        return cls(int(match.group(1)), int(match.group(2)))
+            raise ValueError(f"{case_id!r} is not a chat case id (chat/L<tokens>/s<seed>[/inside])")
+        fact = "inside" if match.group(3) else "first"
+        return cls(int(match.group(1)), int(match.group(2)), fact)
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,7 @@ class ChatCase:
     name: str  # whose code the fact gives
     value: str  # the 7-digit code: what the last answer must hold
     sources: tuple[str, ...]  # where the passages came from
+    fact_turn: int = 0  # the turn (0-based) that states the fact
 
 
 def make_chat_case(spec: ChatSpec, tokenizer: Tokenizer) -> ChatCase:
@@ -100,17 +120,25 @@ def make_chat_case(spec: ChatSpec, tokenizer: Tokenizer) -> ChatCase:
     name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
     value = str(rng.randrange(1_000_000, 10_000_000))
     tasks = rng.sample(FILLER_TASKS, FILLER_TURNS)
-    fact, question = _fact(name, value), _question(name)
+    inside = spec.fact == "inside"
+    host, depth = (rng.choice(INSIDE_TURNS), rng.choice(INSIDE_DEPTHS)) if inside else (0, 0.0)
+    first = GREETING if inside else _fact(name, value)
+    question = _question_inside(name) if inside else _question(name)
+    needle = _fact_sentence(name, value) if inside else ""
     count = counter(tokenizer)
-    fixed = count(fact) + count(question) + sum(count(task + "\n\n") for task in tasks)
+    fixed = count(first) + count(question) + sum(count(task + "\n\n") for task in tasks)
+    fixed += count(" " + needle) if inside else 0
     passage_tokens = (spec.length - fixed) // FILLER_TURNS
     if passage_tokens < MIN_PASSAGE_TOKENS:
         raise ValueError(f"chat length {spec.length} is too short for its eight passages")
     stream = filler_stream("prose", spec.seed)  # each turn takes the next passage
-    passages = [build_haystack(stream, passage_tokens, [], count) for _ in tasks]
+    needles = {host - 1: [(depth, needle)]} if inside else {}
+    passages = [
+        build_haystack(stream, passage_tokens, needles.get(i, []), count) for i in range(len(tasks))
+    ]
     fillers = [f"{task}\n\n{p.text}" for task, p in zip(tasks, passages, strict=True)]
     sources = tuple(dict.fromkeys(s for p in passages for s in p.sources))
-    return ChatCase(spec, (fact, *fillers, question), name, value, sources)
+    return ChatCase(spec, (first, *fillers, question), name, value, sources, host)
 
 
 def _fact(name: str, value: str) -> str:
@@ -120,8 +148,16 @@ def _fact(name: str, value: str) -> str:
     )
 
 
+def _fact_sentence(name: str, value: str) -> str:
+    return f"The locker code of {name} is {value}."
+
+
 def _question(name: str) -> str:
     return f"What is the locker code of {name} that I told you at the start?"
+
+
+def _question_inside(name: str) -> str:
+    return f"What is the locker code of {name}, from one of the texts I sent you?"
 
 
 def check_chat_policy(spec: PolicySpec) -> None:
@@ -178,14 +214,15 @@ def converse(conversation: Conversation, case: ChatCase) -> ChatOutcome:
     if conversation.tokens_seen:
         raise ValueError("converse needs a new conversation: reset it first")
     began = time.perf_counter()
-    first, *fillers, question = case.turns
-    output = conversation.send(first, SamplingParams(max_new_tokens=FILLER_ANSWER_TOKENS))
-    # the first turn starts the arena at position 0: its token indices are positions
-    fact = token_positions(conversation.tokenizer, output.prompt_token_ids, (case.value,))
-    answers = [output.text]
-    for text in fillers:
-        params = SamplingParams(max_new_tokens=FILLER_ANSWER_TOKENS)
-        answers.append(conversation.send(text, params).text)
+    answers, fact = [], []
+    for turn, text in enumerate(case.turns[:-1]):
+        start = conversation.next_position
+        output = conversation.send(text, SamplingParams(max_new_tokens=FILLER_ANSWER_TOKENS))
+        answers.append(output.text)
+        if turn == case.fact_turn:  # the turn's token indices, from where it starts
+            found = token_positions(conversation.tokenizer, output.prompt_token_ids, (case.value,))
+            fact = [start + index for index in found]
+    question = case.turns[-1]
     seen, held = conversation.tokens_seen, conversation.stats().kept_mean
     kept = kept_share(conversation.state, fact)
     params = SamplingParams(max_new_tokens=QUESTION_ANSWER_TOKENS)

@@ -57,6 +57,11 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
         "document once and asks it all K; question-aware prompts it K times (default 1)",
     )  # fmt: skip
     p.add_argument("--texts", nargs="+", help="fidelity: docs, code")
+    p.add_argument(
+        "--facts", nargs="+",
+        help="chat: where the fact is: first (its own first turn, the default) or inside (one "
+        "sentence inside the passage of turn 2, 3 or 4)",
+    )  # fmt: skip
     p.add_argument("--tokens", type=int, help="fidelity: teacher-forced continuation tokens")
     p.add_argument(
         "--cases", nargs="+", metavar="ID",
@@ -89,7 +94,8 @@ def grids(args: argparse.Namespace) -> dict[str, Grid]:
         policies=_tuple(args.policies), budgets=_tuple(args.budgets),
         lengths=_tuple(args.lengths), depths=_tuple(args.depths), seeds=_tuple(args.seeds),
         tasks=_tuple(args.tasks), fillers=_tuple(args.fillers), settings=settings,
-        needles=args.needles, texts=_tuple(args.texts), tokens=args.tokens,
+        needles=args.needles, texts=_tuple(args.texts), facts=_tuple(args.facts),
+        tokens=args.tokens,
         cases=_tuple(args.cases), min_cache=args.min_cache,
     )  # fmt: skip
     if args.needles is not None and args.needles > 1 and args.depths:

@@ -21,7 +21,8 @@ cuts, chat conversations), the same cases for every policy.
   its ten answers, with KVzip's probe for snapkv, tova and laprox, several minutes a
   conversation on one core): quick: full, streaming and laprox at 10%, 1k user tokens, seed 0
   (1 conversation a cell); full: full, streaming, h2o, snapkv, auv, laprox at 5% / 10%, 1k, 10
-  seeds (10 conversations a cell).
+  seeds (10 conversations a cell); both with the fact in its own first turn (`--facts inside`:
+  a sentence inside an early turn's passage).
 
 Every preset keeps a cache floor of `min_cache` = 128 tokens: the engine keeps no head below it,
 and a prompt plus answer that fits under it is never evicted, so a small budget of a short prompt
@@ -35,7 +36,7 @@ from dataclasses import dataclass, fields, replace
 
 from nanokv.budget import Budget
 from nanokv.eval.ask import SETTINGS
-from nanokv.eval.chat import ChatSpec, check_chat_length, check_chat_policy
+from nanokv.eval.chat import FACTS, ChatSpec, check_chat_length, check_chat_policy
 from nanokv.eval.code import CodeSpec
 from nanokv.eval.fidelity import SOURCES, FidelitySpec
 from nanokv.eval.haystack import FILLERS
@@ -61,6 +62,7 @@ class Grid:
     settings: tuple[str, ...] = SETTINGS  # niah: question-aware and/or context-only
     needles: int = 1  # niah: > 1, that many needles a document, each asked (replaces depths)
     texts: tuple[str, ...] = SOURCES  # fidelity: docs and/or code
+    facts: tuple[str, ...] = ("first",)  # chat: where the fact is (chat.FACTS)
     tokens: int = 32  # fidelity: teacher-forced continuation tokens
     cases: tuple[str, ...] = ()  # case ids: run these instead of the grid's cases
     min_cache: int = 128  # cache floor in tokens: no head is cut below it (0: exact budgets)
@@ -85,6 +87,7 @@ class Grid:
         _check_names("filler", self.fillers, FILLERS)
         _check_names("setting", self.settings, SETTINGS)
         _check_names("text", self.texts, SOURCES)
+        _check_names("chat fact", self.facts, FACTS)
         for depth in self.depths:
             if not 0.0 <= depth <= 1.0:
                 raise ValueError(f"depth must be in [0, 1], got {depth}")

@@ -136,7 +136,8 @@ def _code_run(llm: LLM, spec: CodeSpec, cell: tuple[PolicySpec, float, int], cas
 def chat_specs(grid: Grid) -> list[ChatSpec]:
     if grid.cases:
         return [ChatSpec.from_id(c) for c in grid.cases if c.startswith("chat/")]
-    return [ChatSpec(length, seed) for length, seed in product(grid.lengths, grid.seeds)]
+    cases = product(grid.facts, grid.lengths, grid.seeds)
+    return [ChatSpec(length, seed, fact) for fact, length, seed in cases]
 
 
 def chat_jobs(llm: LLM, grid: Grid) -> list[Job]:
@@ -161,6 +162,7 @@ def _chat_run(llm: LLM, spec: ChatSpec, cell: tuple[PolicySpec, float, int], cas
         outcome = converse(llm.conversation(), case)
         return {
             "suite": "chat", "case": spec.id, "length": spec.length, "seed": spec.seed,
+            "fact": spec.fact, "fact_turn": case.fact_turn + 1,
             "policy": policy.label, "budget": budget, "turns": len(case.turns),
             "expected": [case.value], "answer": outcome.answers[-1],
             "correct": outcome.correct, "answers": list(outcome.answers),

@@ -308,15 +308,34 @@ def code_section(rows: list[dict]) -> str:
     )
 
 
+CHAT_FACTS = {
+    "first": "A fact (a name's 7-digit code) stated in turn 1",
+    "inside": "A fact (a name's 7-digit code) stated in one sentence inside the passage of "
+    "turn 2, 3 or 4 (turn 1 a greeting)",
+}
+
+
 def chat_section(rows: list[dict]) -> str:
-    """Recall across a conversation: hits of every policy, then the same among the
-    conversations the full cache recalled (paired with it), then what was held of the fact."""
+    """Recall across a conversation, one part for each place of the fact (rows written before
+    `fact` existed have it first)."""
+    places = ordered([{"fact": r.get("fact", "first")} for r in rows], "fact")
+    parts = [
+        _chat_part([r for r in rows if r.get("fact", "first") == place], place, len(places) > 1)
+        for place in places
+    ]
+    return "\n".join(parts)
+
+
+def _chat_part(rows: list[dict], place: str, titled: bool) -> str:
+    """Hits of every policy, then the same among the conversations the full cache recalled
+    (paired with it), then what was held of the fact."""
     recalled = {r["case"] for r in rows if r["policy"] == FULL and r.get("correct")}
     references = len({r["case"] for r in rows if r["policy"] == FULL})
     paired = [r for r in rows if r["case"] in recalled]
+    title = f" -- fact {place}" if titled else ""
     parts = [
-        "## Recall across a conversation (chat)\n",
-        "A fact (a name's 7-digit code) stated in turn 1, eight filler turns the model answers "
+        f"## Recall across a conversation (chat){title}\n",
+        f"{CHAT_FACTS[place]}, eight filler turns the model answers "
         "(a task on a passage of prose each), the fact asked in turn 10; after every answer "
         "the arena is compressed back to the budget of the tokens seen with the query-agnostic "
         "scorer (`Conversation`, what `nanokv chat` runs). Length: the ten user messages' "
