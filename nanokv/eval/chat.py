@@ -18,7 +18,7 @@ Where the fact is (`fact`): `first`, as above, a short turn of its own, the turn
 conversation's memory can keep whole (nanokv/turn_memory.py); or `inside`, one sentence ("The
 locker code of <name> is <code>.") inside the passage of turn 2, 3 or 4, at the sentence
 boundary nearest a quarter, half or three quarters of it (drawn from the id), with a greeting
-as turn 1 and a question that does not say which text held it: a fact in a turn too long to
+as turn 1 and a question that does not say where it was: a fact in a turn too long to
 keep whole, which only its sentence can carry through the compressions.
 
 A case is fully determined by its id, ``chat/L<tokens>/s<seed>`` (fact first) or
@@ -157,7 +157,7 @@ def _question(name: str) -> str:
 
 
 def _question_inside(name: str) -> str:
-    return f"What is the locker code of {name}, from one of the texts I sent you?"
+    return f"What is the locker code of {name}?"  # short: an answer echoes the question
 
 
 def check_chat_policy(spec: PolicySpec) -> None:
