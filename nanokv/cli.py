@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 BENCHMARKS = ("kernels", "e2e", "policies")
+# bench/<script>.py of each benchmark: a script named like an installed module would shadow it
+# when bench/ is on the path (transformers >= 5.25 imports the PyPI package `kernels`)
+BENCH_SCRIPTS = {"kernels": "attention_kernels", "e2e": "e2e", "policies": "policies"}
 
 
 class UsageError(ValueError):
@@ -373,10 +376,11 @@ def _ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    """Runs bench/<name>.py of the source checkout with the remaining arguments."""
+    """Runs the benchmark's script in bench/ of the source checkout with the remaining
+    arguments."""
     import runpy
 
-    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
+    script = Path(__file__).resolve().parent.parent / "bench" / f"{BENCH_SCRIPTS[args.name]}.py"
     if not script.is_file():
         raise UsageError(f"{script} not found: the benchmarks live in a source checkout of nanokv")
     sys.argv = [str(script), *args.args]

@@ -6,7 +6,7 @@ from bench_scripts import load_bench
 
 
 def test_bench_kernels_tiny_sweep_writes_json_and_png(tmp_path, capsys):
-    bench = load_bench("kernels")
+    bench = load_bench("attention_kernels")
     tiny = "--contexts 64 --fractions 0.5 --gqa 2 --batch 1 --kv-heads 2 --head-dim 16"
     bench.main([*tiny.split(), "--warmup", "1", "--reps", "1", "--copy-mb", "1"])
     bench.main([*tiny.split(), "--reps", "1", "--copy-mb", "1", "--out", str(tmp_path)])

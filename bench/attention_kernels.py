@@ -19,9 +19,10 @@ after warm-up; the Quest reference masks the dense attention, so on CPU it reads
 its time is not the kernel's. On CUDA the Triton kernels are timed too (``impl`` = triton vs
 torch) with ``triton.testing.do_bench``.
 
-    python bench/kernels.py --quick                      # small sweep, CPU-friendly
-    python bench/kernels.py --out bench/out/kernels      # full sweep, JSON + PNG
-    python bench/kernels.py --contexts 32768 --fractions 0.05 --gqa 4 --batch 8 --device cuda
+    python bench/attention_kernels.py --quick                  # small sweep, CPU-friendly
+    python bench/attention_kernels.py --out bench/out/kernels  # full sweep, JSON + PNG
+    python bench/attention_kernels.py --contexts 32768 --fractions 0.05 --gqa 4 --batch 8 \
+        --device cuda
 """
 
 from __future__ import annotations
