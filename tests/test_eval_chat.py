@@ -148,6 +148,7 @@ def test_conversations_run_the_script_and_full_is_the_reference(long_tiny_llm, m
         assert row["correct"] == (case.value in re.findall(r"\d+", row["answer"]))
         assert row["tokens_seen"] > LENGTH and len(row["fact_kept"]) == layers
         assert row["floored"] is False and row["min_cache"] == 0
+        assert row["fact"] == "first" and row["fact_turn"] == 1
     full, streaming, laprox = rows
     assert full["kept_tokens"] == full["tokens_seen"] and full["fact_kept"] == [1.0] * layers
     for row in (streaming, laprox):  # compressed back to 20% of the tokens seen

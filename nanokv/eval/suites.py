@@ -162,7 +162,7 @@ def _chat_run(llm: LLM, spec: ChatSpec, cell: tuple[PolicySpec, float, int], cas
         outcome = converse(llm.conversation(), case)
         return {
             "suite": "chat", "case": spec.id, "length": spec.length, "seed": spec.seed,
-            "fact": spec.fact, "fact_turn": case.fact_turn + 1,
+            "fact": spec.fact, "fact_turn": case.fact_turn + 1,  # 1: the first turn
             "policy": policy.label, "budget": budget, "turns": len(case.turns),
             "expected": [case.value], "answer": outcome.answers[-1],
             "correct": outcome.correct, "answers": list(outcome.answers),
