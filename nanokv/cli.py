@@ -25,10 +25,10 @@ if TYPE_CHECKING:
     from nanokv.llm import LLM
 
 EXIT_BAD_INPUT = 2
-BENCHMARKS = ("kernels", "e2e", "policies")
 # bench/<script>.py of each benchmark: a script named like an installed module would shadow it
 # when bench/ is on the path (transformers >= 5.25 imports the PyPI package `kernels`)
 BENCH_SCRIPTS = {"kernels": "attention_kernels", "e2e": "e2e", "policies": "policies"}
+BENCHMARKS = tuple(BENCH_SCRIPTS)
 
 
 class UsageError(ValueError):

@@ -267,3 +267,14 @@ def test_cli_writes_rows_and_the_summary(long_tiny_dir, tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## Recall across a conversation (chat)" in summary
     assert "1 conversation a cell: 1 seed (0)" in summary
+
+
+def test_cli_runs_the_fact_inside(long_tiny_dir, tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", "chat", "--model", str(long_tiny_dir), "--out", str(out), "--no-plots"]
+    args += ["--lengths", str(LENGTH), "--seeds", "2", "--facts", "inside", "--policies", "full"]
+    assert main(args) == 0
+    (row,) = [json.loads(line) for line in (out / "chat.jsonl").read_text().splitlines()]
+    assert row["case"] == "chat/L1200/s2/inside" and row["fact"] == "inside"
+    assert row["fact_turn"] in (2, 3, 4) and row["fact_kept"] == [1.0] * len(row["fact_kept"])
+    assert "stated in one sentence inside the passage" in (out / "summary.md").read_text()
