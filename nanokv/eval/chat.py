@@ -120,25 +120,41 @@ def make_chat_case(spec: ChatSpec, tokenizer: Tokenizer) -> ChatCase:
     name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
     value = str(rng.randrange(1_000_000, 10_000_000))
     tasks = rng.sample(FILLER_TASKS, FILLER_TURNS)
-    inside = spec.fact == "inside"
-    host, depth = (rng.choice(INSIDE_TURNS), rng.choice(INSIDE_DEPTHS)) if inside else (0, 0.0)
-    first = GREETING if inside else _fact(name, value)
-    question = _question_inside(name) if inside else _question(name)
-    needle = _fact_sentence(name, value) if inside else ""
+    layout = _fact_layout(spec.fact, rng, name, value)
     count = counter(tokenizer)
-    fixed = count(first) + count(question) + sum(count(task + "\n\n") for task in tasks)
-    fixed += count(" " + needle) if inside else 0
+    fixed = sum(count(task + "\n\n") for task in tasks) + count(layout.first_turn)
+    fixed += count(layout.question) + (count(" " + layout.needle) if layout.needle else 0)
     passage_tokens = (spec.length - fixed) // FILLER_TURNS
     if passage_tokens < MIN_PASSAGE_TOKENS:
         raise ValueError(f"chat length {spec.length} is too short for its eight passages")
     stream = filler_stream("prose", spec.seed)  # each turn takes the next passage
-    needles = {host - 1: [(depth, needle)]} if inside else {}
+    needles = {layout.host - 1: [(layout.depth, layout.needle)]} if layout.needle else {}
     passages = [
         build_haystack(stream, passage_tokens, needles.get(i, []), count) for i in range(len(tasks))
     ]
     fillers = [f"{task}\n\n{p.text}" for task, p in zip(tasks, passages, strict=True)]
     sources = tuple(dict.fromkeys(s for p in passages for s in p.sources))
-    return ChatCase(spec, (first, *fillers, question), name, value, sources, host)
+    turns = (layout.first_turn, *fillers, layout.question)
+    return ChatCase(spec, turns, name, value, sources, layout.host)
+
+
+@dataclass(frozen=True)
+class _FactLayout:
+    """Where a case's fact goes and how it is asked for."""
+
+    first_turn: str  # the fact itself (`first`) or a greeting (`inside`)
+    question: str  # turn 10
+    needle: str = ""  # `inside`: the fact's sentence, put into the host turn's passage
+    host: int = 0  # the turn (0-based) that states the fact
+    depth: float = 0.0  # `inside`: where in the host turn's passage
+
+
+def _fact_layout(fact: str, rng: random.Random, name: str, value: str) -> _FactLayout:
+    """The layout of `fact` (FACTS); `inside` draws its host turn and depth from `rng`."""
+    if fact == "first":
+        return _FactLayout(_fact(name, value), _question(name))
+    host, depth = rng.choice(INSIDE_TURNS), rng.choice(INSIDE_DEPTHS)
+    return _FactLayout(GREETING, _question_inside(name), _fact_sentence(name, value), host, depth)
 
 
 def _fact(name: str, value: str) -> str:
