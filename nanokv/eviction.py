@@ -231,9 +231,7 @@ class EvictionStage:
         shared), or None without the option or the sentences."""
         if not self.options.sentences or len(sentence_of) != plan.prompt_length:
             return None
-        pos = arena.pos[:, seq]  # (L, H_kv, C)
-        slots = torch.arange(arena.capacity, device=pos.device)
-        valid = slots < arena.lengths[:, seq].long().unsqueeze(-1)
+        pos, valid = held_slots(arena, seq)  # (L, H_kv, C) each
         room = int(self.options.sentences * plan.layer_counts[0])
         return shared_sentence_rank(
             scores.flatten(0, 1), pos.flatten(0, 1), valid.flatten(0, 1),
@@ -282,8 +280,8 @@ class EvictionStage:
         in its share of the room, then the most recent positions (nanokv/turn_memory.py).
         sentence_of: the sentence of each position seen."""
         start = time.perf_counter()
-        pos, lengths = arena.pos[:, seq], arena.lengths[:, seq].long()  # (L, H_kv, C), (L, H_kv)
-        valid = torch.arange(arena.capacity, device=pos.device) < lengths.unsqueeze(-1)
+        pos, valid = held_slots(arena, seq)  # (L, H_kv, C) each
+        lengths = arena.lengths[:, seq].long()  # (L, H_kv)
         sentences = torch.tensor(sentence_of, dtype=torch.int64, device=pos.device)
         places = memory.shared_places(
             scores.flatten(0, 1), pos.flatten(0, 1), valid.flatten(0, 1), sentences, cache
@@ -316,11 +314,8 @@ class EvictionStage:
         after its protected ones, in that order (-1: none; `_shared_sentences`)."""
         mean, n = plan.layer_counts[0], plan.prompt_length
         chosen = slice(layers.start, layers.stop)
-        lengths = arena.lengths[chosen, seq].long()  # (l, H_kv)
-        pos = arena.pos[chosen, seq]  # (l, H_kv, C)
-        slots = torch.arange(arena.capacity, device=pos.device)
-        valid = slots < lengths.unsqueeze(-1)
-        protected, total = self._protection_rank(pos, n), mean * lengths.numel()
+        pos, valid = held_slots(arena, seq, chosen)  # (l, H_kv, C) each
+        protected, total = self._protection_rank(pos, n), mean * math.prod(valid.shape[:2])
         if shared is not None:
             protected = self._with_shared(protected, pos, shared)
         if self.options.allocation == "layerwise":
@@ -391,3 +386,13 @@ class EvictionStage:
         empty dict changes nothing."""
         if rows:
             arena.set_slot_state(layer, rows)
+
+
+def held_slots(
+    arena: KVArena, seq: int, layers: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions (l, H_kv, C) of sequence `seq`'s slots in `layers` and which of those
+    slots hold a token (bool, the same shape): what every selection over an arena reads."""
+    pos = arena.pos[layers, seq]
+    lengths = arena.lengths[layers, seq].long().unsqueeze(-1)  # (l, H_kv, 1)
+    return pos, torch.arange(arena.capacity, device=pos.device) < lengths
