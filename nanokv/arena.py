@@ -182,6 +182,16 @@ class KVArena:
             ]
         return self._views[index]
 
+    def held_positions(self, seq: int) -> list[int]:
+        """The positions sequence `seq` holds in any (layer, kv head), ascending."""
+        held = []
+        for layer in range(len(self.k)):
+            view = self.layer(layer)
+            pos, lengths = view.pos[seq], view.lengths[seq].long()  # (H_kv, C), (H_kv,)
+            valid = torch.arange(pos.shape[-1], device=pos.device) < lengths.unsqueeze(-1)
+            held.append(pos[valid])
+        return torch.unique(torch.cat(held)).tolist()
+
     def pages(self, index: int) -> HeadPages | None:
         """Where each head's pages lie when layer `index` is packed, else None."""
         return self._pages[index]

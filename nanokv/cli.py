@@ -27,7 +27,12 @@ if TYPE_CHECKING:
 EXIT_BAD_INPUT = 2
 # bench/<script>.py of each benchmark: a script named like an installed module would shadow it
 # when bench/ is on the path (transformers >= 5.25 imports the PyPI package `kernels`)
-BENCH_SCRIPTS = {"kernels": "attention_kernels", "e2e": "e2e", "policies": "policies"}
+BENCH_SCRIPTS = {
+    "kernels": "attention_kernels",
+    "e2e": "e2e",
+    "policies": "policies",
+    "chat": "chat",
+}
 BENCHMARKS = tuple(BENCH_SCRIPTS)
 
 

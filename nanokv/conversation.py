@@ -43,7 +43,7 @@ import torch
 from nanokv.engine import DecodeState, Engine, InputError, Sequence
 from nanokv.information import InformationTrail
 from nanokv.llm import LLM, GenerationOutput
-from nanokv.probe import segment_overhead
+from nanokv.probe import Probe, segment_overhead
 from nanokv.sampling import Sampler, SamplingParams
 from nanokv.stopping import StopChecker
 from nanokv.turn_memory import TurnMemory
@@ -255,12 +255,21 @@ class Conversation:
         cache = self._cache_tokens(seen)
         if not self.engine.policy.evicts or int(self.state.arena.lengths.max()) <= cache:
             return
-        probes = self.engine.probes(self.tokenizer, [self._ids[:seen]])
+        probe = self._probe(seen)
         information = None if self._trail is None else self._trail.values()
-        probe = probes[0] if probes else None
         self.engine.recompress(self.state, cache, probe, information, self._memory)
         arena = self.state.arena  # between turns each head holds only what it kept
         arena.pack_heads(arena.lengths)  # (the next turn grows it back to one rectangle)
+
+    def _probe(self, seen: int) -> Probe | None:
+        """KVzip's probe of the conversation's first `seen` tokens that the arena still holds
+        in some head (`repeat_probe`'s `held`): each recompression then costs a pass over
+        about the budget and the latest turn, not over the whole conversation again. None when
+        the policy does not score with the probe."""
+        if self.engine.policy.options.observe != "repeat":
+            return None
+        held = self.state.arena.held_positions(0)
+        return self.engine.probe(self.tokenizer, self._ids[:seen], held=held)
 
     def _begin_span(self) -> None:
         """The turn or answer about to be appended starts a unit of the turn memory."""

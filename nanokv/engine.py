@@ -157,10 +157,13 @@ class Engine:
             return None
         return [self.probe(tokenizer, prompt) for prompt in prompts]
 
-    def probe(self, tokenizer: Tokenizer, prompt: list[int]) -> Probe:
-        """KVzip's probe of one prompt with the policy's sinks, inside the model's context."""
+    def probe(
+        self, tokenizer: Tokenizer, prompt: list[int], held: list[int] | None = None
+    ) -> Probe:
+        """KVzip's probe of one prompt with the policy's sinks, inside the model's context;
+        of its `held` positions only when given (`repeat_probe`)."""
         sinks, context = self.policy.options.sinks, self.cfg.max_position_embeddings
-        return repeat_probe(tokenizer, prompt, sinks=sinks, context=context)
+        return repeat_probe(tokenizer, prompt, sinks=sinks, context=context, held=held)
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Raises InputError for an empty prompt or one that leaves no room in the context."""

@@ -73,12 +73,19 @@ def repeat_probe(
     span: int = SPAN_TOKENS,
     sinks: int = SINKS,
     context: int | None = None,
+    held: list[int] | None = None,
 ) -> Probe:
     """KVzip's probe of `document_ids` (as prefilled: a chat-template prefix is recognised and
     not repeated). With a template whose prefix starts the document, the instruction continues
     the open user message and the template's tail opens the assistant's turn; otherwise (no
     template, or a raw document) the raw form is used and a leading BOS is not repeated. With
-    the model's `context` (tokens), spans shrink so that no segment runs past it."""
+    the model's `context` (tokens), spans shrink so that no segment runs past it.
+
+    `held` (ascending positions): repeat only the tokens at these positions, a document with
+    gaps. A conversation repeats what its arena still holds: the evicted tokens have no keys
+    left to score, and repeating every token seen would make each recompression a pass over
+    the whole conversation (nanokv/conversation.py). A span then runs from its first held
+    position to past its last."""
     if span < 1:
         raise ValueError(f"probe span must be >= 1 token, got {span}")
     prefix, tail = _template_parts(tokenizer)
@@ -87,15 +94,18 @@ def repeat_probe(
     tail_ids = _encode(tokenizer, tail if chat else RAW_TAIL)
     if context is not None:
         span = min(span, _room(tokenizer, len(document_ids), len(tail_ids), context))
+    n = len(document_ids)
+    repeated = range(first, n) if held is None else [p for p in held if first <= p < n]
     segments = []
-    for start in range(first, len(document_ids), span):
-        end = min(start + span, len(document_ids))
-        if start == first:
+    for index in range(0, len(repeated), span):
+        chunk = repeated[index : index + span]  # the positions this segment repeats
+        if index == 0:
             instruction = _encode(tokenizer, REPEAT)
         else:
-            quoted = document_ids[max(first, start - OVERLAP_TOKENS) : start]
-            instruction = _encode(tokenizer, REPEAT_PART) + quoted
-        segments.append(ProbeSegment(instruction + tail_ids + document_ids[start:end], start, end))
+            quoted = repeated[max(0, index - OVERLAP_TOKENS) : index]
+            instruction = _encode(tokenizer, REPEAT_PART) + [document_ids[p] for p in quoted]
+        tokens = [document_ids[p] for p in chunk]
+        segments.append(ProbeSegment(instruction + tail_ids + tokens, chunk[0], chunk[-1] + 1))
     return Probe(tuple(segments), sinks, sentence_index(tokenizer, document_ids))
 
 

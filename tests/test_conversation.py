@@ -21,7 +21,7 @@ from tiny_models import make_hf_model, save_checkpoint
 import nanokv
 from nanokv.arena import KVArena
 from nanokv.engine import Engine, InputError
-from nanokv.probe import repeat_probe
+from nanokv.probe import Probe, repeat_probe
 from nanokv.sampling import SamplingParams
 from nanokv.stopping import StopChecker
 
@@ -249,6 +249,36 @@ def test_between_turns_each_head_holds_only_what_it_kept(word_dir):
     assert any(arena.pages(layer) is not None for layer in layers)
 
 
+@pytest.mark.parametrize("policy", ["laprox", "snapkv"])
+def test_each_recompression_probes_the_tokens_the_arena_holds(word_dir, monkeypatch, policy):
+    """The probe after an answer repeats the tokens at the positions some head still holds
+    (the turn memory's shared positions, or the union of the per-head cut's), not the whole
+    conversation, so a recompression's pass is about the budget and the latest turn long."""
+    calls: list[tuple[Probe, list[int]]] = []  # the probe and the positions held, a call
+    recompress = Engine.recompress
+
+    def spy(engine, state, cache, probe=None, information=None, memory=None):
+        calls.append((probe, state.arena.held_positions(0)))
+        return recompress(engine, state, cache, probe, information, memory)
+
+    llm = nanokv.LLM(word_dir, policy=policy, budget=0.3, min_cache=0)
+    monkeypatch.setattr(Engine, "recompress", spy)
+    conversation = llm.conversation(PARAMS)
+    for turn in TURNS:
+        conversation.send(turn)
+    ids = conversation._ids
+    first = repeat_probe(llm.tokenizer, ids).segments[0].start  # after the template's prefix
+    assert len(calls) == len(TURNS)
+    for probe, held in calls:
+        repeated = [p for p in held if p >= first]
+        spans = [[p for p in repeated if s.start <= p < s.end] for s in probe.segments]
+        assert [p for span in spans for p in span] == repeated
+        for segment, span in zip(probe.segments, spans, strict=True):
+            assert (segment.start, segment.end) == (span[0], span[-1] + 1)
+            assert segment.ids[-len(span) :] == [ids[p] for p in span]
+    assert len(calls[-1][1]) < conversation.stats().tokens_seen  # evicted: not repeated
+
+
 def test_stats_count_what_the_arena_holds(word_dir):
     llm = nanokv.LLM(word_dir, policy="snapkv", budget=12.0, min_cache=0)
     conversation = llm.conversation(PARAMS)
@@ -324,14 +354,15 @@ def mistral_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("policy", ["snapkv", "laprox"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-@pytest.mark.parametrize("chunk", [3, 7, 512])
+@pytest.mark.parametrize(("chunk", "held"), [(3, False), (7, False), (512, False), (7, True)])
 def test_probe_scores_against_the_arena_equal_the_dense_reference(
-    request, tiny_llama_dir, kind, chunk, policy
+    request, tiny_llama_dir, kind, chunk, held, policy
 ):
     """A ragged arena (heads hold different slots), a probe in several segments whose lengths
     the chunks do not divide; Mistral's window (7) is shorter than a segment. SnapKV's score is
     KVzip's (max over the GQA group); LaProx weights each query head by ||v_j W_O^h|| first and
-    divides by the layer's RMS probe output norm, as at prefill."""
+    divides by the layer's RMS probe output norm, as at prefill. `held`: the probe repeats only
+    the positions the arena holds (a conversation's), its spans with gaps."""
     model_dir = tiny_llama_dir if kind == "llama" else request.getfixturevalue("mistral_dir")
     llm = nanokv.LLM(model_dir, policy=policy, budget=12.0, min_cache=0, dtype="float32")
     engine = llm.compress_engine
@@ -343,7 +374,10 @@ def test_probe_scores_against_the_arena_equal_the_dense_reference(
         kept = torch.arange(0, len(ids), 2).expand(cfg.num_kv_heads, -1)
         counts = torch.tensor([kept.shape[1] - 3 * h for h in range(cfg.num_kv_heads)])
         arena.compact_sequence(layer, 0, kept, counts)
-    probe = repeat_probe(llm.tokenizer, ids, span=11)
+    span = 5 if held else 11  # held: half the tokens, still several segments
+    probe = repeat_probe(
+        llm.tokenizer, ids, span=span, held=arena.held_positions(0) if held else None
+    )
     assert len(probe.segments) >= 2 and any(len(s.ids) % chunk for s in probe.segments)
     before = [t.clone() for t in (arena.k, arena.v, arena.pos, arena.lengths)]
     scores = engine.probe_arena(state, probe, chunk=chunk)

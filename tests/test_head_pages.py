@@ -182,6 +182,9 @@ def test_a_packed_arena_moves_tokens_as_a_rectangular_one(data):
         if bool((row != row.flatten()[0]).any()):
             assert torch.equal(packed.pages(layer).caps, row)
     _same_rows(packed, stacked)
+    for seq in range(batch):  # the union of every head's positions (a conversation's probe)
+        held = list(range(int(counts[:, seq].max())))
+        assert packed.held_positions(seq) == stacked.held_positions(seq) == held
     for step in range(room):  # appends up to every head's last slot
         new_k = torch.randn(batch, KV_HEADS, DIM, generator=gen)
         new_norms = torch.rand(batch, KV_HEADS * GROUP, generator=gen)

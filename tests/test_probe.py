@@ -126,6 +126,29 @@ def test_chat_probe_continues_the_user_message_and_repeats_the_document(tokenize
     assert [(s.start, s.end) for s in whole.segments] == [(first, len(ids))]
 
 
+def test_a_probe_of_held_positions_repeats_only_their_tokens(tokenizer, document):
+    """`held` (a conversation's arena): the segments repeat the held tokens after the
+    template's prefix, SPAN of them a segment, each span from its first held position to past
+    its last, a later segment quoting the held tokens before it; all positions held is the
+    plain probe."""
+    ids, plain = document
+    first = len(tokenizer.encode("<|user|>", add_special_tokens=False))
+    held = [0, *range(first, len(ids), 2)]  # a prefix position (never repeated), every other
+    probe = repeat_probe(tokenizer, ids, span=SPAN, held=held)
+    repeated = held[1:]
+    chunks = [repeated[i : i + SPAN] for i in range(0, len(repeated), SPAN)]
+    assert len(chunks) >= 2
+    assert [(s.start, s.end) for s in probe.segments] == [(c[0], c[-1] + 1) for c in chunks]
+    instruction = tokenizer.encode(REPEAT, add_special_tokens=False)
+    tail = tokenizer.encode("</s><|assistant|>", add_special_tokens=False)
+    assert probe.segments[0].ids == instruction + tail + [ids[p] for p in chunks[0]]
+    part = tokenizer.encode(REPEAT_PART, add_special_tokens=False)
+    quoted = [ids[p] for p in chunks[0][-8:]]
+    assert probe.segments[1].ids == part + quoted + tail + [ids[p] for p in chunks[1]]
+    assert probe.sentence_of == plain.sentence_of  # sentences of the whole document
+    assert repeat_probe(tokenizer, ids, span=SPAN, held=list(range(len(ids)))) == plain
+
+
 def test_spans_shrink_to_keep_every_segment_inside_the_context(tokenizer):
     ids = tokenizer.encode_chat([{"role": "user", "content": DOC * 5}])  # ~115 tokens
     probe = repeat_probe(tokenizer, ids, context=256)
