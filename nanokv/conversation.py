@@ -15,16 +15,20 @@ back to the budget and the next turn continues from it. Nothing is ever re-prefi
   fraction of them, or a count) a (layer, kv head) on average, never below the cache floor,
   shared out by the policy's allocation (`EvictionStage.reselect`: one model-wide top-k for
   `global`). A policy that scores from an observation window (snapkv, laprox, tova) ranks the
-  slots with KVzip's probe of the whole conversation run against the arena (the next question
-  is unknown: nanokv/recompress.py); streaming, h2o and auv rank them with their own eviction
-  scores (recency, accumulated attention, usage counts; AUV keeps no reconstructed slot here).
+  slots with KVzip's probe run against the arena (the next question is unknown:
+  nanokv/recompress.py), repeating the conversation's tokens that some head still holds: an
+  evicted token has no key left to score, and repeating every token seen made each
+  recompression a pass over the whole conversation, the larger part of a turn's time (the
+  same answers on `nanokv eval chat`'s suites, docs/eval.md; `bench/chat.py`); streaming, h2o
+  and auv rank them with their own eviction scores (recency, accumulated attention, usage
+  counts; AUV keeps no reconstructed slot here).
   The sinks and the policy's observation window (none with the probe) are protected. A policy
   that shares sentences under the probe (laprox by default) recompresses through its turn
   memory instead: every head keeps the same sinks, whole turns (or their sentences) ranked by
   the best probe weight they have had, and latest tokens (nanokv/turn_memory.py). `full`, or
   a budget of 1.0, keeps everything. (Probing only the turns since the last compression, each
-  slot keeping the score it got then, ran 3.5x faster but recalled less on `nanokv eval chat`:
-  docs/eval.md.)
+  older slot keeping the score it got then, ran 3.5x faster but recalled less on `nanokv eval
+  chat`: docs/eval.md; the held tokens' probe re-scores every slot.)
 - Room: nothing is evicted while a turn is written and answered, so before each turn the arena
   is grown (one reallocation, only when it lacks room) to hold the turn and max_new_tokens more.
   Positions never pass the model's context; with the probe, the positions its segments need

@@ -4,14 +4,14 @@ selection that brings every (layer, kv head) back to a budget.
 A conversation (nanokv/conversation.py) holds its turns in one arena and, after each answer,
 compresses it again without re-prefilling anything: nothing of the evicted tokens is left to
 run a document pass over. The probe of nanokv/probe.py (the instruction, then the conversation's
-own tokens teacher-forced) therefore runs *against the arena*: its rows attend to each head's
-kept slots and, causally, to the segment's own keys, exactly as the next tokens of the
-conversation would; their hidden states go on to the next layer. The score of a slot follows
-`ProbeScores`: per query head, the max over the segment's rows of the softmax probability of the
-slot (the policy then reduces the GQA group, weighting by value norms if it is output-aware, as
-at prefill), the softmax running over the slots that hold a sink
-(position < sinks), the slots whose position lies in the segment's span, and the segment's own
-keys up to the row. Slots outside every span score 0 (the selection protects the sinks). The
+tokens that some head still holds, teacher-forced) therefore runs *against the arena*: its rows
+attend to each head's kept slots and, causally, to the segment's own keys, exactly as the next
+tokens of the conversation would; their hidden states go on to the next layer. The score of a
+slot follows `ProbeScores`: per query head, the max over the segment's rows of the softmax
+probability of the slot (the policy then reduces the GQA group, weighting by value norms if it
+is output-aware, as at prefill), the softmax running over the slots that hold a sink (position
+< sinks), the slots whose position lies in the segment's span, and the segment's own keys up to
+the row. Slots outside every span score 0 (the selection protects the sinks). The
 probe's K/V live in per-layer temporaries and never reach the arena.
 
 These functions compute; the engine runs the model and the arena moves the data.
