@@ -231,7 +231,7 @@ class EvictionStage:
         shared), or None without the option or the sentences."""
         if not self.options.sentences or len(sentence_of) != plan.prompt_length:
             return None
-        pos, valid = held_slots(arena, seq)  # (L, H_kv, C) each
+        pos, valid = _held_slots(arena, seq)  # (L, H_kv, C) each
         room = int(self.options.sentences * plan.layer_counts[0])
         return shared_sentence_rank(
             scores.flatten(0, 1), pos.flatten(0, 1), valid.flatten(0, 1),
@@ -280,7 +280,7 @@ class EvictionStage:
         in its share of the room, then the most recent positions (nanokv/turn_memory.py).
         sentence_of: the sentence of each position seen."""
         start = time.perf_counter()
-        pos, valid = held_slots(arena, seq)  # (L, H_kv, C) each
+        pos, valid = _held_slots(arena, seq)  # (L, H_kv, C) each
         lengths = arena.lengths[:, seq].long()  # (L, H_kv)
         sentences = torch.tensor(sentence_of, dtype=torch.int64, device=pos.device)
         places = memory.shared_places(
@@ -314,7 +314,7 @@ class EvictionStage:
         after its protected ones, in that order (-1: none; `_shared_sentences`)."""
         mean, n = plan.layer_counts[0], plan.prompt_length
         chosen = slice(layers.start, layers.stop)
-        pos, valid = held_slots(arena, seq, chosen)  # (l, H_kv, C) each
+        pos, valid = _held_slots(arena, seq, chosen)  # (l, H_kv, C) each
         protected, total = self._protection_rank(pos, n), mean * math.prod(valid.shape[:2])
         if shared is not None:
             protected = self._with_shared(protected, pos, shared)
@@ -388,7 +388,7 @@ class EvictionStage:
             arena.set_slot_state(layer, rows)
 
 
-def held_slots(
+def _held_slots(
     arena: KVArena, seq: int, layers: slice = slice(None)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions (l, H_kv, C) of sequence `seq`'s slots in `layers` and which of those
