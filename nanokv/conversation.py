@@ -19,7 +19,7 @@ back to the budget and the next turn continues from it. Nothing is ever re-prefi
   nanokv/recompress.py), repeating the conversation's tokens that some head still holds: an
   evicted token has no key left to score, and repeating every token seen made each
   recompression a pass over the whole conversation, the larger part of a turn's time (the
-  same answers on `nanokv eval chat`'s suites, docs/eval.md; `bench/chat.py`); streaming, h2o
+  same recalls on `nanokv eval chat`'s suites, docs/eval.md; `bench/chat.py`); streaming, h2o
   and auv rank them with their own eviction scores (recency, accumulated attention, usage
   counts; AUV keeps no reconstructed slot here).
   The sinks and the policy's observation window (none with the probe) are protected. A policy
