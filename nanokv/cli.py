@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_serve(commands.add_parser("serve", help="an OpenAI-compatible HTTP server"))
     add_eval_parser(commands)
     bench = commands.add_parser("bench", help="run a benchmark script from bench/")
-    bench.add_argument("name", choices=BENCHMARKS, help="kernels, e2e or policies")
+    bench.add_argument("name", choices=BENCHMARKS, help=", ".join(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     bench.set_defaults(run=_run_bench)
     convert = commands.add_parser("convert", help="convert the embedded default model")

@@ -15,7 +15,7 @@ import tiny_models
 import torch
 from tiny_models import llama_config, make_hf_model, save_checkpoint
 
-from nanokv.cli import main
+from nanokv.cli import BENCH_SCRIPTS, BENCHMARKS, main
 from nanokv.llm import LLM
 from nanokv.policies import POLICIES
 from nanokv.policies.allocation import ALLOCATIONS
@@ -381,6 +381,8 @@ def test_raw_prompt_skips_a_broken_chat_template(tiny_llama_dir, tmp_path, capsy
     assert out == want.text + "\n"
 
 
-def test_bench_subcommand_runs_a_script(capsys):
-    code, out, _ = _run(["bench", "kernels", "--help"], capsys)
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_bench_subcommand_runs_a_script(capsys, name):
+    code, out, _ = _run(["bench", name, "--help"], capsys)
     assert code == 0 and "usage" in out.lower()
+    assert f"{BENCH_SCRIPTS[name]}.py" in out  # the benchmark's own script ran
