@@ -246,6 +246,14 @@ def stdlib_token_stream(encode: Callable[[str], list[int]], count: int, seed: in
 # ------------------------------------------------------------------------------ bytes a token
 
 
+def weight_layout(model: torch.nn.Module) -> str:
+    """How nanokv's projections are read (models/linear.py): oneDNN-packed copies, or the
+    weights input-major or output-major."""
+    if model.head_read is not None:
+        return "onednn-packed"
+    return "input-major" if is_input_major(model.head) else "output-major"
+
+
 def nanokv_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of nanokv's weights a decode step reads: every parameter but the embedding tables
     (a row a token) and the checkpoint's LM head, plus the head as held (`model.head`)."""
@@ -514,7 +522,7 @@ def engine_info(llm: nanokv.LLM, hf: HFRunner | None) -> dict:
         "nanokv_prefill_chunk": llm.engine.prefill_chunk,
         "nanokv_kv_dtype": str(llm.kv_dtype).removeprefix("torch."),
         "nanokv_decode_attention": "triton split-K" if cuda_kernel else "torch path",
-        "nanokv_weight_layout": "input-major" if is_input_major(llm.model.head) else "output-major",
+        "nanokv_weight_layout": weight_layout(llm.model),
     }
     if hf is not None:
         import transformers

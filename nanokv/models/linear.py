@@ -42,11 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanokv.dtypes import half_is_native
+
 HALF = (torch.bfloat16, torch.float16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (T, in) @ weight (out, in)^T + bias -> (T, out), in x's dtype."""
+    """x (T, in) @ weight (out, in)^T + bias -> (T, out), in x's dtype; `weight` may be a
+    oneDNN-packed copy (`packed`)."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if x.shape[0] == 1 and x.dtype in HALF and x.device.type == "cpu":
         out = torch.mv(weight, x[0]).unsqueeze(0)  # (1, out)
         return out if bias is None else out + bias
@@ -57,6 +62,28 @@ def input_major_default(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `prepare_weights` lays weights out input-major (see the module docstring): fp32
     on an AMD CPU, where it was measured faster; everything else keeps the checkpoint's layout."""
     return device.type == "cpu" and dtype == torch.float32 and cpu_vendor() == "AuthenticAMD"
+
+
+def packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `prepare_weights` reads the projections from oneDNN-packed copies (see the module
+    docstring): bf16 on a CPU with native bf16 instructions, where oneDNN is built in."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and half_is_native("cpu")
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of `weight` (out, in) in oneDNN's blocked layout, which only `linear` reads (an
+    opaque tensor: same values, no views, no indexing)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+def read_copy(weight: torch.Tensor, pack: bool) -> torch.Tensor:
+    """The tensor `linear` reads for `weight`: its packed copy, or the weight itself."""
+    return packed(weight) if pack else weight
 
 
 def cpu_vendor() -> str:
@@ -91,12 +118,12 @@ def is_input_major(weight: torch.Tensor) -> bool:
 
 
 def fuse_rows(
-    *layers: nn.Linear, input_major: bool = False
+    *layers: nn.Linear, input_major: bool = False, pack: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (sum of out, in) weight (and bias) for `layers` that share an input, held
     input-major (where that pays) or not (`laid_out`); each layer's parameters are rebound as
-    views of the fused tensors, so nothing is held twice. Called again, it re-lays the same
-    values out."""
+    views of the fused tensors, so nothing is held twice but a packed copy (`pack`), which is
+    what is returned then. Called again, it re-lays the same values out."""
     weight = torch.cat([layer.weight for layer in layers])
     weight = laid_out(weight, input_major and pays_input_major(weight))
     biases = [layer.bias for layer in layers]
@@ -108,16 +135,16 @@ def fuse_rows(
         if bias is not None:
             layer.bias = nn.Parameter(bias[rows], requires_grad=False)
         start = rows.stop
-    return weight, bias
+    return read_copy(weight, pack), bias
 
 
-def lay_out(module: nn.Module, input_major: bool) -> torch.Tensor:
+def lay_out(module: nn.Module, input_major: bool, pack: bool = False) -> torch.Tensor:
     """Re-lays the weight of a Linear or Embedding module out (`laid_out`; input-major only
-    where that pays), in place; returns it. An embedding laid out input-major still looks up
-    rows (strided, one row a token)."""
+    where that pays), in place; returns what `linear` reads for it (`read_copy`). An embedding
+    laid out input-major still looks up rows (strided, one row a token)."""
     input_major = input_major and pays_input_major(module.weight)
     module.weight = nn.Parameter(laid_out(module.weight, input_major), requires_grad=False)
-    return module.weight
+    return read_copy(module.weight, pack)
 
 
 REFINED_LOGITS = 64  # logits a row recomputes exactly in fp32 under a half-precision head
@@ -129,13 +156,17 @@ def head_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach()
 
 
-def head_logits(h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+def head_logits(
+    h: torch.Tensor, head: torch.Tensor, head_read: torch.Tensor | None = None
+) -> torch.Tensor:
     """h (T, hidden) in any dtype, head (vocab, hidden) -> (T, vocab) fp32 logits: exact for an
-    fp32 head; for a half-precision one, the GEMV in the head's dtype with each row's
-    `REFINED_LOGITS` largest logits recomputed in fp32 (see the module docstring)."""
+    fp32 head; for a half-precision one, the GEMV in the head's dtype (from `head_read`, its
+    packed copy, where there is one) with each row's `REFINED_LOGITS` largest logits recomputed
+    in fp32 from `head` (see the module docstring)."""
     if head.dtype not in HALF:
         return F.linear(h.float(), head)
-    logits = linear(h.to(head.dtype), head, None).float()  # (T, vocab), fp32 sums rounded
+    gemv_weight = head if head_read is None else head_read
+    logits = linear(h.to(head.dtype), gemv_weight, None).float()  # (T, vocab), fp32 sums rounded
     top = logits.topk(min(REFINED_LOGITS, head.shape[0]), dim=-1).indices  # (T, k)
     rows = head[top].float()  # (T, k, hidden)
     exact = torch.matmul(rows, h.float().unsqueeze(-1)).squeeze(-1)  # (T, k)

@@ -15,7 +15,7 @@ from torch import nn
 
 from nanokv.config import ModelConfig
 from nanokv.models.kv_dtype import to_kv_dtype
-from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear
+from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear, packed
 from nanokv.models.rope import Rotary
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, "tanh")}
@@ -56,11 +56,12 @@ class LlamaAttentionWeights(nn.Module):
         self.sizes = (q_size, kv_size, kv_size)
         self.qkv_weight: torch.Tensor | None = None  # ((H_q + 2 H_kv) D, hidden) once fused
         self.qkv_bias: torch.Tensor | None = None
+        self.o_weight: torch.Tensor | None = None  # what `linear` reads for o_proj
 
-    def fuse(self, input_major: bool = False) -> None:
-        fused = fuse_rows(self.q_proj, self.k_proj, self.v_proj, input_major=input_major)
+    def fuse(self, input_major: bool = False, pack: bool = False) -> None:
+        fused = fuse_rows(self.q_proj, self.k_proj, self.v_proj, input_major=input_major, pack=pack)
         self.qkv_weight, self.qkv_bias = fused
-        lay_out(self.o_proj, input_major)
+        self.o_weight = lay_out(self.o_proj, input_major, pack)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, hidden) -> qk (T, (H_q + H_kv) D), v (T, H_kv D): views of one GEMV's output,
@@ -78,17 +79,17 @@ class LlamaMLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.gate_up_weight: torch.Tensor | None = None  # (2 intermediate, hidden) once fused
         self.gate_up_bias: torch.Tensor | None = None
+        self.down_weight: torch.Tensor | None = None  # what `linear` reads for down_proj
 
-    def fuse(self, input_major: bool = False) -> None:
-        fused = fuse_rows(self.gate_proj, self.up_proj, input_major=input_major)
+    def fuse(self, input_major: bool = False, pack: bool = False) -> None:
+        fused = fuse_rows(self.gate_proj, self.up_proj, input_major=input_major, pack=pack)
         self.gate_up_weight, self.gate_up_bias = fused
-        lay_out(self.down_proj, input_major)
+        self.down_weight = lay_out(self.down_proj, input_major, pack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, hidden) -> (T, hidden)."""
         gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        down = self.down_proj
-        return linear(self.act(gate) * up, down.weight, down.bias)
+        return linear(self.act(gate) * up, self.down_weight, self.down_proj.bias)
 
 
 class LlamaBlock(nn.Module):
@@ -119,8 +120,8 @@ class LlamaBlock(nn.Module):
 
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: (T, hidden), attn_out: (T, H_q * D) -> the layer's output (T, hidden)."""
-        o_proj = self.self_attn.o_proj
-        h = h + linear(attn_out.to(h.dtype), o_proj.weight, o_proj.bias)
+        attn = self.self_attn
+        h = h + linear(attn_out.to(h.dtype), attn.o_weight, attn.o_proj.bias)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -143,28 +144,30 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head: torch.Tensor | None = None  # (vocab, hidden), set by prepare_weights
+        self.head_read: torch.Tensor | None = None  # its packed copy, where weights are packed
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
 
-    def prepare_weights(self, input_major: bool = False) -> None:
+    def prepare_weights(self, input_major: bool = False, pack: bool = False) -> None:
         """After loading (see above): fused q/k/v and gate/up, every projection and the LM head
-        laid out input-major (where that pays) or not (models/linear.py); callable again to
-        switch."""
+        laid out input-major (where that pays) or not, and read from oneDNN-packed copies or not
+        (models/linear.py); callable again to switch."""
         for block in self.blocks:
-            block.self_attn.fuse(input_major)
-            block.mlp.fuse(input_major)
+            block.self_attn.fuse(input_major, pack)
+            block.mlp.fuse(input_major, pack)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.prepare()
         tied = self.cfg.tie_word_embeddings
         head = self.model.embed_tokens if tied else self.lm_head
         self.head = head_weight(lay_out(head, input_major))
+        self.head_read = packed(self.head) if pack else None
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: (T, hidden) -> (T, vocab) float32."""
-        return head_logits(self.model.norm(h), self.head)
+        return head_logits(self.model.norm(h), self.head, self.head_read)

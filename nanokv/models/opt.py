@@ -12,7 +12,7 @@ from torch import nn
 
 from nanokv.config import ModelConfig
 from nanokv.models.kv_dtype import to_kv_dtype
-from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear
+from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear, packed
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq's padding legacy)
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -28,11 +28,12 @@ class OPTAttentionWeights(nn.Module):
         self.out_proj = nn.Linear(size, size, bias=bias)
         self.qkv_weight: torch.Tensor | None = None  # (3 hidden, hidden) once fused
         self.qkv_bias: torch.Tensor | None = None
+        self.out_weight: torch.Tensor | None = None  # what `linear` reads for out_proj
 
-    def fuse(self, input_major: bool = False) -> None:
-        fused = fuse_rows(self.q_proj, self.k_proj, self.v_proj, input_major=input_major)
+    def fuse(self, input_major: bool = False, pack: bool = False) -> None:
+        fused = fuse_rows(self.q_proj, self.k_proj, self.v_proj, input_major=input_major, pack=pack)
         self.qkv_weight, self.qkv_bias = fused
-        lay_out(self.out_proj, input_major)
+        self.out_weight = lay_out(self.out_proj, input_major, pack)
 
 
 class OPTBlock(nn.Module):
@@ -49,6 +50,7 @@ class OPTBlock(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.kv_dtype: torch.dtype | None = None  # None: the weights' (models/__init__.py)
+        self.fc_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # what `linear` reads
 
     @property
     def o_proj(self) -> nn.Linear:
@@ -64,13 +66,14 @@ class OPTBlock(nn.Module):
 
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: (T, hidden), attn_out: (T, H * D) -> the layer's output (T, hidden)."""
-        pre_norm, out_proj = self.cfg.do_layer_norm_before, self.self_attn.out_proj
-        h = h + linear(attn_out.to(h.dtype), out_proj.weight, out_proj.bias)
+        pre_norm, attn = self.cfg.do_layer_norm_before, self.self_attn
+        h = h + linear(attn_out.to(h.dtype), attn.out_weight, attn.out_proj.bias)
         if not pre_norm:
             h = self.self_attn_layer_norm(h)
         x = self.final_layer_norm(h) if pre_norm else h
-        x = self.act(linear(x, self.fc1.weight, self.fc1.bias))
-        h = h + linear(x, self.fc2.weight, self.fc2.bias)
+        fc1_weight, fc2_weight = self.fc_weights
+        x = self.act(linear(x, fc1_weight, self.fc1.bias))
+        h = h + linear(x, fc2_weight, self.fc2.bias)
         return h if pre_norm else self.final_layer_norm(h)
 
 
@@ -108,24 +111,30 @@ class OPTForCausalLM(nn.Module):
             proj_dim = cfg.word_embed_proj_dim or cfg.hidden_size
             self.lm_head = nn.Linear(proj_dim, cfg.vocab_size, bias=False)
         self.head: torch.Tensor | None = None  # (vocab, proj_dim), set by prepare_weights
+        self.head_read: torch.Tensor | None = None  # its packed copy, where weights are packed
+        self.project_out_read: torch.Tensor | None = None  # what `linear` reads for project_out
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.decoder.layers
 
-    def prepare_weights(self, input_major: bool = False) -> None:
+    def prepare_weights(self, input_major: bool = False, pack: bool = False) -> None:
         """After loading (see above): fused q/k/v, every projection and the LM head laid out
-        input-major (where that pays) or not (models/linear.py); callable again to switch."""
+        input-major (where that pays) or not, and read from oneDNN-packed copies or not
+        (models/linear.py); callable again to switch."""
         decoder = self.model.decoder
         for block in self.blocks:
-            block.self_attn.fuse(input_major)
-            lay_out(block.fc1, input_major)
-            lay_out(block.fc2, input_major)
-        for name in ("project_in", "project_out"):
-            if hasattr(decoder, name):
-                lay_out(getattr(decoder, name), input_major)
+            block.self_attn.fuse(input_major, pack)
+            block.fc_weights = (
+                lay_out(block.fc1, input_major, pack),
+                lay_out(block.fc2, input_major, pack),
+            )
+        if hasattr(decoder, "project_in"):  # project_in runs as a module in `embed`
+            lay_out(decoder.project_in, input_major)
+            self.project_out_read = lay_out(decoder.project_out, input_major, pack)
         head = decoder.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
         self.head = head_weight(lay_out(head, input_major))
+        self.head_read = packed(self.head) if pack else None
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         decoder = self.model.decoder
@@ -139,5 +148,5 @@ class OPTForCausalLM(nn.Module):
         if hasattr(decoder, "final_layer_norm"):
             h = decoder.final_layer_norm(h)
         if hasattr(decoder, "project_out"):
-            h = linear(h, decoder.project_out.weight, None)
-        return head_logits(h, self.head)
+            h = linear(h, self.project_out_read, None)
+        return head_logits(h, self.head, self.head_read)
