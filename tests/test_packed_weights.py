@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_scripts import load_bench
 from tiny_models import make_hf_model, save_checkpoint
 
 from nanokv.engine import Engine
@@ -76,6 +77,8 @@ def test_a_packed_model_decodes_as_the_dense_one(kind, tmp_path):
     for pack in (True, False):
         model.prepare_weights(False, pack)
         assert (model.head_read is not None) is pack
+        expected_layout = "onednn-packed" if pack else "output-major"
+        assert load_bench("e2e").weight_layout(model) == expected_layout  # what bench lines say
         assert all(read.is_mkldnn is pack for read in _reads(model))
         state, prefill = engine.start(PROMPTS, 4)
         results[pack] = (prefill, engine.step(state, prefill.argmax(-1)))
