@@ -78,18 +78,18 @@ def test_row_bias_is_minus_inf_off_each_heads_row_and_held_only_when_small(monke
     )
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["half-native", "half-converted"])
+@pytest.mark.parametrize("sdpa", [True, False], ids=["half-sdpa", "half-converted"])
 @pytest.mark.parametrize("held", [True, False], ids=["bias-held", "masked"])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_attention_equals_the_dense_reference(monkeypatch, dtype, window, held, native):
+def test_packed_attention_equals_the_dense_reference(monkeypatch, dtype, window, held, sdpa):
     """Two sequences, GQA 2, heads of very different lengths: the packed layer's attention over
     its flat buffers equals the dense reference over the same rows as a rectangle, twice (the
     second time with the layout's held bias, or under a mask where the bias is too large); in
-    bf16 both where half precision is native (SDPA) and where it is converted to fp32."""
+    bf16 both through SDPA (CUDA's path) and converted to fp32 (every CPU's)."""
     if not held:
         monkeypatch.setattr(head_pages_module, "ROW_BIAS_CACHED", 0)
-    monkeypatch.setattr(packed_attention_module, "half_is_native", lambda device_type: native)
+    monkeypatch.setattr(packed_attention_module, "converts_half", lambda device_type: not sdpa)
     gen = torch.Generator().manual_seed(1)
     lengths = torch.tensor([[4, 19, 1], [11, 2, 30]])
     pages = HeadPages.for_slots(lengths + torch.tensor([[2, 0, 5], [0, 3, 1]]))

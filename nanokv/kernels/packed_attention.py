@@ -9,11 +9,13 @@ admitted, no gather of the rows into a rectangle. In fp32 the logits are one add
 additive bias that is -inf off each head's row, made once for a layout (`HeadPages.row_bias`:
 the rows move only at an eviction), and the empty slots are filled with -inf (with many
 sequences, where such a bias would be as large as the logits, a boolean mask is built instead);
-half precision goes through one fused SDPA call under that mask where the device does half
-precision natively, and elsewhere (a CPU without bf16 instructions, where every half-precision
-operand is converted anyway) takes the fp32 path on the layer's K/V converted, with the held
-bias: laprox with a bf16 cache under fp32 weights went from 0.93x to 0.97x the fp32 cache's
-decode step (`bench/e2e.py --kv-dtypes`, docs/bench/e2e_kv_bf16.jsonl). Every query head pays
+half precision goes through one fused SDPA call under that mask on CUDA, and on a CPU takes
+the fp32 path on the layer's K/V converted, with the held bias (`converts_half`): without bf16
+instructions every half-precision operand is converted anyway, and laprox with a bf16 cache
+under fp32 weights went from 0.93x to 0.97x the fp32 cache's decode step (`bench/e2e.py
+--kv-dtypes`, docs/bench/e2e_kv_bf16.jsonl); with them (a Zen 5 EPYC, AVX512-BF16) the
+converted path still took 86 against 127 us for a layer of 1,300 slots and 9 query heads
+(`/tmp` microbenchmark of the two paths). Every query head pays
 the flops of every row (H_kv x B times the rectangle's), which is small where packing applies:
 a compressed cache of a few percent of the prompt. Policies that emit statistics get
 them at the next eviction, from a gathered rectangle (`Engine.settle`), as on a rectangular layer.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanokv.dtypes import half_is_native
 from nanokv.head_pages import HeadPages
 
 
@@ -58,6 +59,12 @@ def _inside_window(
     return slot_pos.unsqueeze(0) > oldest
 
 
+def converts_half(device_type: str) -> bool:
+    """Whether a half-precision packed layer attends in fp32 on its K/V converted (see the module
+    docstring): on every CPU, with or without bf16 instructions; SDPA under a mask on CUDA."""
+    return device_type == "cpu"
+
+
 def packed_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -76,7 +83,7 @@ def packed_decode_attention(
     dtype for the products)."""
     batch, q_heads, head_dim = q.shape
     group = q_heads // pages.caps.shape[1]
-    if k.dtype != torch.float32 and not half_is_native(k.device.type):
+    if k.dtype != torch.float32 and converts_half(k.device.type):
         k, v = k.float(), v.float()  # a compressed layer's few slots: cheap to convert
     rows = q.reshape(batch * q_heads, head_dim)
     rows = rows.float() if k.dtype == torch.float32 else rows  # a no-op for an fp32 model
