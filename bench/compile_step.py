@@ -56,11 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 class DenseVariants:
     """The blocks' dense methods, eager or compiled per mode, swapped in on the block class (so
-    that one compiled function serves every block)."""
+    that one compiled function serves every block). Where the loader packed the weights for
+    oneDNN (bf16 on a CPU with bf16 instructions, models/linear.py), the compiled variants read
+    the dense weights instead: inductor cannot read an opaque packed tensor."""
 
-    def __init__(self, block_class: type, modes: list[str]) -> None:
-        self.block_class = block_class
-        self.eager = {name: getattr(block_class, name) for name in DENSE_METHODS}
+    def __init__(self, model: torch.nn.Module, modes: list[str]) -> None:
+        self.model = model
+        self.block_class = type(model.blocks[0])
+        self.loader_packs = model.head_read is not None
+        self.eager = {name: getattr(self.block_class, name) for name in DENSE_METHODS}
         self.compiled = {
             mode: {
                 name: torch.compile(method, mode=mode, dynamic=False)
@@ -77,6 +81,8 @@ class DenseVariants:
         methods = self.eager if variant == "eager" else self.compiled[variant.partition(":")[2]]
         for name, method in methods.items():
             setattr(self.block_class, name, method)
+        if self.loader_packs:
+            self.model.prepare_weights(False, pack=variant == "eager")
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     llm = nanokv.LLM(args.model, dtype=args.dtype, device="cpu")
-    variants, sink = DenseVariants(type(llm.model.blocks[0]), args.modes), []
+    variants, sink = DenseVariants(llm.model, args.modes), []
     dtype = str(llm.dtype).removeprefix("torch.")
     emit({"machine": machine_info(llm.device), "dtype": dtype}, sink)
     cells = prefilled_cells(llm, args)

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from bench_scripts import assert_refuses, load_bench
 
+import nanokv
+from nanokv.models.linear import packs_weights
 from nanokv.models.llama import LlamaBlock
+
+LOADER_PACKS_BF16 = packs_weights(torch.bfloat16, torch.device("cpu"))
 
 
 def test_compile_step_bench_measures_eager_and_compiled(tiny_llama_dir, tmp_path, capsys):
@@ -45,3 +50,20 @@ def test_compile_step_bench_measures_eager_and_compiled(tiny_llama_dir, tmp_path
 def test_compile_step_bench_refuses_bad_options(capsys):
     assert_refuses("compile_step", ["--repeats", "0"], "--repeats >= 1", capsys)
     assert_refuses("compile_step", ["--modes", "fast"], "invalid choice", capsys)
+
+
+@pytest.mark.skipif(not LOADER_PACKS_BF16, reason="the loader packs no bf16 weights on this CPU")
+def test_compiled_variants_read_dense_weights_where_the_loader_packs_them(tiny_llama_dir):
+    """inductor cannot read a oneDNN-packed tensor: on a CPU where the loader packs bf16 weights,
+    a compiled variant switches the model to its dense weights and eager back to the packed."""
+    bench = load_bench("compile_step")
+    model = nanokv.LLM(str(tiny_llama_dir), dtype="bfloat16", device="cpu").model
+    variants = bench.DenseVariants(model, ["default"])
+    try:
+        assert variants.loader_packs and model.head_read is not None
+        variants.use("compile:default")
+        assert model.head_read is None and not model.blocks[0].self_attn.qkv_weight.is_mkldnn
+        variants.use("eager")
+        assert model.head_read is not None and model.blocks[0].self_attn.qkv_weight.is_mkldnn
+    finally:
+        variants.use("eager")
