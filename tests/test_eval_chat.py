@@ -51,9 +51,11 @@ def test_the_script_is_ten_turns_fact_first_question_last(tiny_tokenizer):
         assert len(set(tasks)) == 8 and set(tasks) <= set(FILLER_TASKS)
         passages = [turn.split("\n\n", 1)[1] for turn in fillers]
         assert len(set(passages)) == 8 and all(count(p) >= 16 for p in passages)
-        # each passage ends at a word boundary, a few tokens short of its share; the prose
-        # stream includes the installed distributions' texts, so which words end them varies
-        assert abs(sum(count(turn) for turn in case.turns) - LENGTH) <= 8 * 6
+        # each passage ends at a word boundary, short of its share by less than a word; the
+        # prose stream includes the installed distributions' texts, whose words can be long
+        # (a URL, a rule of dashes: 21 tokens short in one passage of seed 2 with torch 2.13's
+        # license files), so the whole is bounded, not each passage
+        assert 0.9 * LENGTH <= sum(count(turn) for turn in case.turns) <= LENGTH
         assert case.sources  # where the passages came from
         assert case.fact_turn == 0
     assert len({case.value for case in cases}) == 3

@@ -143,7 +143,9 @@ def test_a_conversation_trails_each_tokens_information_by_position(tiny_llama_di
     """Turns (chunks), answers (decode steps) and the pending last answer token: with nothing
     evicted, the trail is the dense per-token loss of the conversation's tokens."""
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    llm = nanokv.LLM(tiny_llama_dir, policy="laprox", budget=1.0, information=True)
+    llm = nanokv.LLM(  # fp32 as the reference: `auto` is bf16 on a CPU with bf16 instructions
+        tiny_llama_dir, dtype="float32", policy="laprox", budget=1.0, information=True
+    )
     conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=5, ignore_eos=True))
     conversation.send("the quick brown fox")
     conversation.send("jumps over the lazy dog")
@@ -170,8 +172,9 @@ def test_a_conversation_recompresses_on_score_times_information(tiny_llama_dir, 
     monkeypatch.setattr(Engine, "probe_arena", probe_spy)
     monkeypatch.setattr(EvictionStage, "reselect", reselect_spy)
     llm = nanokv.LLM(
-        tiny_llama_dir, policy="laprox", budget=0.3, min_cache=0, information=True, sentences=0
-    )
+        tiny_llama_dir, dtype="float32", policy="laprox", budget=0.3, min_cache=0,
+        information=True, sentences=0,
+    )  # fmt: skip
     conversation = llm.conversation(nanokv.SamplingParams(max_new_tokens=4, ignore_eos=True))
     conversation.send(DOC)
     ((scores, positions),), (ranked,) = probed, selected
