@@ -256,10 +256,16 @@ def weight_layout(model: torch.nn.Module) -> str:
 
 def nanokv_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of nanokv's weights a decode step reads: every parameter but the embedding tables
-    (a row a token) and the checkpoint's LM head, plus the head as held (`model.head`)."""
+    (a row a token) and the checkpoint's LM head, plus the weights held only packed, plus the
+    head as held (`model.head`)."""
     skipped = ("embed_tokens.weight", "embed_positions.weight", "lm_head.weight")
     read = sum(p.nbytes for name, p in model.named_parameters() if not name.endswith(skipped))
-    return read + model.head.nbytes
+    released = sum(  # held only as oneDNN-packed copies (models/linear.py), as many bytes
+        m.in_features * m.out_features * model.head.element_size()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m.weight is None
+    )
+    return read + released + model.head.nbytes
 
 
 def nanokv_kv_bytes(state: object, cfg: object, steps: int) -> int:

@@ -65,25 +65,49 @@ def _reads(model: torch.nn.Module) -> list[torch.Tensor]:
 @needs_onednn_bf16
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "opt", "opt-post-ln"])
 def test_a_packed_model_decodes_as_the_dense_one(kind, tmp_path):
-    """prepare_weights(pack=True) then (pack=False): every read switches to a packed copy and
-    back, the parameters stay the checkpoint's, and prefill and decode logits agree with the
-    dense bf16 model's up to bf16 rounding (one row goes through another GEMV kernel)."""
+    """prepare_weights(pack=True), (pack=False), (pack=True): every read switches to a packed
+    copy and back; packed, the weights only `linear` reads are held once (no dense parameter),
+    and switching back restores the checkpoint's values; prefill and decode logits agree with
+    the dense bf16 model's up to bf16 rounding (one row goes through another GEMV kernel)."""
     path = save_checkpoint(make_hf_model(kind), tmp_path)
     cfg = load_config(path)
     model = load_model(path, cfg, torch.bfloat16, torch.device("cpu"))
+    model.prepare_weights(False, False)
     original = {name: p.clone() for name, p in model.named_parameters()}
+    dense_bytes = sum(p.nbytes for p in original.values())
     engine = Engine(model, cfg, make_policy("full"), prefill_chunk=5)
+    e2e = load_bench("e2e")
     results = {}
-    for pack in (True, False):
+    for pack in (True, False, True):
         model.prepare_weights(False, pack)
         assert (model.head_read is not None) is pack
-        expected_layout = "onednn-packed" if pack else "output-major"
-        assert load_bench("e2e").weight_layout(model) == expected_layout  # what bench lines say
         assert all(read.is_mkldnn is pack for read in _reads(model))
+        assert e2e.weight_layout(model) == ("onednn-packed" if pack else "output-major")
+        held = dict(model.named_parameters())
+        assert set(held) < set(original) if pack else set(held) == set(original)
+        assert all(torch.equal(held[name], original[name]) for name in held)
+        if pack:
+            assert sum(p.nbytes for p in held.values()) < dense_bytes
         state, prefill = engine.start(PROMPTS, 4)
         results[pack] = (prefill, engine.step(state, prefill.argmax(-1)))
-        for name, parameter in model.named_parameters():
-            assert torch.equal(parameter, original[name]), name
     for packed_logits, dense_logits in zip(results[True], results[False], strict=True):
         scale = dense_logits.abs().max()
         assert (packed_logits - dense_logits).abs().max() < 0.02 * scale
+
+
+@needs_onednn_bf16
+def test_the_bytes_a_step_reads_are_counted_alike_packed_or_not(tiny_llama_dir):
+    cfg = load_config(tiny_llama_dir)
+    model = load_model(tiny_llama_dir, cfg, torch.bfloat16, torch.device("cpu"))
+    e2e = load_bench("e2e")
+    model.prepare_weights(False, True)
+    packed_bytes = e2e.nanokv_weight_bytes(model)
+    model.prepare_weights(False, False)
+    assert e2e.nanokv_weight_bytes(model) == packed_bytes
+
+
+def test_a_released_weight_without_its_packed_copy_is_refused():
+    layer = torch.nn.Linear(4, 4)
+    layer.weight = None
+    with pytest.raises(ValueError, match="needs the packed copy"):
+        linear.lay_out(layer, False)

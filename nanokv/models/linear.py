@@ -17,9 +17,12 @@ Three things keep those reads few, large and exact where it matters:
   AVX512-BF16, one thread) the weights of a SmolLM2-135M step read in 10.2 ms against 18.2 with
   `F.linear` and 37.9 with `torch.mv` on the dense weights (`/tmp` microbenchmark of the step's
   shapes), and a decode step at 512 tokens took 20.5 against 52.9 ms (`bench/e2e.py`). Its
-  products are bit for bit `F.linear`'s on the dense weights (tests/test_packed_weights.py). The
-  dense weights stay the model's parameters (checkpoint names, value norms, embedding rows, the
-  refined logits), so the packed copies are a second copy of the weights a step reads.
+  products are bit for bit `F.linear`'s on the dense weights (tests/test_packed_weights.py).
+  A weight that something else reads stays a dense parameter too (the output projection: value
+  norms; the LM head: embedding rows and the refined logits); those only `linear` reads (q/k/v,
+  gate/up, down; OPT's fc1, fc2, project_out) are held packed alone, their parameters None
+  (`fuse_rows`, `lay_out`), and a later `prepare_weights` takes them back from the packed
+  copies.
 - On AMD CPUs fp32 weights are stored input-major: each weight keeps its (out, in) shape and
   names, as a transposed view of an (in, out) tensor, so `F.linear` hands MKL the product
   `x @ W_t`. MKL's fp32 GEMV of one row reads an (out, in) weight markedly slower there: on a
@@ -46,6 +49,8 @@ Three things keep those reads few, large and exact where it matters:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -134,33 +139,62 @@ def is_input_major(weight: torch.Tensor) -> bool:
 
 
 def fuse_rows(
-    *layers: nn.Linear, input_major: bool = False, pack: bool = False
+    *layers: nn.Linear,
+    input_major: bool = False,
+    pack: bool = False,
+    packed_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (sum of out, in) weight (and bias) for `layers` that share an input, held
     input-major (where that pays) or not (`laid_out`); each layer's parameters are rebound as
-    views of the fused tensors, so nothing is held twice but a packed copy (`pack`), which is
-    what is returned then. Called again, it re-lays the same values out."""
-    weight = torch.cat([layer.weight for layer in layers])
+    views of the fused tensors, so nothing is held twice. With `pack`, what is returned is the
+    packed copy and the layers' dense weights are released (their `weight` is None): `linear`
+    reads only the copy. Called again it re-lays the same values out, taking them back from
+    `packed_before` (the copy an earlier call returned) where they were released."""
+    weight = _dense(torch.cat, [layer.weight for layer in layers], packed_before)
     weight = laid_out(weight, input_major and pays_input_major(weight))
     biases = [layer.bias for layer in layers]
     bias = None if biases[0] is None else torch.cat(biases)
     start = 0
     for layer in layers:
         rows = slice(start, start + layer.out_features)
-        layer.weight = nn.Parameter(weight[rows], requires_grad=False)
+        layer.weight = None if pack else nn.Parameter(weight[rows], requires_grad=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias[rows], requires_grad=False)
         start = rows.stop
     return read_copy(weight, pack), bias
 
 
-def lay_out(module: nn.Module, input_major: bool, pack: bool = False) -> torch.Tensor:
+def lay_out(
+    module: nn.Module,
+    input_major: bool,
+    pack: bool = False,
+    keep_dense: bool = True,
+    packed_before: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Re-lays the weight of a Linear or Embedding module out (`laid_out`; input-major only
-    where that pays), in place; returns what `linear` reads for it (`read_copy`). An embedding
-    laid out input-major still looks up rows (strided, one row a token)."""
-    input_major = input_major and pays_input_major(module.weight)
-    module.weight = nn.Parameter(laid_out(module.weight, input_major), requires_grad=False)
-    return read_copy(module.weight, pack)
+    where that pays), in place; returns what `linear` reads for it (`read_copy`). With `pack`
+    and not `keep_dense` (a weight nothing but `linear` reads), the module's dense weight is
+    released, to be taken back from `packed_before` by a later call, as in `fuse_rows`. An
+    embedding laid out input-major still looks up rows (strided, one row a token)."""
+    weight = _dense(lambda ws: ws[0], [module.weight], packed_before)
+    weight = laid_out(weight, input_major and pays_input_major(weight))
+    dense = nn.Parameter(weight, requires_grad=False)
+    module.weight = None if pack and not keep_dense else dense
+    return read_copy(dense, pack)
+
+
+def _dense(
+    join: Callable[[list[torch.Tensor]], torch.Tensor],
+    weights: list[torch.Tensor | None],
+    packed_before: torch.Tensor | None,
+) -> torch.Tensor:
+    """The dense values of `weights` joined, or, where they were released, of their packed copy
+    (oneDNN's `to_dense` gives back the values it packed, bit for bit)."""
+    if all(weight is not None for weight in weights):
+        return join(weights)
+    if packed_before is None or not packed_before.is_mkldnn:
+        raise ValueError("a released weight needs the packed copy it was released for")
+    return packed_before.to_dense()
 
 
 REFINED_LOGITS = 64  # logits a row recomputes exactly in fp32 under a half-precision head

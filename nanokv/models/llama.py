@@ -59,9 +59,12 @@ class LlamaAttentionWeights(nn.Module):
         self.o_weight: torch.Tensor | None = None  # what `linear` reads for o_proj
 
     def fuse(self, input_major: bool = False, pack: bool = False) -> None:
-        fused = fuse_rows(self.q_proj, self.k_proj, self.v_proj, input_major=input_major, pack=pack)
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        fused = fuse_rows(
+            *layers, input_major=input_major, pack=pack, packed_before=self.qkv_weight
+        )
         self.qkv_weight, self.qkv_bias = fused
-        self.o_weight = lay_out(self.o_proj, input_major, pack)
+        self.o_weight = lay_out(self.o_proj, input_major, pack)  # dense kept: value norms
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, hidden) -> qk (T, (H_q + H_kv) D), v (T, H_kv D): views of one GEMV's output,
@@ -82,9 +85,12 @@ class LlamaMLP(nn.Module):
         self.down_weight: torch.Tensor | None = None  # what `linear` reads for down_proj
 
     def fuse(self, input_major: bool = False, pack: bool = False) -> None:
-        fused = fuse_rows(self.gate_proj, self.up_proj, input_major=input_major, pack=pack)
+        layers, before = (self.gate_proj, self.up_proj), self.gate_up_weight
+        fused = fuse_rows(*layers, input_major=input_major, pack=pack, packed_before=before)
         self.gate_up_weight, self.gate_up_bias = fused
-        self.down_weight = lay_out(self.down_proj, input_major, pack)
+        self.down_weight = lay_out(
+            self.down_proj, input_major, pack, keep_dense=False, packed_before=self.down_weight
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, hidden) -> (T, hidden)."""

@@ -31,9 +31,12 @@ class OPTAttentionWeights(nn.Module):
         self.out_weight: torch.Tensor | None = None  # what `linear` reads for out_proj
 
     def fuse(self, input_major: bool = False, pack: bool = False) -> None:
-        fused = fuse_rows(self.q_proj, self.k_proj, self.v_proj, input_major=input_major, pack=pack)
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        fused = fuse_rows(
+            *layers, input_major=input_major, pack=pack, packed_before=self.qkv_weight
+        )
         self.qkv_weight, self.qkv_bias = fused
-        self.out_weight = lay_out(self.out_proj, input_major, pack)
+        self.out_weight = lay_out(self.out_proj, input_major, pack)  # dense kept: value norms
 
 
 class OPTBlock(nn.Module):
@@ -125,13 +128,17 @@ class OPTForCausalLM(nn.Module):
         decoder = self.model.decoder
         for block in self.blocks:
             block.self_attn.fuse(input_major, pack)
-            block.fc_weights = (
-                lay_out(block.fc1, input_major, pack),
-                lay_out(block.fc2, input_major, pack),
+            before = block.fc_weights or (None, None)
+            block.fc_weights = tuple(
+                lay_out(fc, input_major, pack, keep_dense=False, packed_before=packed_fc)
+                for fc, packed_fc in zip((block.fc1, block.fc2), before, strict=True)
             )
         if hasattr(decoder, "project_in"):  # project_in runs as a module in `embed`
             lay_out(decoder.project_in, input_major)
-            self.project_out_read = lay_out(decoder.project_out, input_major, pack)
+            self.project_out_read = lay_out(
+                decoder.project_out, input_major, pack, keep_dense=False,
+                packed_before=self.project_out_read,
+            )  # fmt: skip
         head = decoder.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
         self.head = head_weight(lay_out(head, input_major))
         self.head_read = packed(self.head) if pack else None
