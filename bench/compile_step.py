@@ -38,6 +38,7 @@ from e2e import emit, machine_info
 from weight_layout import Cell, add_cell_options, check_cell_options, decode, prefilled_cells
 
 import nanokv
+from nanokv.models.linear import WeightLayout
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 DENSE_METHODS = ("qkv", "finish")  # a block's work before and after its attention
@@ -63,7 +64,7 @@ class DenseVariants:
     def __init__(self, model: torch.nn.Module, modes: list[str]) -> None:
         self.model = model
         self.block_class = type(model.blocks[0])
-        self.loader_packs = model.head_read is not None
+        self.loaded = model.layout  # the loader's
         self.eager = {name: getattr(self.block_class, name) for name in DENSE_METHODS}
         self.compiled = {
             mode: {
@@ -81,8 +82,9 @@ class DenseVariants:
         methods = self.eager if variant == "eager" else self.compiled[variant.partition(":")[2]]
         for name, method in methods.items():
             setattr(self.block_class, name, method)
-        if self.loader_packs:
-            self.model.prepare_weights(False, pack=variant == "eager")
+        if self.loaded.pack:
+            dense = WeightLayout(input_major=self.loaded.input_major)
+            self.model.prepare_weights(self.loaded if variant == "eager" else dense)
 
 
 def timed(run: Callable[[], object]) -> float:

@@ -66,7 +66,6 @@ import nanokv
 from nanokv.arena import KVArena
 from nanokv.dtypes import dtype_label, resolve_dtype, resolve_kv_dtype
 from nanokv.kernels.decode_attention import triton_available
-from nanokv.models.linear import is_input_major
 
 ENGINES = ("nanokv", "transformers")
 POLICY_CELLS = (
@@ -244,14 +243,6 @@ def stdlib_token_stream(encode: Callable[[str], list[int]], count: int, seed: in
 
 
 # ------------------------------------------------------------------------------ bytes a token
-
-
-def weight_layout(model: torch.nn.Module) -> str:
-    """How nanokv's projections are read (models/linear.py): oneDNN-packed copies, or the
-    weights input-major or output-major."""
-    if model.head_read is not None:
-        return "onednn-packed"
-    return "input-major" if is_input_major(model.head) else "output-major"
 
 
 def nanokv_weight_bytes(model: torch.nn.Module) -> int:
@@ -528,7 +519,7 @@ def engine_info(llm: nanokv.LLM, hf: HFRunner | None) -> dict:
         "nanokv_prefill_chunk": llm.engine.prefill_chunk,
         "nanokv_kv_dtype": str(llm.kv_dtype).removeprefix("torch."),
         "nanokv_decode_attention": "triton split-K" if cuda_kernel else "torch path",
-        "nanokv_weight_layout": weight_layout(llm.model),
+        "nanokv_weight_layout": llm.model.layout.name,
     }
     if hf is not None:
         import transformers

@@ -37,21 +37,27 @@ from e2e import copy_bandwidth_gb_s, emit, machine_info, stdlib_token_stream
 from torch import nn
 
 import nanokv
-from nanokv.models.linear import cpu_vendor, input_major_default, is_input_major, laid_out
+from nanokv.models.linear import (
+    WeightLayout,
+    cpu_vendor,
+    input_major_default,
+    is_input_major,
+    laid_out,
+)
 
 
 def every_weight_input_major(model: nn.Module) -> None:
     """The loader's input-major layout, then the projections it keeps output-major (narrow
     ones, unfused) re-laid input-major too, in place."""
-    model.prepare_weights(True)
+    model.prepare_weights(WeightLayout(input_major=True))
     for module in model.modules():
         if isinstance(module, nn.Linear) and not is_input_major(module.weight):
             module.weight = nn.Parameter(laid_out(module.weight, True), requires_grad=False)
 
 
 LAYOUTS = {
-    "output-major": lambda model: model.prepare_weights(False),
-    "input-major": lambda model: model.prepare_weights(True),
+    "output-major": lambda model: model.prepare_weights(WeightLayout()),
+    "input-major": lambda model: model.prepare_weights(WeightLayout(input_major=True)),
     "input-major-all": every_weight_input_major,
 }
 
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
         for line in gemv_lines(model):
             emit(line, sink)
-    model.prepare_weights(default)
+    model.prepare_weights(WeightLayout(input_major=default))
     assert is_input_major(model.head) is default
     summary = {"bench": "weight_layout-summary", "copy_gb_s": round(max(bandwidths), 2)}
     for cell in cells:

@@ -18,7 +18,7 @@ from torch import nn
 
 from nanokv.config import ConfigError, ModelConfig
 from nanokv.models import build_model
-from nanokv.models.linear import input_major_default, packs_weights
+from nanokv.models.linear import WeightLayout
 from nanokv.models.rope import Rotary
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -141,7 +141,7 @@ def load_model(
         for name, tensor in _read_tensors(file, names).items():
             state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True)
-    model.prepare_weights(input_major_default(dtype, device), packs_weights(dtype, device))
+    model.prepare_weights(WeightLayout.for_machine(dtype, device))
     for module in model.modules():
         if isinstance(module, Rotary):
             module.materialize(device)

@@ -60,7 +60,7 @@ def test_compiled_variants_read_dense_weights_where_the_loader_packs_them(tiny_l
     model = nanokv.LLM(str(tiny_llama_dir), dtype="bfloat16", device="cpu").model
     variants = bench.DenseVariants(model, ["default"])
     try:
-        assert variants.loader_packs and model.head_read is not None
+        assert variants.loaded.pack and model.head_read is not None
         variants.use("compile:default")
         assert model.head_read is None and not model.blocks[0].self_attn.qkv_weight.is_mkldnn
         variants.use("eager")

@@ -9,6 +9,7 @@ from tiny_models import CONFIGS, make_hf_model, save_checkpoint
 from nanokv.arena import KVArena
 from nanokv.engine import Engine
 from nanokv.loader import load_config, load_model
+from nanokv.models.linear import WeightLayout
 from nanokv.policies import make_policy
 
 PROMPTS = [[5, 17, 88, 130, 9, 44, 250, 31, 7, 66, 12, 99, 143, 8, 201, 77, 3, 45, 60], [11, 42, 7]]
@@ -22,7 +23,7 @@ def _engine(path, prefill_chunk=5, input_major: bool | None = None) -> Engine:
     cfg = load_config(path)
     model = load_model(path, cfg, torch.float32, torch.device("cpu"))
     if input_major is not None:
-        model.prepare_weights(input_major)
+        model.prepare_weights(WeightLayout(input_major=input_major))
     return Engine(model, cfg, make_policy("full"), prefill_chunk=prefill_chunk)
 
 

@@ -36,6 +36,8 @@ def test_weights_are_packed_only_for_bf16_where_the_cpu_and_onednn_do_bf16(
     monkeypatch.setattr(linear, "half_is_native", lambda device_type: native)
     monkeypatch.setattr(linear, "onednn_does_bf16", lambda: onednn)
     assert linear.packs_weights(dtype, torch.device(device)) is expected
+    layout = linear.WeightLayout.for_machine(dtype, torch.device(device))
+    assert layout.pack is expected and (layout.name == "onednn-packed") is expected
 
 
 @needs_onednn_bf16
@@ -65,24 +67,23 @@ def _reads(model: torch.nn.Module) -> list[torch.Tensor]:
 @needs_onednn_bf16
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "opt", "opt-post-ln"])
 def test_a_packed_model_decodes_as_the_dense_one(kind, tmp_path):
-    """prepare_weights(pack=True), (pack=False), (pack=True): every read switches to a packed
+    """prepare_weights packed, then not, then packed: every read switches to a packed
     copy and back; packed, the weights only `linear` reads are held once (no dense parameter),
     and switching back restores the checkpoint's values; prefill and decode logits agree with
     the dense bf16 model's up to bf16 rounding (one row goes through another GEMV kernel)."""
     path = save_checkpoint(make_hf_model(kind), tmp_path)
     cfg = load_config(path)
     model = load_model(path, cfg, torch.bfloat16, torch.device("cpu"))
-    model.prepare_weights(False, False)
+    model.prepare_weights(linear.WeightLayout())
     original = {name: p.clone() for name, p in model.named_parameters()}
     dense_bytes = sum(p.nbytes for p in original.values())
     engine = Engine(model, cfg, make_policy("full"), prefill_chunk=5)
-    e2e = load_bench("e2e")
     results = {}
     for pack in (True, False, True):
-        model.prepare_weights(False, pack)
+        model.prepare_weights(linear.WeightLayout(pack=pack))
         assert (model.head_read is not None) is pack
         assert all(read.is_mkldnn is pack for read in _reads(model))
-        assert e2e.weight_layout(model) == ("onednn-packed" if pack else "output-major")
+        assert model.layout.name == ("onednn-packed" if pack else "output-major")
         held = dict(model.named_parameters())
         assert set(held) < set(original) if pack else set(held) == set(original)
         assert all(torch.equal(held[name], original[name]) for name in held)
@@ -100,9 +101,9 @@ def test_the_bytes_a_step_reads_are_counted_alike_packed_or_not(tiny_llama_dir):
     cfg = load_config(tiny_llama_dir)
     model = load_model(tiny_llama_dir, cfg, torch.bfloat16, torch.device("cpu"))
     e2e = load_bench("e2e")
-    model.prepare_weights(False, True)
+    model.prepare_weights(linear.WeightLayout(pack=True))
     packed_bytes = e2e.nanokv_weight_bytes(model)
-    model.prepare_weights(False, False)
+    model.prepare_weights(linear.WeightLayout())
     assert e2e.nanokv_weight_bytes(model) == packed_bytes
 
 

@@ -61,9 +61,10 @@ def test_only_weights_with_as_many_outputs_as_inputs_are_laid_out_input_major():
     assert not linear.pays_input_major(torch.empty(576, 1536))
     down = nn.Linear(16, 8)
     up = nn.Linear(8, 16)
-    assert not linear.is_input_major(linear.lay_out(down, True))
-    assert linear.is_input_major(linear.lay_out(up, True))
-    weight, _ = linear.fuse_rows(nn.Linear(8, 4), nn.Linear(8, 4), input_major=True)
+    input_major = linear.WeightLayout(input_major=True)
+    assert not linear.is_input_major(linear.lay_out(down, input_major))
+    assert linear.is_input_major(linear.lay_out(up, input_major))
+    weight, _ = linear.fuse_rows(nn.Linear(8, 4), nn.Linear(8, 4), layout=input_major)
     assert linear.is_input_major(weight) and weight.shape == (8, 8)
 
 
@@ -72,17 +73,17 @@ step_weights = load_bench("weight_layout").step_weights
 
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "opt", "opt-post-ln"])
 def test_switching_the_layout_keeps_every_weight_and_holds_each_once(kind, tmp_path):
-    """prepare_weights(True) then (False): every projection with at least as many outputs as
-    inputs, and the head, change layout (the others stay output-major), hold the checkpoint's
-    values, remain views of the fused tensors, and the model holds no more bytes than its
-    parameters (nothing is kept twice)."""
+    """Input-major, output-major, input-major again: every projection with at least as many
+    outputs as inputs, and the head, change layout (the others stay output-major), hold the
+    checkpoint's values, remain views of the fused tensors, and the model holds no more bytes
+    than its parameters (nothing is kept twice)."""
     path = save_checkpoint(make_hf_model(kind), tmp_path)
     cfg = load_config(path)
     model = load_model(path, cfg, torch.float32, torch.device("cpu"))
     original = {name: p.clone() for name, p in model.named_parameters()}
     size = sum(p.numel() * p.element_size() for p in original.values())
     for input_major in (True, False, True):
-        model.prepare_weights(input_major)
+        model.prepare_weights(linear.WeightLayout(input_major=input_major))
         read = step_weights(model)  # the fused projections and the head
         for weight in read:
             wide = weight.shape[0] >= weight.shape[1]

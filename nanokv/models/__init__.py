@@ -7,10 +7,11 @@
   the KV cache run in (`set_kv_dtype`; default: the weights' dtype). `finish` takes the
   attention output in any dtype back to the hidden states'.
 - `logits(h) -> (T, vocab) float32`
-- `prepare_weights(input_major, pack)`: run once after loading (the loader does): concatenates
-  the weights that read the same input, lays every projection out for the machine's GEMV (or
-  packs it for oneDNN: bf16 on a CPU with bf16 instructions) and sets the LM head `logits`
-  reads; the forward methods read those (models/linear.py)
+- `prepare_weights(layout)`: run once after loading (the loader does, with
+  `WeightLayout.for_machine`): concatenates the weights that read the same input, lays every
+  projection out for the machine's GEMV (or packs it for oneDNN: bf16 on a CPU with bf16
+  instructions) and sets the LM head `logits` reads; the forward methods read those, and
+  `layout` says which (models/linear.py)
 
 Rows are tokens: a prefill chunk of one sequence, or one token of each sequence in decode.
 """

@@ -51,6 +51,7 @@ Three things keep those reads few, large and exact where it matters:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,32 @@ from torch import nn
 from nanokv.dtypes import half_is_native
 
 HALF = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """How `prepare_weights` holds the weights a step reads (see the module docstring):
+    input-major where that pays, and/or read from oneDNN-packed copies; the default is the
+    checkpoint's layout, read as it is."""
+
+    input_major: bool = False
+    pack: bool = False
+
+    @classmethod
+    def for_machine(cls, dtype: torch.dtype, device: torch.device) -> WeightLayout:
+        """The loader's choice: input-major for fp32 on an AMD CPU, packed for bf16 on a CPU
+        with bf16 instructions (`input_major_default`, `packs_weights`)."""
+        return cls(input_major_default(dtype, device), packs_weights(dtype, device))
+
+    @property
+    def name(self) -> str:
+        """How results name it: 'onednn-packed', 'input-major' or 'output-major'."""
+        if self.pack:
+            return "onednn-packed"
+        return "input-major" if self.input_major else "output-major"
+
+
+AS_LOADED = WeightLayout()  # the checkpoint's layout, read as it is
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -140,47 +167,46 @@ def is_input_major(weight: torch.Tensor) -> bool:
 
 def fuse_rows(
     *layers: nn.Linear,
-    input_major: bool = False,
-    pack: bool = False,
+    layout: WeightLayout = AS_LOADED,
     packed_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (sum of out, in) weight (and bias) for `layers` that share an input, held
     input-major (where that pays) or not (`laid_out`); each layer's parameters are rebound as
-    views of the fused tensors, so nothing is held twice. With `pack`, what is returned is the
-    packed copy and the layers' dense weights are released (their `weight` is None): `linear`
-    reads only the copy. Called again it re-lays the same values out, taking them back from
-    `packed_before` (the copy an earlier call returned) where they were released."""
+    views of the fused tensors, so nothing is held twice. Packed (`layout.pack`), what is
+    returned is the packed copy and the layers' dense weights are released (their `weight` is
+    None): `linear` reads only the copy. Called again it re-lays the same values out, taking
+    them back from `packed_before` (the copy an earlier call returned) where they were
+    released."""
     weight = _dense(torch.cat, [layer.weight for layer in layers], packed_before)
-    weight = laid_out(weight, input_major and pays_input_major(weight))
+    weight = laid_out(weight, layout.input_major and pays_input_major(weight))
     biases = [layer.bias for layer in layers]
     bias = None if biases[0] is None else torch.cat(biases)
     start = 0
     for layer in layers:
         rows = slice(start, start + layer.out_features)
-        layer.weight = None if pack else nn.Parameter(weight[rows], requires_grad=False)
+        layer.weight = None if layout.pack else nn.Parameter(weight[rows], requires_grad=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias[rows], requires_grad=False)
         start = rows.stop
-    return read_copy(weight, pack), bias
+    return read_copy(weight, layout.pack), bias
 
 
 def lay_out(
     module: nn.Module,
-    input_major: bool,
-    pack: bool = False,
+    layout: WeightLayout = AS_LOADED,
     keep_dense: bool = True,
     packed_before: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Re-lays the weight of a Linear or Embedding module out (`laid_out`; input-major only
-    where that pays), in place; returns what `linear` reads for it (`read_copy`). With `pack`
-    and not `keep_dense` (a weight nothing but `linear` reads), the module's dense weight is
+    where that pays), in place; returns what `linear` reads for it (`read_copy`). Packed and
+    not `keep_dense` (a weight nothing but `linear` reads), the module's dense weight is
     released, to be taken back from `packed_before` by a later call, as in `fuse_rows`. An
     embedding laid out input-major still looks up rows (strided, one row a token)."""
     weight = _dense(lambda ws: ws[0], [module.weight], packed_before)
-    weight = laid_out(weight, input_major and pays_input_major(weight))
+    weight = laid_out(weight, layout.input_major and pays_input_major(weight))
     dense = nn.Parameter(weight, requires_grad=False)
-    module.weight = None if pack and not keep_dense else dense
-    return read_copy(dense, pack)
+    module.weight = None if layout.pack and not keep_dense else dense
+    return read_copy(dense, layout.pack)
 
 
 def _dense(

@@ -15,7 +15,16 @@ from torch import nn
 
 from nanokv.config import ModelConfig
 from nanokv.models.kv_dtype import to_kv_dtype
-from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear, packed
+from nanokv.models.linear import (
+    AS_LOADED,
+    WeightLayout,
+    fuse_rows,
+    head_logits,
+    head_weight,
+    lay_out,
+    linear,
+    packed,
+)
 from nanokv.models.rope import Rotary
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, "tanh")}
@@ -58,13 +67,11 @@ class LlamaAttentionWeights(nn.Module):
         self.qkv_bias: torch.Tensor | None = None
         self.o_weight: torch.Tensor | None = None  # what `linear` reads for o_proj
 
-    def fuse(self, input_major: bool = False, pack: bool = False) -> None:
+    def fuse(self, layout: WeightLayout) -> None:
         layers = (self.q_proj, self.k_proj, self.v_proj)
-        fused = fuse_rows(
-            *layers, input_major=input_major, pack=pack, packed_before=self.qkv_weight
-        )
+        fused = fuse_rows(*layers, layout=layout, packed_before=self.qkv_weight)
         self.qkv_weight, self.qkv_bias = fused
-        self.o_weight = lay_out(self.o_proj, input_major, pack)  # dense kept: value norms
+        self.o_weight = lay_out(self.o_proj, layout)  # dense kept: value norms
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, hidden) -> qk (T, (H_q + H_kv) D), v (T, H_kv D): views of one GEMV's output,
@@ -84,12 +91,12 @@ class LlamaMLP(nn.Module):
         self.gate_up_bias: torch.Tensor | None = None
         self.down_weight: torch.Tensor | None = None  # what `linear` reads for down_proj
 
-    def fuse(self, input_major: bool = False, pack: bool = False) -> None:
-        layers, before = (self.gate_proj, self.up_proj), self.gate_up_weight
-        fused = fuse_rows(*layers, input_major=input_major, pack=pack, packed_before=before)
+    def fuse(self, layout: WeightLayout) -> None:
+        layers = (self.gate_proj, self.up_proj)
+        fused = fuse_rows(*layers, layout=layout, packed_before=self.gate_up_weight)
         self.gate_up_weight, self.gate_up_bias = fused
         self.down_weight = lay_out(
-            self.down_proj, input_major, pack, keep_dense=False, packed_before=self.down_weight
+            self.down_proj, layout, keep_dense=False, packed_before=self.down_weight
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,25 +158,27 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head: torch.Tensor | None = None  # (vocab, hidden), set by prepare_weights
         self.head_read: torch.Tensor | None = None  # its packed copy, where weights are packed
+        self.layout = AS_LOADED  # set by prepare_weights
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
 
-    def prepare_weights(self, input_major: bool = False, pack: bool = False) -> None:
+    def prepare_weights(self, layout: WeightLayout = AS_LOADED) -> None:
         """After loading (see above): fused q/k/v and gate/up, every projection and the LM head
-        laid out input-major (where that pays) or not, and read from oneDNN-packed copies or not
-        (models/linear.py); callable again to switch."""
+        in `layout` (input-major where that pays or not, read from oneDNN-packed copies or not;
+        models/linear.py); callable again to switch."""
         for block in self.blocks:
-            block.self_attn.fuse(input_major, pack)
-            block.mlp.fuse(input_major, pack)
+            block.self_attn.fuse(layout)
+            block.mlp.fuse(layout)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.prepare()
         tied = self.cfg.tie_word_embeddings
         head = self.model.embed_tokens if tied else self.lm_head
-        self.head = head_weight(lay_out(head, input_major))
-        self.head_read = packed(self.head) if pack else None
+        self.head = head_weight(lay_out(head, WeightLayout(input_major=layout.input_major)))
+        self.head_read = packed(self.head) if layout.pack else None
+        self.layout = layout
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

@@ -12,7 +12,16 @@ from torch import nn
 
 from nanokv.config import ModelConfig
 from nanokv.models.kv_dtype import to_kv_dtype
-from nanokv.models.linear import fuse_rows, head_logits, head_weight, lay_out, linear, packed
+from nanokv.models.linear import (
+    AS_LOADED,
+    WeightLayout,
+    fuse_rows,
+    head_logits,
+    head_weight,
+    lay_out,
+    linear,
+    packed,
+)
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq's padding legacy)
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -30,13 +39,11 @@ class OPTAttentionWeights(nn.Module):
         self.qkv_bias: torch.Tensor | None = None
         self.out_weight: torch.Tensor | None = None  # what `linear` reads for out_proj
 
-    def fuse(self, input_major: bool = False, pack: bool = False) -> None:
+    def fuse(self, layout: WeightLayout) -> None:
         layers = (self.q_proj, self.k_proj, self.v_proj)
-        fused = fuse_rows(
-            *layers, input_major=input_major, pack=pack, packed_before=self.qkv_weight
-        )
+        fused = fuse_rows(*layers, layout=layout, packed_before=self.qkv_weight)
         self.qkv_weight, self.qkv_bias = fused
-        self.out_weight = lay_out(self.out_proj, input_major, pack)  # dense kept: value norms
+        self.out_weight = lay_out(self.out_proj, layout)  # dense kept: value norms
 
 
 class OPTBlock(nn.Module):
@@ -116,32 +123,33 @@ class OPTForCausalLM(nn.Module):
         self.head: torch.Tensor | None = None  # (vocab, proj_dim), set by prepare_weights
         self.head_read: torch.Tensor | None = None  # its packed copy, where weights are packed
         self.project_out_read: torch.Tensor | None = None  # what `linear` reads for project_out
+        self.layout = AS_LOADED  # set by prepare_weights
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.decoder.layers
 
-    def prepare_weights(self, input_major: bool = False, pack: bool = False) -> None:
-        """After loading (see above): fused q/k/v, every projection and the LM head laid out
-        input-major (where that pays) or not, and read from oneDNN-packed copies or not
-        (models/linear.py); callable again to switch."""
-        decoder = self.model.decoder
+    def prepare_weights(self, layout: WeightLayout = AS_LOADED) -> None:
+        """After loading (see above): fused q/k/v, every projection and the LM head in `layout`
+        (input-major where that pays or not, read from oneDNN-packed copies or not;
+        models/linear.py); callable again to switch."""
+        decoder, unpacked = self.model.decoder, WeightLayout(input_major=layout.input_major)
         for block in self.blocks:
-            block.self_attn.fuse(input_major, pack)
+            block.self_attn.fuse(layout)
             before = block.fc_weights or (None, None)
             block.fc_weights = tuple(
-                lay_out(fc, input_major, pack, keep_dense=False, packed_before=packed_fc)
+                lay_out(fc, layout, keep_dense=False, packed_before=packed_fc)
                 for fc, packed_fc in zip((block.fc1, block.fc2), before, strict=True)
             )
         if hasattr(decoder, "project_in"):  # project_in runs as a module in `embed`
-            lay_out(decoder.project_in, input_major)
+            lay_out(decoder.project_in, unpacked)
             self.project_out_read = lay_out(
-                decoder.project_out, input_major, pack, keep_dense=False,
-                packed_before=self.project_out_read,
-            )  # fmt: skip
+                decoder.project_out, layout, keep_dense=False, packed_before=self.project_out_read
+            )
         head = decoder.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
-        self.head = head_weight(lay_out(head, input_major))
-        self.head_read = packed(self.head) if pack else None
+        self.head = head_weight(lay_out(head, unpacked))
+        self.head_read = packed(self.head) if layout.pack else None
+        self.layout = layout
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         decoder = self.model.decoder
