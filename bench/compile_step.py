@@ -38,7 +38,6 @@ from e2e import emit, machine_info
 from weight_layout import Cell, add_cell_options, check_cell_options, decode, prefilled_cells
 
 import nanokv
-from nanokv.models.linear import WeightLayout
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 DENSE_METHODS = ("qkv", "finish")  # a block's work before and after its attention
@@ -83,8 +82,7 @@ class DenseVariants:
         for name, method in methods.items():
             setattr(self.block_class, name, method)
         if self.loaded.pack:
-            dense = WeightLayout(input_major=self.loaded.input_major)
-            self.model.prepare_weights(self.loaded if variant == "eager" else dense)
+            self.model.prepare_weights(self.loaded if variant == "eager" else self.loaded.unpacked)
 
 
 def timed(run: Callable[[], object]) -> float:

@@ -51,7 +51,7 @@ Three things keep those reads few, large and exact where it matters:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,12 @@ class WeightLayout:
         """The loader's choice: input-major for fp32 on an AMD CPU, packed for bf16 on a CPU
         with bf16 instructions (`input_major_default`, `packs_weights`)."""
         return cls(input_major_default(dtype, device), packs_weights(dtype, device))
+
+    @property
+    def unpacked(self) -> WeightLayout:
+        """The same layout with the weights read as they are: what a weight that is not only a
+        GEMV's (an embedding, the LM head's rows) or a reader of dense weights (inductor) gets."""
+        return replace(self, pack=False)
 
     @property
     def name(self) -> str:

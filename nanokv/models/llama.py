@@ -176,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
                 module.prepare()
         tied = self.cfg.tie_word_embeddings
         head = self.model.embed_tokens if tied else self.lm_head
-        self.head = head_weight(lay_out(head, WeightLayout(input_major=layout.input_major)))
+        self.head = head_weight(lay_out(head, layout.unpacked))
         self.head_read = packed(self.head) if layout.pack else None
         self.layout = layout
 

@@ -133,7 +133,7 @@ class OPTForCausalLM(nn.Module):
         """After loading (see above): fused q/k/v, every projection and the LM head in `layout`
         (input-major where that pays or not, read from oneDNN-packed copies or not;
         models/linear.py); callable again to switch."""
-        decoder, unpacked = self.model.decoder, WeightLayout(input_major=layout.input_major)
+        decoder = self.model.decoder
         for block in self.blocks:
             block.self_attn.fuse(layout)
             before = block.fc_weights or (None, None)
@@ -142,12 +142,12 @@ class OPTForCausalLM(nn.Module):
                 for fc, packed_fc in zip((block.fc1, block.fc2), before, strict=True)
             )
         if hasattr(decoder, "project_in"):  # project_in runs as a module in `embed`
-            lay_out(decoder.project_in, unpacked)
+            lay_out(decoder.project_in, layout.unpacked)
             self.project_out_read = lay_out(
                 decoder.project_out, layout, keep_dense=False, packed_before=self.project_out_read
             )
         head = decoder.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
-        self.head = head_weight(lay_out(head, unpacked))
+        self.head = head_weight(lay_out(head, layout.unpacked))
         self.head_read = packed(self.head) if layout.pack else None
         self.layout = layout
 
