@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanokv.kernels.cpu_attention import cpu_decode_attention
+
 try:
     import triton
     import triton.language as tl
@@ -213,24 +215,27 @@ def masked_attention_torch(
     emit: bool = False,
 ) -> tuple[torch.Tensor, Emitted | None]:
     """``masked_attention_reference`` without fp32 copies of k and v (same shapes): the output
-    comes from SDPA (one fused call where the reference makes four, in fp32 too) whether or not
-    statistics are emitted, so a policy that keeps every token decodes exactly as the full
-    cache does, and emission adds fp32 logits over blocks of slots, as the Triton kernel's
-    emission pass recomputes q.k. Shared by the dense and the page-gathered (Quest) torch
-    paths."""
+    comes from one fused call (the C kernel of `cpu_attention.py` on a CPU where it applies,
+    else SDPA; the reference makes four, in fp32 too) whether or not statistics are emitted, so
+    a policy that keeps every token decodes exactly as the full cache does, and emission adds
+    fp32 logits over blocks of slots, as the Triton kernel's emission pass recomputes q.k.
+    Shared by the dense and the page-gathered (Quest) torch paths."""
     batch, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # a group's heads: G queries
-    mask = None if mask is None else mask.unsqueeze(2)  # (B, H_kv, 1, C)
-    q_kv = qg if qg.dtype == k.dtype else qg.to(k.dtype)  # a no-op `to` still dispatches
-    out = F.scaled_dot_product_attention(q_kv, k, v, attn_mask=mask, scale=scale)
-    out = out.reshape(batch, q_heads, head_dim)
+    q_kv = q if q.dtype == k.dtype else q.to(k.dtype)  # a no-op `to` still dispatches
+    out = cpu_decode_attention(q_kv, k, v, mask, scale) if q.device.type == "cpu" else None
+    if out is None:
+        sdpa_mask = None if mask is None else mask.unsqueeze(2)  # (B, H_kv, 1, C)
+        out = F.scaled_dot_product_attention(
+            q_kv.view(qg.shape), k, v, attn_mask=sdpa_mask, scale=scale
+        ).reshape(batch, q_heads, head_dim)
     out = out if out.dtype == q.dtype else out.to(q.dtype)
     if not emit:
         return out, None
     logits = _blocked_logits(qg, k, scale)
     if mask is not None:
-        logits = logits.masked_fill_(~mask, float("-inf"))
+        logits = logits.masked_fill_(~mask.unsqueeze(2), float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (B, H_kv, G, C) float32
     return out, _emitted(probs, value_norms)
 

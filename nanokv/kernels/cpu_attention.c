@@ -1,0 +1,177 @@
+/* One query token's attention over one layer of the KV arena, on the CPU.
+
+   Built on first use by nanokv/kernels/native.py (-O3 -march=native) and called through ctypes
+   by nanokv/kernels/cpu_attention.py, which states the contract. Per (sequence, kv head): the
+   group's query heads are scored against each allowed slot's key in one pass (each key read
+   once for the group), the logits are turned into probabilities in fp32, and each allowed
+   slot's value is read once more and accumulated in fp32; the output is rounded once to the
+   cache's dtype. Vectors are GCC/Clang vector extensions of 16 floats, so the same source
+   builds for any x86 or Arm target. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { KIND_F32 = 0, KIND_BF16 = 1 };
+enum { LANES = 16, MAX_VECTORS = 16, MAX_GROUP = 32 }; /* head_dim <= 256 */
+enum { OK = 0, BAD_SHAPE = 1, NO_MEMORY = 2 };
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+/* LANES elements at `offset` of a float or bf16 array, as floats (bf16 is fp32's top half). */
+static inline vf load_lanes(const void *base, int kind, int64_t offset) {
+  vf out;
+  if (kind == KIND_BF16) {
+    vh half;
+    memcpy(&half, (const uint16_t *)base + offset, sizeof half);
+    vu wide = __builtin_convertvector(half, vu) << 16;
+    memcpy(&out, &wide, sizeof out);
+  } else {
+    memcpy(&out, (const float *)base + offset, sizeof out);
+  }
+  return out;
+}
+
+static inline float lane_sum(vf x) { /* a tree of halves: 4 adds deep, not 15 */
+  vf8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+          __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return (uint16_t)(bits >> 16);
+}
+
+/* exp(x) for x <= 0 (a logit minus its row's maximum; -inf gives 0): 2^n * p(r) with
+   |r| <= ln(2)/2 and p degree 6, relative error < 3e-7; branch-free, so the loop vectorizes. */
+static inline float exp_nonpositive(float x) {
+  x = x < -104.0f ? -104.0f : x; /* also -inf; exp(-104) is below the smallest float */
+  float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f; /* ln 2, split */
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t biased = (int32_t)n + 127;
+  uint32_t bits = (uint32_t)(biased < 0 ? 0 : biased) << 23; /* 2^n, 0 below the normals */
+  float two_n;
+  memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+/* Logits of the group's queries `qv` against the allowed slots' keys into probs[g][j]
+   (-inf where not allowed); returns each query head's maximum in `best`. */
+static void score_slots(const vf qv[][MAX_VECTORS], const void *k, int kind, int64_t base,
+                        const uint8_t *allowed, int64_t n_slots, int group, int head_dim,
+                        float *probs, float *best) {
+  const int vectors = head_dim / LANES;
+  for (int g = 0; g < group; g++) best[g] = -INFINITY;
+  for (int64_t j = 0; j < n_slots; j++) {
+    if (allowed && !allowed[j]) {
+      for (int g = 0; g < group; g++) probs[g * n_slots + j] = -INFINITY;
+      continue;
+    }
+    vf key[MAX_VECTORS];
+    for (int c = 0; c < vectors; c++) key[c] = load_lanes(k, kind, base + j * head_dim + c * LANES);
+    for (int g = 0; g < group; g++) {
+      vf dot = qv[g][0] * key[0];
+      for (int c = 1; c < vectors; c++) dot += qv[g][c] * key[c];
+      const float logit = lane_sum(dot);
+      probs[g * n_slots + j] = logit;
+      best[g] = logit > best[g] ? logit : best[g];
+    }
+  }
+}
+
+/* Turns each row of logits into unnormalised probabilities; returns the row sums in `total`. */
+static void exponentiate(float *probs, const float *best, int64_t n_slots, int group,
+                         float *total) {
+  for (int g = 0; g < group; g++) {
+    float *row = probs + g * n_slots;
+    const float top = best[g];
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n_slots; j++) row[j] = exp_nonpositive(row[j] - top);
+    for (int64_t j = 0; j < n_slots; j++) sum += row[j];
+    total[g] = sum;
+  }
+}
+
+/* acc[g] = sum_j probs[g][j] * v_j over the allowed slots. */
+static void mix_values(vf acc[][MAX_VECTORS], const void *v, int kind, int64_t base,
+                       const uint8_t *allowed, const float *probs, int64_t n_slots, int group,
+                       int head_dim) {
+  const int vectors = head_dim / LANES;
+  for (int64_t j = 0; j < n_slots; j++) {
+    if (allowed && !allowed[j]) continue;
+    vf value[MAX_VECTORS];
+    for (int c = 0; c < vectors; c++)
+      value[c] = load_lanes(v, kind, base + j * head_dim + c * LANES);
+    for (int g = 0; g < group; g++) {
+      const float p = probs[g * n_slots + j];
+      for (int c = 0; c < vectors; c++) acc[g][c] += p * value[c];
+    }
+  }
+}
+
+static void store_row(void *out, int kind, int64_t offset, const vf *acc, float inv,
+                      int head_dim) {
+  for (int i = 0; i < head_dim; i++) {
+    const float y = acc[i / LANES][i % LANES] * inv;
+    if (kind == KIND_BF16)
+      ((uint16_t *)out)[offset + i] = f32_to_bf16(y);
+    else
+      ((float *)out)[offset + i] = y;
+  }
+}
+
+/* q, out: (batch, kv_heads * group, head_dim), rows contiguous, sequence stride q_sb.
+   k, v: slot j of (b, h) at b * kv_sb + h * kv_sh + j * head_dim, rows contiguous.
+   mask: NULL (every slot below n_slots) or bytes, slot j of (b, h) at b * m_sb + h * m_sh + j.
+   All strides in elements. A (b, h) with no allowed slot gets zeros. */
+int decode_attention(const void *q, void *out, int64_t q_sb, const void *k, const void *v,
+                     int64_t kv_sb, int64_t kv_sh, const uint8_t *mask, int64_t m_sb,
+                     int64_t m_sh, int batch, int kv_heads, int group, int head_dim,
+                     int64_t n_slots, int kind, float scale) {
+  if (head_dim <= 0 || head_dim % LANES || head_dim / LANES > MAX_VECTORS || group <= 0 ||
+      group > MAX_GROUP || n_slots < 0)
+    return BAD_SHAPE;
+  const int vectors = head_dim / LANES;
+  float *probs = malloc(sizeof(float) * (size_t)group * (size_t)(n_slots > 0 ? n_slots : 1));
+  if (!probs) return NO_MEMORY;
+  vf qv[MAX_GROUP][MAX_VECTORS], acc[MAX_GROUP][MAX_VECTORS];
+  float best[MAX_GROUP], total[MAX_GROUP];
+  for (int b = 0; b < batch; b++) {
+    for (int h = 0; h < kv_heads; h++) {
+      const int64_t base = b * kv_sb + h * kv_sh;
+      const uint8_t *allowed = mask ? mask + b * m_sb + h * m_sh : NULL;
+      for (int g = 0; g < group; g++) {
+        const int64_t row = b * q_sb + (int64_t)(h * group + g) * head_dim;
+        for (int c = 0; c < vectors; c++) {
+          qv[g][c] = load_lanes(q, kind, row + c * LANES) * scale;
+          acc[g][c] = (vf){0};
+        }
+      }
+      score_slots(qv, k, kind, base, allowed, n_slots, group, head_dim, probs, best);
+      exponentiate(probs, best, n_slots, group, total);
+      mix_values(acc, v, kind, base, allowed, probs, n_slots, group, head_dim);
+      for (int g = 0; g < group; g++) {
+        const int64_t row = b * q_sb + (int64_t)(h * group + g) * head_dim;
+        store_row(out, kind, row, acc[g], total[g] > 0.0f ? 1.0f / total[g] : 0.0f, head_dim);
+      }
+    }
+  }
+  free(probs);
+  return OK;
+}

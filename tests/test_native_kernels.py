@@ -1,0 +1,180 @@
+"""The C decode-attention kernel (kernels/cpu_attention.c) against a float64 brute force, its
+fallbacks, and the build that makes it (kernels/native.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanokv.kernels import native
+from nanokv.kernels.cpu_attention import cpu_decode_attention, supports
+from nanokv.kernels.decode_attention import decode_attention_reference, masked_attention_torch
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+
+
+def brute_force(q, k, v, mask, scale):
+    """float64 softmax(scale q.k) v per (sequence, query head) over the allowed slots; zeros
+    where a head allows none."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, q_heads, head_dim = q.shape
+    group = q_heads // k.shape[1]
+    out = torch.zeros(batch, q_heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            g = h // group
+            slots = [j for j in range(k.shape[2]) if mask is None or bool(mask[b, g, j])]
+            if not slots:
+                continue
+            logits = torch.stack([scale * (q[b, h] @ k[b, g, j]) for j in slots])
+            weights = torch.softmax(logits, 0)
+            out[b, h] = sum(w * v[b, g, j] for w, j in zip(weights, slots, strict=True))
+    return out
+
+
+def make(batch, kv_heads, group, slots, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=gen).to(dtype)
+    k = (torch.randn(batch, kv_heads, slots, head_dim, generator=gen) * 2).to(dtype)
+    v = torch.randn(batch, kv_heads, slots, head_dim, generator=gen).to(dtype)
+    return q, k, v
+
+
+TOL = {torch.float32: dict(atol=2e-6, rtol=2e-5), torch.bfloat16: dict(atol=8e-3, rtol=8e-3)}
+GRID = [
+    pytest.param(group, head_dim, dtype, masked, id=f"G{group}-D{head_dim}-{name}-mask{masked}")
+    for group in (1, 3, 9)
+    for head_dim in (16, 64, 128)
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+    for masked in (False, True)
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize("group, head_dim, dtype, masked", GRID)
+def test_kernel_equals_brute_force(group, head_dim, dtype, masked):
+    q, k, v = make(2, 3, group, 41, head_dim, dtype)
+    mask = torch.rand(2, 3, 41, generator=torch.Generator().manual_seed(1)) < 0.6
+    mask = mask if masked else None
+    scale = 1 / math.sqrt(head_dim)
+    out = cpu_decode_attention(q, k, v, mask, scale)
+    assert out is not None and out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), brute_force(q, k, v, mask, scale), **TOL[dtype])
+
+
+@needs_compiler
+def test_bf16_output_is_the_fp32_result_rounded_once():
+    """bf16 in, fp32 inside: the output is the fp32 kernel's on the same (bf16-exact) inputs,
+    rounded to bf16 once (round to nearest even)."""
+    q, k, v = make(1, 3, 3, 300, 64, torch.bfloat16, seed=3)
+    wide = cpu_decode_attention(q.float(), k.float(), v.float(), None, 0.125)
+    narrow = cpu_decode_attention(q, k, v, None, 0.125)
+    torch.testing.assert_close(narrow, wide.to(torch.bfloat16), atol=0, rtol=2**-8)
+    assert (narrow == wide.to(torch.bfloat16)).float().mean() > 0.99
+
+
+@needs_compiler
+def test_views_narrowed_along_slots_and_strided_masks():
+    """The arena hands over k and v narrowed to the longest head (strides of the capacity) and
+    masks that may be broadcast views; the kernel reads them where they lie."""
+    q, k, v = make(2, 2, 4, 90, 64, torch.float32, seed=4)
+    narrow_k, narrow_v = k.narrow(2, 0, 57), v.narrow(2, 0, 57)
+    lengths = torch.tensor([[57, 20], [3, 57]])
+    mask = torch.arange(57).view(1, 1, -1) < lengths.unsqueeze(-1)
+    broadcast = (torch.arange(57) % 3 != 1).view(1, 1, -1).expand(2, 2, 57)
+    for m in (None, mask, broadcast):
+        out = cpu_decode_attention(q, narrow_k, narrow_v, m, 0.125)
+        expected = brute_force(q, k[:, :, :57], v[:, :, :57], m, 0.125)
+        torch.testing.assert_close(out.double(), expected, **TOL[torch.float32])
+
+
+@needs_compiler
+def test_a_head_with_nothing_allowed_gets_zeros_and_others_are_unaffected():
+    q, k, v = make(1, 2, 3, 20, 32, torch.float32)
+    mask = torch.ones(1, 2, 20, dtype=torch.bool)
+    mask[0, 1] = False
+    out = cpu_decode_attention(q, k, v, mask, 0.2)
+    assert torch.equal(out[0, 3:], torch.zeros(3, 32))
+    torch.testing.assert_close(out.double(), brute_force(q, k, v, mask, 0.2), **TOL[torch.float32])
+
+
+@needs_compiler
+def test_large_logits_and_long_rows_stay_exact():
+    """Logits spread over hundreds (the exponent's range reduction) and 5,000 slots."""
+    q, k, v = make(1, 1, 2, 5000, 64, torch.float32, seed=5)
+    out = cpu_decode_attention(q * 30, k, v, None, 0.125)
+    expected = brute_force(q * 30, k, v, None, 0.125)
+    torch.testing.assert_close(out.double(), expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["fp16", "head_dim_24", "group_33", "k_rows_strided", "mixed_dtypes"],
+)
+def test_unsupported_operands_fall_back_to_sdpa(change):
+    """What the C kernel does not take gets None, and masked_attention_torch still gives the
+    reference's result (SDPA's; mixed dtypes: q rounded to the cache's bf16 first)."""
+    dtype, head_dim, group = torch.float32, 64, 3
+    dtype = torch.float16 if change == "fp16" else dtype
+    head_dim = 24 if change == "head_dim_24" else head_dim
+    group = 33 if change == "group_33" else group
+    q, k, v = make(1, 1, group, 30, head_dim, dtype)
+    if change == "k_rows_strided":
+        k, v = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (k, v))
+    if change == "mixed_dtypes":
+        k, v = k.bfloat16(), v.bfloat16()
+    assert not supports(q, k, v)
+    assert cpu_decode_attention(q, k, v, None, 0.125) is None
+    out, _ = masked_attention_torch(q, k, v, None, scale=0.125)
+    lengths = torch.full((1, 1), 30, dtype=torch.int32)
+    expected, _ = decode_attention_reference(q, k.to(q.dtype), v.to(q.dtype), lengths, scale=0.125)
+    tol = 2e-2 if change == "mixed_dtypes" else 2e-3
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_a_wrong_mask_is_refused():
+    q, k, v = make(1, 2, 1, 10, 16, torch.float32)
+    if native.library("cpu_attention") is None:
+        pytest.skip("no C kernel here")
+    with pytest.raises(ValueError, match="mask must be bool"):
+        cpu_decode_attention(q, k, v, torch.ones(1, 2, 9, dtype=torch.bool), 0.1)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """`native.library` rebuilt from nothing into tmp_path, for this test only."""
+    monkeypatch.setenv("NANOKV_NATIVE_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+@needs_compiler
+def test_build_is_cached_by_source_and_machine(fresh_library):
+    cc = native.compiler()
+    first = native.build("cpu_attention", cc, fresh_library)
+    assert first.exists() and native.build("cpu_attention", cc, fresh_library) == first
+    assert [p.name for p in fresh_library.iterdir()] == [first.name]  # no temporary left
+    lib = native.library("cpu_attention")
+    assert lib is not None and hasattr(lib, "decode_attention")
+
+
+def test_a_failing_compiler_leaves_nothing_and_falls_back(fresh_library, monkeypatch, capsys):
+    monkeypatch.setenv("CC", "false")
+    with pytest.raises(native.NativeBuildError, match="false failed on cpu_attention.c"):
+        native.build("cpu_attention", "false", fresh_library)
+    assert list(fresh_library.iterdir()) == []
+    assert native.library("cpu_attention") is None
+    assert "using the torch path instead" in capsys.readouterr().err
+    q, k, v = make(1, 1, 2, 12, 64, torch.float32)
+    assert cpu_decode_attention(q, k, v, None, 0.125) is None
+    out, _ = masked_attention_torch(q, k, v, None, scale=0.125)  # SDPA answers
+    torch.testing.assert_close(out.double(), brute_force(q, k, v, None, 0.125), atol=1e-5, rtol=0)
+
+
+def test_native_off_by_environment(fresh_library, monkeypatch):
+    monkeypatch.setenv("NANOKV_NATIVE", "0")
+    assert native.library("cpu_attention") is None
+    assert list(fresh_library.iterdir()) == []  # nothing was built
