@@ -8,9 +8,12 @@ import math
 import pytest
 import torch
 
+from nanokv.head_pages import HeadPages, PackedBuffer
 from nanokv.kernels import native
+from nanokv.kernels import packed_attention as packed_attention_module
 from nanokv.kernels.cpu_attention import cpu_decode_attention, supports
 from nanokv.kernels.decode_attention import decode_attention_reference, masked_attention_torch
+from nanokv.kernels.packed_attention import packed_decode_attention
 
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 
@@ -125,7 +128,7 @@ def test_unsupported_operands_fall_back_to_sdpa(change):
         k, v = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (k, v))
     if change == "mixed_dtypes":
         k, v = k.bfloat16(), v.bfloat16()
-    assert not supports(q, k, v)
+    assert not supports(q, k, v, k.shape[1])
     assert cpu_decode_attention(q, k, v, None, 0.125) is None
     out, _ = masked_attention_torch(q, k, v, None, scale=0.125)
     lengths = torch.full((1, 1), 30, dtype=torch.int32)
@@ -178,3 +181,40 @@ def test_native_off_by_environment(fresh_library, monkeypatch):
     monkeypatch.setenv("NANOKV_NATIVE", "0")
     assert native.library("cpu_attention") is None
     assert list(fresh_library.iterdir()) == []  # nothing was built
+
+
+@needs_compiler
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_layer_reads_each_heads_own_row(monkeypatch, dtype, window):
+    """A packed layer (rows of very different lengths one after another, empty slots -1, two
+    sequences, GQA 3): the C kernel answers (spied) and equals the dense reference over the
+    same rows gathered into a rectangle."""
+    calls = []
+    real = packed_attention_module.cpu_packed_decode_attention
+    monkeypatch.setattr(
+        packed_attention_module,
+        "cpu_packed_decode_attention",
+        lambda *args: calls.append(1) or real(*args),
+    )
+    gen = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([[4, 19, 1], [11, 2, 30]])
+    pages = HeadPages.for_slots(lengths + torch.tensor([[2, 0, 5], [0, 3, 1]]))
+    k = torch.randn(pages.slots, 64, generator=gen).to(dtype)
+    v = torch.randn(pages.slots, 64, generator=gen).to(dtype)
+    query_pos = torch.tensor([40, 31])
+    column = torch.arange(pages.width).view(1, 1, -1)
+    rect_pos = query_pos.view(-1, 1, 1) - lengths.unsqueeze(-1) + column  # newest at query - 1
+    rect_pos[column.expand_as(rect_pos) >= lengths.unsqueeze(-1)] = -1
+    slot_pos = PackedBuffer.pack(rect_pos.int(), pages, fill=-1).flat
+    q = torch.randn(2, 9, 64, generator=gen).to(dtype)
+    out = packed_decode_attention(
+        q, k, v, slot_pos, pages, scale=0.125, query_pos=query_pos, sliding_window=window
+    )
+    assert calls and out.dtype == dtype
+    rect = [PackedBuffer(t, pages).gather() for t in (k, v, slot_pos)]
+    want, _ = decode_attention_reference(
+        q, rect[0], rect[1], lengths, scale=0.125, slot_pos=rect[2], query_pos=query_pos,
+        sliding_window=window,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), want.double(), **TOL[dtype])

@@ -136,42 +136,68 @@ static void store_row(void *out, int kind, int64_t offset, const vf *acc, float 
   }
 }
 
-/* q, out: (batch, kv_heads * group, head_dim), rows contiguous, sequence stride q_sb.
+/* The group of query rows q (group, head_dim) of one kv head over its slots: slot j's key at
+   k + (base + j * head_dim), allowed where mask is NULL or mask[j]; output rows to out. */
+static int attend_group(const void *q, void *out, int64_t q_row, const void *k, const void *v,
+                        int64_t base, const uint8_t *allowed, int64_t n_slots, int group,
+                        int head_dim, int kind, float scale, float *probs) {
+  const int vectors = head_dim / LANES;
+  vf qv[MAX_GROUP][MAX_VECTORS], acc[MAX_GROUP][MAX_VECTORS];
+  float best[MAX_GROUP], total[MAX_GROUP];
+  for (int g = 0; g < group; g++) {
+    for (int c = 0; c < vectors; c++) {
+      qv[g][c] = load_lanes(q, kind, q_row + (int64_t)g * head_dim + c * LANES) * scale;
+      acc[g][c] = (vf){0};
+    }
+  }
+  score_slots(qv, k, kind, base, allowed, n_slots, group, head_dim, probs, best);
+  exponentiate(probs, best, n_slots, group, total);
+  mix_values(acc, v, kind, base, allowed, probs, n_slots, group, head_dim);
+  for (int g = 0; g < group; g++) {
+    const float inv = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
+    store_row(out, kind, q_row + (int64_t)g * head_dim, acc[g], inv, head_dim);
+  }
+  return OK;
+}
+
+static int bad_shape(int group, int head_dim) {
+  return head_dim <= 0 || head_dim % LANES || head_dim / LANES > MAX_VECTORS || group <= 0 ||
+         group > MAX_GROUP;
+}
+
+/* A rectangular layer. q, out: (batch, kv_heads * group, head_dim), contiguous.
    k, v: slot j of (b, h) at b * kv_sb + h * kv_sh + j * head_dim, rows contiguous.
    mask: NULL (every slot below n_slots) or bytes, slot j of (b, h) at b * m_sb + h * m_sh + j.
    All strides in elements. A (b, h) with no allowed slot gets zeros. */
-int decode_attention(const void *q, void *out, int64_t q_sb, const void *k, const void *v,
-                     int64_t kv_sb, int64_t kv_sh, const uint8_t *mask, int64_t m_sb,
-                     int64_t m_sh, int batch, int kv_heads, int group, int head_dim,
-                     int64_t n_slots, int kind, float scale) {
-  if (head_dim <= 0 || head_dim % LANES || head_dim / LANES > MAX_VECTORS || group <= 0 ||
-      group > MAX_GROUP || n_slots < 0)
-    return BAD_SHAPE;
-  const int vectors = head_dim / LANES;
+int decode_attention(const void *q, void *out, const void *k, const void *v, int64_t kv_sb,
+                     int64_t kv_sh, const uint8_t *mask, int64_t m_sb, int64_t m_sh, int batch,
+                     int kv_heads, int group, int head_dim, int64_t n_slots, int kind,
+                     float scale) {
+  if (bad_shape(group, head_dim) || n_slots < 0) return BAD_SHAPE;
   float *probs = malloc(sizeof(float) * (size_t)group * (size_t)(n_slots > 0 ? n_slots : 1));
   if (!probs) return NO_MEMORY;
-  vf qv[MAX_GROUP][MAX_VECTORS], acc[MAX_GROUP][MAX_VECTORS];
-  float best[MAX_GROUP], total[MAX_GROUP];
-  for (int b = 0; b < batch; b++) {
-    for (int h = 0; h < kv_heads; h++) {
-      const int64_t base = b * kv_sb + h * kv_sh;
-      const uint8_t *allowed = mask ? mask + b * m_sb + h * m_sh : NULL;
-      for (int g = 0; g < group; g++) {
-        const int64_t row = b * q_sb + (int64_t)(h * group + g) * head_dim;
-        for (int c = 0; c < vectors; c++) {
-          qv[g][c] = load_lanes(q, kind, row + c * LANES) * scale;
-          acc[g][c] = (vf){0};
-        }
-      }
-      score_slots(qv, k, kind, base, allowed, n_slots, group, head_dim, probs, best);
-      exponentiate(probs, best, n_slots, group, total);
-      mix_values(acc, v, kind, base, allowed, probs, n_slots, group, head_dim);
-      for (int g = 0; g < group; g++) {
-        const int64_t row = b * q_sb + (int64_t)(h * group + g) * head_dim;
-        store_row(out, kind, row, acc[g], total[g] > 0.0f ? 1.0f / total[g] : 0.0f, head_dim);
-      }
-    }
-  }
+  for (int b = 0; b < batch; b++)
+    for (int h = 0; h < kv_heads; h++)
+      attend_group(q, out, ((int64_t)b * kv_heads + h) * group * head_dim, k, v,
+                   b * kv_sb + h * kv_sh, mask ? mask + b * m_sb + h * m_sh : NULL, n_slots,
+                   group, head_dim, kind, scale, probs);
+  free(probs);
+  return OK;
+}
+
+/* A packed layer: row r = b * kv_heads + h holds slots starts[r] .. starts[r] + slots[r] - 1
+   of the flat k, v (S, head_dim), allowed where mask (S bytes) is NULL or set. q, out as above. */
+int packed_decode_attention(const void *q, void *out, const void *k, const void *v,
+                            const int64_t *starts, const int64_t *slots, const uint8_t *mask,
+                            int rows, int group, int head_dim, int kind, float scale) {
+  if (bad_shape(group, head_dim)) return BAD_SHAPE;
+  int64_t widest = 1;
+  for (int r = 0; r < rows; r++) widest = slots[r] > widest ? slots[r] : widest;
+  float *probs = malloc(sizeof(float) * (size_t)group * (size_t)widest);
+  if (!probs) return NO_MEMORY;
+  for (int r = 0; r < rows; r++)
+    attend_group(q, out, (int64_t)r * group * head_dim, k, v, starts[r] * head_dim,
+                 mask ? mask + starts[r] : NULL, slots[r], group, head_dim, kind, scale, probs);
   free(probs);
   return OK;
 }

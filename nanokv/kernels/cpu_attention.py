@@ -28,33 +28,46 @@ LANES, MAX_VECTORS, MAX_GROUP = 16, 16, 32  # as in cpu_attention.c
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
-def _kernel() -> ctypes._CFuncPtr | None:
+SIGNATURES = {
+    "decode_attention": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64,
+                         _INT, _INT, _INT, _INT, _I64, _INT, ctypes.c_float],
+    "packed_decode_attention": [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                                _INT, _INT, _INT, _INT, ctypes.c_float],
+}  # fmt: skip
+
+
+def _kernel(name: str) -> ctypes._CFuncPtr | None:
+    """The C function `name` of cpu_attention.c, typed; None where the library is not built."""
     lib = native.library("cpu_attention")
     if lib is None:
         return None
-    fn = lib.decode_attention
+    fn = getattr(lib, name)
     if fn.argtypes is None:
-        fn.restype = _INT
-        fn.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64,
-                       _INT, _INT, _INT, _INT, _I64, _INT, ctypes.c_float]  # fmt: skip
+        fn.restype, fn.argtypes = _INT, SIGNATURES[name]
     return fn
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the C kernel takes these operands: CPU, one dtype it knows, rows of a multiple
-    of 16 dims laid out contiguously (k and v may be views narrowed along their slots)."""
-    batch, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
+def _checked(name: str, status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"cpu_attention.c: {name} returned {status}")
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) -> bool:
+    """Whether the C kernel takes these operands: CPU, one dtype it knows, `kv_heads` that
+    divide the query heads into groups of at most 32, rows of a multiple of 16 dims laid out
+    contiguously (k and v (..., n, D) may be views narrowed along their slots)."""
+    q_heads, head_dim = q.shape[1], q.shape[2]
     return (
         q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype
         and q.dtype in KINDS
         and head_dim % LANES == 0
         and head_dim // LANES <= MAX_VECTORS
+        and q_heads % kv_heads == 0
         and q_heads // kv_heads <= MAX_GROUP
         and k.stride() == v.stride()
-        and k.stride(3) == 1
-        and k.stride(2) == head_dim
+        and k.stride(-1) == 1
+        and k.stride(-2) == head_dim
     )
 
 
@@ -63,9 +76,9 @@ def cpu_decode_attention(
 ) -> torch.Tensor | None:
     """q (B, H_q, D); k, v (B, H_kv, n, D) in q's dtype; mask None or bool (B, H_kv, n).
     Returns the output (B, H_q, D) in q's dtype, or None where the C kernel does not apply."""
-    if not supports(q, k, v):
+    if not supports(q, k, v, k.shape[1]):
         return None
-    kernel = _kernel()
+    kernel = _kernel("decode_attention")
     if kernel is None:
         return None
     batch, q_heads, head_dim = q.shape
@@ -78,12 +91,44 @@ def cpu_decode_attention(
     q = q.contiguous()  # a no-op for the step's rows; `out` shares its strides
     out = torch.empty_like(q)
     status = kernel(
-        q.data_ptr(), out.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(),
-        k.stride(0), k.stride(1),
+        q.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
         None if mask is None else mask.data_ptr(),
         0 if mask is None else mask.stride(0), 0 if mask is None else mask.stride(1),
         batch, kv_heads, q_heads // kv_heads, head_dim, n_slots, KINDS[q.dtype], scale,
     )  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"cpu_attention.c: decode_attention returned {status}")
+    _checked("decode_attention", status)
+    return out
+
+
+def cpu_packed_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    starts: torch.Tensor,
+    slots: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor | None:
+    """A packed layer (`head_pages.py`): q (B, H_q, D); k, v (S, D) flat buffers where the row
+    of (b, h) is the run starts[b, h] .. starts[b, h] + slots[b, h] - 1 (int64 (B, H_kv));
+    mask None or bool (S,), the slots that hold an attended token. Each query head reads its
+    own row only. Returns (B, H_q, D) in q's dtype, or None where the C kernel does not apply."""
+    rows = starts.numel()
+    if not supports(q, k, v, starts.shape[1]):
+        return None
+    kernel = _kernel("packed_decode_attention")
+    if kernel is None:
+        return None
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != k.shape[:1]):
+        raise ValueError(f"mask must be bool ({k.shape[0]},), got {mask.dtype} {tuple(mask.shape)}")
+    starts, slots = starts.contiguous(), slots.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    status = kernel(
+        q.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), starts.data_ptr(),
+        slots.data_ptr(), None if mask is None else mask.data_ptr(), rows,
+        q.shape[1] // starts.shape[1], q.shape[2], KINDS[q.dtype], scale,
+    )  # fmt: skip
+    _checked("packed_decode_attention", status)
     return out

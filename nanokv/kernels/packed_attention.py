@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from nanokv.head_pages import HeadPages
+from nanokv.kernels.cpu_attention import cpu_packed_decode_attention
 
 
 def packed_slot_mask(
@@ -83,6 +84,10 @@ def packed_decode_attention(
     dtype for the products)."""
     batch, q_heads, head_dim = q.shape
     group = q_heads // pages.caps.shape[1]
+    if k.device.type == "cpu":
+        out = _native(q, k, v, slot_pos, pages, scale, query_pos, sliding_window)
+        if out is not None:
+            return out
     if k.dtype != torch.float32 and converts_half(k.device.type):
         k, v = k.float(), v.float()  # a compressed layer's few slots: cheap to convert
     rows = q.reshape(batch * q_heads, head_dim)
@@ -107,4 +112,29 @@ def packed_decode_attention(
             scale=scale,
         )[0]  # fmt: skip
     out = out.view(batch, q_heads, head_dim)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def _native(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_pos: torch.Tensor,
+    pages: HeadPages,
+    scale: float,
+    query_pos: torch.Tensor | None,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """The C kernel's answer (`cpu_attention.py`: each query head reads its own row only), or
+    None where it does not apply."""
+    attended = slot_pos != -1  # (S,)
+    if sliding_window is not None:
+        if query_pos is None:
+            raise ValueError("a sliding window needs query_pos")
+        sequence = pages.row_of_slot.long() // pages.caps.shape[1]  # (S,)
+        attended &= slot_pos > query_pos[sequence] - sliding_window
+    q_kv = q if q.dtype == k.dtype else q.to(k.dtype)
+    out = cpu_packed_decode_attention(q_kv, k, v, pages.starts, pages.caps, attended, scale)
+    if out is None:
+        return None
     return out if out.dtype == q.dtype else out.to(q.dtype)
