@@ -49,7 +49,7 @@ TOL = {torch.float32: dict(atol=2e-6, rtol=2e-5), torch.bfloat16: dict(atol=8e-3
 GRID = [
     pytest.param(group, head_dim, dtype, masked, id=f"G{group}-D{head_dim}-{name}-mask{masked}")
     for group in (1, 3, 9)
-    for head_dim in (16, 64, 128)
+    for head_dim in (16, 48, 64, 128, 256)
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
     for masked in (False, True)
 ]
