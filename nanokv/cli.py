@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from nanokv.budget import Budget
 from nanokv.eval.cli import add_eval_parser
+from nanokv.kernels import cpu_attention
 from nanokv.policies import DEFAULT_POLICY, parse_policy, policy_for_budget, policy_names
 from nanokv.policies.allocation import ALLOCATIONS
 from nanokv.policies.base import OBSERVATIONS, REPEAT_SENTENCES
@@ -202,6 +203,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(llm.last_report.summary(), file=sys.stderr)
         dtype, kv_dtype = (str(d).removeprefix("torch.") for d in (llm.dtype, llm.kv_dtype))
         print(f"dtype: {dtype} ({llm.dtype_reason}); KV cache: {kv_dtype}", file=sys.stderr)
+        if llm.device.type == "cpu":
+            print(f"decode attention: {cpu_attention.backend()}", file=sys.stderr)
     return 0
 
 

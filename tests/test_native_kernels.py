@@ -218,3 +218,23 @@ def test_packed_layer_reads_each_heads_own_row(monkeypatch, dtype, window):
         sliding_window=window,
     )  # fmt: skip
     torch.testing.assert_close(out.double(), want.double(), **TOL[dtype])
+
+
+def test_verbose_generate_names_the_attention_kernel(tiny_llama_dir, fresh_library, capsys):
+    """`nanokv generate --verbose` says whether the C kernel runs, and why not where it does
+    not; the answer is the same text either way (greedy, fp32)."""
+    from nanokv.cli import main
+
+    argv = ["generate", "--model", str(tiny_llama_dir), "--max-new-tokens", "4", "--verbose"]
+    argv += ["--dtype", "float32", "--raw", "hello"]
+    assert main(argv) == 0
+    on = capsys.readouterr()
+    if native.compiler() is not None:
+        assert "decode attention: C kernel built for this CPU" in on.err
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NANOKV_NATIVE", "0")
+        native.library.cache_clear()
+        assert main(argv) == 0
+        off = capsys.readouterr()
+    assert "decode attention: torch SDPA (NANOKV_NATIVE=0)" in off.err.splitlines()
+    assert off.out == on.out

@@ -54,6 +54,15 @@ def _checked(name: str, status: int) -> None:
         raise RuntimeError(f"cpu_attention.c: {name} returned {status}")
 
 
+def backend() -> str:
+    """What a CPU decode step's attention runs on, for `nanokv generate --verbose`."""
+    if not native.enabled():
+        return "torch SDPA (NANOKV_NATIVE=0)"
+    if native.library("cpu_attention") is None:
+        return "torch SDPA (the C kernel did not build; see the warning above)"
+    return "C kernel built for this CPU (kernels/cpu_attention.c; SDPA where it does not apply)"
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) -> bool:
     """Whether the C kernel takes these operands: CPU, one dtype it knows, `kv_heads` that
     divide the query heads into groups of at most 32, rows of a multiple of 16 dims laid out

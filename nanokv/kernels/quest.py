@@ -9,8 +9,11 @@ them. Quest reduces the bytes read per step, not the memory held.
 Bounds, ranking and selection are small torch ops; the attention reuses the split-K Triton kernels
 of ``decode_attention`` in their page-table mode (``sparse_decode_attention``), with a torch
 reference that is the dense reference restricted to the selected pages. Without Triton (CPU),
-``sparse_decode_attention_torch`` copies the listed pages out of the arena and attends over them
-only, so reading 10% of the pages reads ~10% of the K/V (the reference reads it all).
+``sparse_decode_attention_torch`` reads only the listed pages' K/V, so reading 10% of the pages
+reads ~10% of the K/V (the reference reads it all): without emission the C kernel of
+``cpu_attention.py`` attends over the layer under the listed pages' mask and skips the others'
+slots where they lie; with emission (or where the C kernel does not apply) the listed pages
+are copied out of the arena and attended alone.
 
 Empty pages (no valid slot) hold ``kmin = +inf, kmax = -inf``, the identities of min / max.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from nanokv.kernels.cpu_attention import cpu_decode_attention
 from nanokv.kernels.decode_attention import (
     Emitted,
     check_layout,
@@ -224,6 +228,11 @@ def sparse_decode_attention_torch(
     the valid entries; emitted statistics are scattered back to (B, H_kv, C), 0 where unread."""
     check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms, page_table)
     capacity = k.shape[2]
+    if not emit and q.device.type == "cpu":
+        out = _listed_in_place(q, k, v, lengths, page_table, scale, page_size, slot_pos,
+                               query_pos, sliding_window)  # fmt: skip
+        if out is not None:
+            return out, None
     slots, listed = page_slots(page_table, capacity, page_size)  # (B, H_kv, E)
     mask = listed & (slots < lengths.unsqueeze(-1))
     if sliding_window is not None:
@@ -247,6 +256,29 @@ def sparse_decode_attention_torch(
         if emitted.contribution is None
         else _scatter_slots(emitted.contribution, slots, capacity),
     )
+
+
+def _listed_in_place(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    page_table: torch.Tensor,
+    scale: float,
+    page_size: int,
+    slot_pos: torch.Tensor | None,
+    query_pos: torch.Tensor | None,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """Without emission on a CPU: the C kernel over the whole layer under the listed pages'
+    mask, which reads the K/V of the allowed slots only, where they lie (no gather); None where
+    the C kernel does not apply."""
+    mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
+    mask &= page_table_mask(page_table, k.shape[2], page_size)
+    out = cpu_decode_attention(q if q.dtype == k.dtype else q.to(k.dtype), k, v, mask, scale)
+    if out is None:
+        return None
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def _rows(slots: torch.Tensor, capacity: int) -> torch.Tensor:
