@@ -14,10 +14,10 @@ emission: K once more; Quest: the chosen pages plus the min/max bounds; value no
 matrices), the effective GB/s they give, and that as a fraction of the machine's copy bandwidth
 (a large ``copy_``, counting read + write). Above 1 means the data sat in cache between repeats.
 
-On CPU the torch paths run (the dispatchers pick the references), timed with ``perf_counter``
-after warm-up; the Quest reference masks the dense attention, so on CPU it reads everything and
-its time is not the kernel's. On CUDA the Triton kernels are timed too (``impl`` = triton vs
-torch) with ``triton.testing.do_bench``.
+On CPU the torch paths that run there are timed (``impl`` = ``torch+c`` where the C kernel of
+``kernels/cpu_attention.c`` gives their output, ``torch`` where it is off or not built: SDPA),
+with ``perf_counter`` after warm-up. On CUDA the Triton kernels are timed against the torch
+references (``impl`` = triton vs torch) with ``triton.testing.do_bench``.
 
     python bench/attention_kernels.py --quick                  # small sweep, CPU-friendly
     python bench/attention_kernels.py --out bench/out/kernels  # full sweep, JSON + PNG
@@ -40,9 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from nanokv.kernels import native  # noqa: E402
 from nanokv.kernels.decode_attention import (  # noqa: E402
     decode_attention,
     decode_attention_reference,
+    decode_attention_torch,
     triton_available,
 )
 from nanokv.kernels.quest import (  # noqa: E402
@@ -51,6 +53,7 @@ from nanokv.kernels.quest import (  # noqa: E402
     select_pages,
     sparse_decode_attention,
     sparse_decode_attention_reference,
+    sparse_decode_attention_torch,
 )
 from nanokv.kernels.value_norms import output_gram, value_output_norms  # noqa: E402
 
@@ -123,14 +126,24 @@ def make_layer(args, batch: int, group: int, context: int, kept: int) -> dict:
     )
 
 
+def kernels_timed(device_type: str, triton_impl: bool) -> tuple[Callable, Callable, str]:
+    """(decode attention, Quest's sparse attention, impl label) of a pass: the Triton kernels;
+    on a CPU the torch paths that run there (with the C kernel of kernels/cpu_attention.c where
+    it applies: impl "torch+c"); on CUDA without Triton the references."""
+    if triton_impl:
+        return decode_attention, sparse_decode_attention, "triton"
+    if device_type == "cpu":
+        impl = "torch+c" if native.library("cpu_attention") is not None else "torch"
+        return decode_attention_torch, sparse_decode_attention_torch, impl
+    return decode_attention_reference, sparse_decode_attention_reference, "torch"
+
+
 def operations(data: dict, scale: float, kept: int, triton_impl: bool) -> dict:
     """(name, impl) -> (callable, bytes it must read)."""
     q, k, v, lengths = data["q"], data["k"], data["v"], data["lengths"]
     q4 = q.unsqueeze(2)  # (B, H_q, 1, D) for SDPA
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    attend = decode_attention if triton_impl else decode_attention_reference
-    sparse = sparse_decode_attention if triton_impl else sparse_decode_attention_reference
-    impl = "triton" if triton_impl else "torch"
+    attend, sparse, impl = kernels_timed(q.device.type, triton_impl)
     batch, kv_heads, context, dim = data["k_full"].shape
     row = batch * kv_heads * dim * k.element_size()  # bytes of one slot's key, all (b, kv head)
     pages_read = -(-kept // PAGE_SIZE)

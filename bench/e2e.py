@@ -65,6 +65,7 @@ import torch
 import nanokv
 from nanokv.arena import KVArena
 from nanokv.dtypes import dtype_label, resolve_dtype, resolve_kv_dtype
+from nanokv.kernels import cpu_attention
 from nanokv.kernels.decode_attention import triton_available
 
 ENGINES = ("nanokv", "transformers")
@@ -511,14 +512,20 @@ def dtype_cells(
     return cells
 
 
+def decode_attention_name(device_type: str) -> str:
+    """What nanokv's decode attention runs on this device."""
+    if device_type == "cpu":
+        return cpu_attention.backend()
+    return "triton split-K" if triton_available() else "torch path"
+
+
 def engine_info(llm: nanokv.LLM, hf: HFRunner | None) -> dict:
     """How each engine runs."""
-    cuda_kernel = llm.device.type == "cuda" and triton_available()
     info = {
         "dtype_reason": llm.dtype_reason,
         "nanokv_prefill_chunk": llm.engine.prefill_chunk,
         "nanokv_kv_dtype": str(llm.kv_dtype).removeprefix("torch."),
-        "nanokv_decode_attention": "triton split-K" if cuda_kernel else "torch path",
+        "nanokv_decode_attention": decode_attention_name(llm.device.type),
         "nanokv_weight_layout": llm.model.layout.name,
     }
     if hf is not None:

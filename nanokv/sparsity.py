@@ -19,6 +19,7 @@ import torch
 
 from nanokv.arena import KVArena
 from nanokv.budget import Budget
+from nanokv.kernels.cpu_attention import cpu_merge_page_bounds, cpu_quest_attention
 from nanokv.kernels.decode_attention import Emitted, decode_attention_torch
 from nanokv.kernels.quest import (
     PAGE_SIZE,
@@ -78,6 +79,8 @@ class QuestSparsity:
             self.refresh(arena, layer)
             return
         kmin, kmax = self.bounds[layer]
+        if cpu_merge_page_bounds(arena.k[layer], slots, (kmin, kmax), self.options.page_size):
+            return
         seq = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
         heads = torch.arange(slots.shape[1], device=slots.device)
         k_new = arena.k[layer][seq, heads, slots.long()]  # (B, H_kv, D)
@@ -88,6 +91,9 @@ class QuestSparsity:
     ) -> tuple[torch.Tensor, Emitted | None]:
         """Attention of q (B, H_q, D) over the selected pages of this layer."""
         view = arena.layer(layer)
+        out = self._attend_in_c(layer, q, view, attention)
+        if out is not None:
+            return out, None
         page_scores = self._page_scores(layer, q, arena, attention)
         table = select_pages(page_scores, view.lengths, self.token_budget, self.options.page_size)
         held = (view.lengths + self.options.page_size - 1) // self.options.page_size
@@ -96,6 +102,29 @@ class QuestSparsity:
         return sparse_decode_attention(
             q, view.k, view.v, view.lengths, table, page_size=self.options.page_size, **attention
         )
+
+    def _attend_in_c(self, layer: int, q: torch.Tensor, view, attention: dict):
+        """The whole step in the C kernel (`cpu_quest_attention`) on a CPU, where it applies:
+        no emission, no sliding window, the bound's ranking (not the oracle's). None else."""
+        if (
+            q.device.type != "cpu"
+            or attention["emit"]
+            or attention["sliding_window"] is not None
+            or self.options.oracle
+        ):
+            return None
+        page_size = self.options.page_size
+        kmin, kmax = self.bounds[layer]
+        keep = max(1, min(self.token_budget // page_size, kmin.shape[2]))
+        self._pages = self._pages.cpu()
+        q_kv = q if q.dtype == view.k.dtype else q.to(view.k.dtype)
+        out = cpu_quest_attention(
+            q_kv, view.k, view.v, view.lengths, (kmin, kmax), keep, page_size,
+            attention["scale"], self._pages,
+        )  # fmt: skip
+        if out is None:
+            return None
+        return out if out.dtype == q.dtype else out.to(q.dtype)
 
     def _page_scores(
         self, layer: int, q: torch.Tensor, arena: KVArena, attention: dict

@@ -11,9 +11,21 @@ import torch
 from nanokv.head_pages import HeadPages, PackedBuffer
 from nanokv.kernels import native
 from nanokv.kernels import packed_attention as packed_attention_module
-from nanokv.kernels.cpu_attention import cpu_decode_attention, supports
+from nanokv.kernels.cpu_attention import (
+    cpu_decode_attention,
+    cpu_merge_page_bounds,
+    cpu_quest_attention,
+    supports,
+)
 from nanokv.kernels.decode_attention import decode_attention_reference, masked_attention_torch
 from nanokv.kernels.packed_attention import packed_decode_attention
+from nanokv.kernels.quest import (
+    merge_page_bounds,
+    page_bounds,
+    page_upper_bound,
+    select_pages,
+    sparse_decode_attention_reference,
+)
 
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 
@@ -238,3 +250,62 @@ def test_verbose_generate_names_the_attention_kernel(tiny_llama_dir, fresh_libra
         off = capsys.readouterr()
     assert "decode attention: torch SDPA (NANOKV_NATIVE=0)" in off.err.splitlines()
     assert off.out == on.out
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("budget", [16, 48, 1000])
+def test_quest_step_in_c_equals_select_pages_then_the_masked_reference(dtype, group, budget):
+    """Page scores, the choice of pages (the one being written always, the budget's count,
+    none past a head's length) and the attention over them: the torch pipeline's table and
+    output, on ragged lengths of a 100-slot arena (7 pages, the last one partial); the pages
+    read and held are counted."""
+    q, k, v = make(2, 2, group, 100, 64, dtype, seed=7)
+    lengths = torch.tensor([[100, 1], [37, 64]])
+    kmin, kmax = (b.float() for b in page_bounds(k, lengths))
+    scale = 0.125
+    table = select_pages(page_upper_bound(q, kmin, kmax, scale), lengths, budget)
+    want, _ = sparse_decode_attention_reference(q, k, v, lengths, table, scale=scale)
+    counts = torch.zeros(2, dtype=torch.int64)
+    keep = max(1, min(budget // 16, kmin.shape[2]))
+    out = cpu_quest_attention(q, k, v, lengths, (kmin, kmax), keep, 16, scale, counts)
+    torch.testing.assert_close(out.double(), want.double(), **TOL[dtype])
+    held = (lengths + 15) // 16
+    assert counts.tolist() == [int((table >= 0).sum()), int(held.sum())]
+
+
+@needs_compiler
+def test_quest_step_reads_only_the_chosen_pages():
+    """NaN in every slot of the pages not chosen: the output is still the reference's."""
+    q, k, v = make(1, 2, 3, 160, 64, torch.float32, seed=8)
+    lengths = torch.tensor([[160, 150]])
+    kmin, kmax = page_bounds(k, lengths)
+    table = select_pages(page_upper_bound(q, kmin, kmax, 0.125), lengths, 48)
+    want, _ = sparse_decode_attention_reference(q, k, v, lengths, table, scale=0.125)
+    chosen = torch.zeros(1, 2, 10, dtype=torch.bool)
+    chosen.scatter_(2, table.long().clamp(min=0), table >= 0)
+    poisoned = chosen.repeat_interleave(16, dim=2).unsqueeze(-1)
+    k, v = (x.masked_fill(~poisoned, float("nan")) for x in (k, v))
+    counts = torch.zeros(2, dtype=torch.int64)
+    out = cpu_quest_attention(q, k, v, lengths, (kmin, kmax), 3, 16, 0.125, counts)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merging_an_appended_key_into_its_page_equals_merge_page_bounds(dtype):
+    """Into a page that held keys, and into an empty page (+inf, -inf): the torch function's
+    bounds, bit for bit."""
+    _, k, _ = make(2, 3, 1, 48, 32, dtype, seed=9)
+    lengths = torch.tensor([[20, 33, 47], [16, 1, 40]])
+    kmin, kmax = (b.float() for b in page_bounds(k, lengths))
+    slots = lengths  # the next slot of each head: page 1 and 2 partly full, page 1 of [1, 0] empty
+    lengths = lengths + 1
+    want_min, want_max = kmin.clone(), kmax.clone()
+    new = k[torch.arange(2).unsqueeze(1), torch.arange(3), slots]
+    merge_page_bounds(want_min, want_max, new, slots)
+    assert cpu_merge_page_bounds(k, slots, (kmin, kmax), 16)
+    assert torch.equal(kmin, want_min) and torch.equal(kmax, want_max)
+    fresh_min, fresh_max = page_bounds(k, lengths)
+    assert torch.equal(kmin, fresh_min.float()) and torch.equal(kmax, fresh_max.float())

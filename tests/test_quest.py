@@ -65,3 +65,26 @@ def test_bad_policy_specs():
     for bad in ["h2o+snapkv", "nope", "quest+quest"]:
         with pytest.raises(ValueError):
             parse_policy(bad)
+
+
+def test_the_c_step_equals_the_torch_step(llm, monkeypatch):
+    """On a CPU a Quest step runs in the C kernel (`cpu_quest_attention`, and the bounds'
+    update `cpu_merge_page_bounds`) where it applies: the same logits (fp32, within rounding)
+    and pages read as the torch ops' step."""
+    from nanokv.kernels import native
+
+    if native.library("cpu_attention") is None:
+        pytest.skip("no C kernel here")
+    llm.configure("quest", budget=32.0, quest_dense_layers=1)
+    real, calls = nanokv.sparsity.cpu_quest_attention, []
+    monkeypatch.setattr(
+        nanokv.sparsity, "cpu_quest_attention", lambda *args: calls.append(1) or real(*args)
+    )
+    in_c, state_c = _logits(llm)
+    assert calls  # the C step ran
+    monkeypatch.setattr(nanokv.sparsity, "cpu_quest_attention", lambda *args: None)
+    monkeypatch.setattr(nanokv.sparsity, "cpu_merge_page_bounds", lambda *args: False)
+    in_torch, state_torch = _logits(llm)
+    torch.testing.assert_close(in_c, in_torch, atol=1e-5, rtol=1e-5)
+    assert state_c.quest.pages_read == state_torch.quest.pages_read
+    assert state_c.quest.pages_held == state_torch.quest.pages_held

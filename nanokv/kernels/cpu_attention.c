@@ -260,3 +260,127 @@ int packed_decode_attention(const void *q, void *out, const void *k, const void 
   free(probs);
   return OK;
 }
+
+/* Quest's page score of a kv head: the largest, over the group's query heads, of the upper
+   bound scale * sum_i max(q_i kmax_i, q_i kmin_i) (as q+ . kmax + q- . kmin) of any logit in
+   the page; NaN counts as -inf. lo, hi: the page's kmin, kmax rows (fp32). */
+static float page_score(const vf pos[][MAX_VECTORS], const vf neg[][MAX_VECTORS], const float *lo,
+                        const float *hi, int group, int vectors) {
+  float score = -INFINITY;
+  for (int g = 0; g < group; g++) {
+    vf dot = (vf){0};
+    for (int c = 0; c < vectors; c++) {
+      vf low, high;
+      memcpy(&low, lo + c * LANES, sizeof low);
+      memcpy(&high, hi + c * LANES, sizeof high);
+      dot += pos[g][c] * high + neg[g][c] * low;
+    }
+    const float bound = lane_sum(dot);
+    score = bound > score ? bound : score; /* a NaN bound never wins */
+  }
+  return score;
+}
+
+/* The `keep` best of n_valid pages by score (the caller gives the page being written +inf),
+   ties to the lower page, like a stable descending sort: chosen[p] set for each; returns how
+   many. order: room for `keep` pages. */
+static int choose_pages(const float *score, int n_valid, int keep, int *order, uint8_t *chosen) {
+  int count = 0; /* order[0..count): score descending, then page ascending */
+  for (int p = 0; p < n_valid; p++) {
+    const float s = score[p];
+    if (count == keep && !(s > score[order[keep - 1]])) continue;
+    int at = count < keep ? count++ : keep - 1;
+    while (at > 0 && s > score[order[at - 1]]) {
+      order[at] = order[at - 1];
+      at--;
+    }
+    order[at] = p;
+  }
+  for (int p = 0; p < n_valid; p++) chosen[p] = 0;
+  for (int i = 0; i < count; i++) chosen[order[i]] = 1;
+  return count;
+}
+
+/* Quest's decode step on a rectangular layer, without emission or a sliding window: for each
+   (b, h), score the valid pages against the page bounds kmin, kmax (fp32, (B, H_kv, P, D)
+   contiguous), keep the best `keep` (the one being written always), and attend over the
+   valid slots of those pages only (the others' K/V are never read). q, out, k, v as in
+   decode_attention; lengths (B, H_kv) int64. Adds the pages read and the valid pages held to
+   counts[0] and counts[1]. */
+int quest_decode_attention(const void *q, void *out, const void *k, const void *v,
+                           int64_t kv_sb, int64_t kv_sh, const int64_t *lengths,
+                           const float *kmin, const float *kmax, int64_t pages, int page_size,
+                           int keep, int batch, int kv_heads, int group, int head_dim, int kind,
+                           float scale, int64_t *counts) {
+  if (bad_shape(group, head_dim) || keep < 1 || page_size < 1 || pages < 1) return BAD_SHAPE;
+  const int vectors = head_dim / LANES;
+  const int64_t capacity = pages * page_size;
+  float *probs = malloc(sizeof(float) * (size_t)group * (size_t)capacity);
+  float *score = malloc(sizeof(float) * (size_t)pages);
+  int *order = malloc(sizeof(int) * (size_t)keep);
+  uint8_t *chosen = malloc((size_t)pages), *allowed = malloc((size_t)capacity);
+  int status = probs && score && order && chosen && allowed ? OK : NO_MEMORY;
+  for (int b = 0; status == OK && b < batch; b++) {
+    for (int h = 0; h < kv_heads; h++) {
+      const int64_t row = ((int64_t)b * kv_heads + h) * group * head_dim;
+      const int64_t length = lengths[b * kv_heads + h];
+      const int64_t valid_pages = (length + page_size - 1) / page_size;
+      const int n_valid = (int)(valid_pages < pages ? valid_pages : pages);
+      const float *lo = kmin + ((int64_t)b * kv_heads + h) * pages * head_dim;
+      const float *hi = kmax + ((int64_t)b * kv_heads + h) * pages * head_dim;
+      vf pos[MAX_GROUP][MAX_VECTORS], neg[MAX_GROUP][MAX_VECTORS];
+      for (int g = 0; g < group; g++)
+        for (int c = 0; c < vectors; c++) {
+          const vf x = load_lanes(q, kind, row + (int64_t)g * head_dim + c * LANES) * scale;
+          const vi positive = x > 0.0f;
+          pos[g][c] = (vf)((vi)x & positive);
+          neg[g][c] = (vf)((vi)x & ~positive);
+        }
+      for (int p = 0; p < n_valid; p++)
+        score[p] = page_score(pos, neg, lo + p * head_dim, hi + p * head_dim, group, vectors);
+      if (n_valid > 0) score[n_valid - 1] = INFINITY;
+      const int read = choose_pages(score, n_valid, keep, order, chosen);
+      for (int64_t j = 0; j < length; j++) allowed[j] = chosen[j / page_size];
+      attend_group(q, out, row, k, v, b * kv_sb + h * kv_sh, allowed, length, group, head_dim,
+                   kind, scale, probs);
+      counts[0] += read;
+      counts[1] += n_valid;
+    }
+  }
+  free(probs);
+  free(score);
+  free(order);
+  free(chosen);
+  free(allowed);
+  return status;
+}
+
+/* Folds the key each (b, h) just appended at slots[b, h] (int64 (B, H_kv)) into its page's
+   bounds kmin, kmax (fp32 (B, H_kv, P, D) contiguous), in place: an element-wise min and max,
+   NaN kept (as torch.minimum / maximum do). k as in decode_attention. */
+int quest_merge_bounds(const void *k, int64_t kv_sb, int64_t kv_sh, const int64_t *slots,
+                       float *kmin, float *kmax, int64_t pages, int page_size, int batch,
+                       int kv_heads, int head_dim, int kind) {
+  if (head_dim <= 0 || head_dim % LANES || page_size < 1) return BAD_SHAPE;
+  for (int b = 0; b < batch; b++) {
+    for (int h = 0; h < kv_heads; h++) {
+      const int64_t slot = slots[b * kv_heads + h], page = slot / page_size;
+      if (slot < 0 || page >= pages) return BAD_SHAPE;
+      const int64_t key = b * kv_sb + h * kv_sh + slot * head_dim;
+      float *lo = kmin + (((int64_t)b * kv_heads + h) * pages + page) * head_dim;
+      float *hi = kmax + (((int64_t)b * kv_heads + h) * pages + page) * head_dim;
+      for (int c = 0; c < head_dim / LANES; c++) {
+        const vf x = load_lanes(k, kind, key + c * LANES);
+        vf low, high;
+        memcpy(&low, lo + c * LANES, sizeof low);
+        memcpy(&high, hi + c * LANES, sizeof high);
+        const vi nan = x != x, below = x < low, above = x > high;
+        low = (vf)(((vi)x & (below | nan)) | ((vi)low & ~(below | nan)));
+        high = (vf)(((vi)x & (above | nan)) | ((vi)high & ~(above | nan)));
+        memcpy(lo + c * LANES, &low, sizeof low);
+        memcpy(hi + c * LANES, &high, sizeof high);
+      }
+    }
+  }
+  return OK;
+}

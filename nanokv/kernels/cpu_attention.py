@@ -35,6 +35,9 @@ SIGNATURES = {
                          _INT, _INT, _INT, _INT, _I64, _INT, ctypes.c_float],
     "packed_decode_attention": [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                                 _INT, _INT, _INT, _INT, ctypes.c_float],
+    "quest_decode_attention": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT,
+                               _INT, _INT, _INT, _INT, _INT, _INT, ctypes.c_float, _PTR],
+    "quest_merge_bounds": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT, _INT, _INT, _INT, _INT],
 }  # fmt: skip
 
 
@@ -80,6 +83,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) -
         and k.stride(-1) == 1
         and k.stride(-2) == head_dim
     )
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) -> bool:
+    """`supports` and the C library built: a caller checks this before making a mask for it."""
+    return supports(q, k, v, kv_heads) and native.library("cpu_attention") is not None
 
 
 def cpu_decode_attention(
@@ -143,3 +151,75 @@ def cpu_packed_decode_attention(
     )  # fmt: skip
     _checked("packed_decode_attention", status)
     return out
+
+
+def cpu_quest_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    keep: int,
+    page_size: int,
+    scale: float,
+    counts: torch.Tensor,
+) -> torch.Tensor | None:
+    """Quest's whole decode step for a rectangular layer, without emission or a sliding window:
+    page scores from `bounds` (kmin, kmax fp32 (B, H_kv, P, D)), the `keep` best pages of each
+    kv head (the one being written always; `select_pages`' choice, up to the fp32 rounding of
+    the bounds), and attention over their valid slots only. q (B, H_q, D); k, v (B, H_kv, C, D);
+    lengths (B, H_kv). Adds the pages read and held to `counts` (int64 (2,), CPU). Returns
+    (B, H_q, D) in q's dtype, or None where the C kernel does not apply."""
+    kmin, kmax = bounds
+    if not (applies(q, k, v, k.shape[1]) and kmin.dtype == kmax.dtype == torch.float32):
+        return None
+    kernel = _kernel("quest_decode_attention")
+    if counts.dtype != torch.int64 or counts.device.type != "cpu" or counts.numel() != 2:
+        raise ValueError("counts must be a CPU int64 tensor of 2")
+    kmin, kmax = kmin.contiguous(), kmax.contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    status = kernel(
+        q.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+        lengths.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), kmin.shape[2], page_size, keep,
+        batch, kv_heads, q_heads // kv_heads, head_dim, KINDS[q.dtype], scale,
+        counts.data_ptr(),
+    )  # fmt: skip
+    _checked("quest_decode_attention", status)
+    return out
+
+
+def cpu_merge_page_bounds(
+    k: torch.Tensor,
+    slots: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    page_size: int,
+) -> bool:
+    """`merge_page_bounds` of the keys just appended at `slots` (B, H_kv), read from the arena's
+    k (B, H_kv, C, D) where they lie, into `bounds` (kmin, kmax fp32 (B, H_kv, P, D)
+    contiguous), in one C call. False (nothing done) where the C kernel does not apply."""
+    kmin, kmax = bounds
+    usable = (
+        k.device.type == "cpu"
+        and k.dtype in KINDS
+        and k.shape[-1] % LANES == 0
+        and k.stride(-1) == 1
+        and k.stride(-2) == k.shape[-1]
+        and kmin.dtype == kmax.dtype == torch.float32
+        and kmin.is_contiguous()
+        and kmax.is_contiguous()
+        and native.library("cpu_attention") is not None
+    )
+    if not usable:
+        return False
+    slots = slots.to(torch.int64).contiguous()
+    batch, kv_heads, pages, head_dim = kmin.shape
+    status = _kernel("quest_merge_bounds")(
+        k.data_ptr(), k.stride(0), k.stride(1), slots.data_ptr(), kmin.data_ptr(),
+        kmax.data_ptr(), pages, page_size, batch, kv_heads, head_dim, KINDS[k.dtype],
+    )  # fmt: skip
+    _checked("quest_merge_bounds", status)
+    return True

@@ -12,9 +12,11 @@ Three implementations of the same contract live here:
   tested against;
 - ``decode_attention_torch``: what runs on CPU (and wherever Triton does not); on CPU it reads
   only the slots below the longest head's length (without a sliding window). It never copies
-  the arena to fp32: the output comes from torch's fused SDPA kernel in every dtype (fp32 logits
-  and softmax, P.V in the cache's dtype with fp32 accumulation, as in the Triton kernel), and
-  emission adds fp32 logits (over blocks of slots in half precision);
+  the arena to fp32: the output comes from one fused call, on a CPU the C kernel of
+  ``cpu_attention.py`` (fp32 and bf16 caches, fp32 inside, one rounding at the end) and
+  torch's SDPA elsewhere and for what the C kernel does not take (fp32 logits and softmax, P.V
+  in the cache's dtype with fp32 accumulation, as in the Triton kernel), and emission adds
+  fp32 logits (over blocks of slots in half precision);
 - ``decode_attention_triton``: split-K ("flash-decoding") Triton kernels, what runs on CUDA.
   Stage 1 reduces fixed-size splits of slots to a partial (max, sum-exp, output); stage 2 merges
   the splits and stores the log-sum-exp; the emission pass recomputes q.k for each slot block and

@@ -19,7 +19,10 @@ converted path still took 86 against 127 us for a layer of 1,300 slots and 9 que
 the flops of every row (H_kv x B times the rectangle's), which is small where packing applies:
 a compressed cache of a few percent of the prompt. Policies that emit statistics get
 them at the next eviction, from a gathered rectangle (`Engine.settle`), as on a rectangular layer.
-Runs as torch ops on every device.
+Runs as torch ops on every device; on a CPU the C kernel of `cpu_attention.py` answers first
+where it applies (fp32 and bf16, head sizes a multiple of 16): it reads each query head's own
+row only, so none of the above flops over the other rows (laprox at 5% of 8128 tokens, bf16,
+one thread: 22.4 -> 20.1 ms a step with it, `/tmp` A/B of `NANOKV_NATIVE=0` and 1).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nanokv.head_pages import HeadPages
-from nanokv.kernels.cpu_attention import cpu_packed_decode_attention
+from nanokv.kernels.cpu_attention import applies, cpu_packed_decode_attention
 
 
 def packed_slot_mask(
@@ -127,13 +130,15 @@ def _native(
 ) -> torch.Tensor | None:
     """The C kernel's answer (`cpu_attention.py`: each query head reads its own row only), or
     None where it does not apply."""
+    q_kv = q if q.dtype == k.dtype else q.to(k.dtype)
+    if not applies(q_kv, k, v, pages.caps.shape[1]):
+        return None
     attended = slot_pos != -1  # (S,)
     if sliding_window is not None:
         if query_pos is None:
             raise ValueError("a sliding window needs query_pos")
         sequence = pages.row_of_slot.long() // pages.caps.shape[1]  # (S,)
         attended &= slot_pos > query_pos[sequence] - sliding_window
-    q_kv = q if q.dtype == k.dtype else q.to(k.dtype)
     out = cpu_packed_decode_attention(q_kv, k, v, pages.starts, pages.caps, attended, scale)
     if out is None:
         return None

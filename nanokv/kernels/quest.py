@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from nanokv.kernels.cpu_attention import cpu_decode_attention
+from nanokv.kernels.cpu_attention import applies, cpu_decode_attention
 from nanokv.kernels.decode_attention import (
     Emitted,
     check_layout,
@@ -273,9 +273,12 @@ def _listed_in_place(
     """Without emission on a CPU: the C kernel over the whole layer under the listed pages'
     mask, which reads the K/V of the allowed slots only, where they lie (no gather); None where
     the C kernel does not apply."""
+    q_kv = q if q.dtype == k.dtype else q.to(k.dtype)
+    if not applies(q_kv, k, v, k.shape[1]):
+        return None
     mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
     mask &= page_table_mask(page_table, k.shape[2], page_size)
-    out = cpu_decode_attention(q if q.dtype == k.dtype else q.to(k.dtype), k, v, mask, scale)
+    out = cpu_decode_attention(q_kv, k, v, mask, scale)
     if out is None:
         return None
     return out if out.dtype == q.dtype else out.to(q.dtype)
