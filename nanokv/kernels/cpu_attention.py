@@ -7,6 +7,12 @@ dtype at the end; a head with no allowed slot gets zeros. fp32 and bf16 caches, 
 that are a multiple of 16 and up to 32 query heads a kv head; anything else (and a missing C
 compiler, `kernels/native.py`) gets None, and the caller runs torch's SDPA.
 
+Entry points: `cpu_decode_attention` (a rectangular layer, optionally masked),
+`cpu_packed_decode_attention` (a packed layer, `head_pages.py`: each query head reads its own
+row), and Quest's step (`cpu_quest_attention`: page scores, the pages chosen, attention over
+them; `cpu_merge_page_bounds`: the bounds' update after a write), each one C call a layer in
+place of a dozen small torch ops.
+
 Why: torch's CPU SDPA is a flash kernel tiled for many query rows; with one it reads the cache
 at a few GB/s. The C kernel reads each key and value once per kv head for its whole group,
 with no tiling overhead. Over 30 layers' caches of the default model's shapes (9 query heads,

@@ -1,7 +1,7 @@
 """C kernels for the CPU, built on this machine on first use and loaded with ctypes.
 
 Why: a decode step's attention is one query row per head, where torch's CPU SDPA (a flash
-kernel made for many rows) reads the cache at a few GB/s. A few dozen lines of C with vector
+kernel made for many rows) reads the cache at a few GB/s. A few hundred lines of C with vector
 extensions, compiled for the machine at hand (`-march=native`), do better (cpu_attention.py
 says by how much), and need no build step at install time: a C compiler is all it takes.
 
