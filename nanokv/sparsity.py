@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanokv.arena import KVArena
+from nanokv.arena import ArenaLayer, KVArena
 from nanokv.budget import Budget
 from nanokv.kernels.cpu_attention import cpu_merge_page_bounds, cpu_quest_attention
 from nanokv.kernels.decode_attention import Emitted, decode_attention_torch
@@ -103,7 +103,9 @@ class QuestSparsity:
             q, view.k, view.v, view.lengths, table, page_size=self.options.page_size, **attention
         )
 
-    def _attend_in_c(self, layer: int, q: torch.Tensor, view, attention: dict):
+    def _attend_in_c(
+        self, layer: int, q: torch.Tensor, view: ArenaLayer, attention: dict
+    ) -> torch.Tensor | None:
         """The whole step in the C kernel (`cpu_quest_attention`) on a CPU, where it applies:
         no emission, no sliding window, the bound's ranking (not the oracle's). None else."""
         if (
