@@ -567,7 +567,11 @@ def check_layout(
 ) -> None:
     """Raises ValueError for arguments that do not fit the decode-attention contract: q
     (B, H_q, D); k, v (B, H_kv, C, D) of one dtype with H_kv dividing H_q; lengths (B, H_kv);
-    slot_pos (B, H_kv, C); query_pos (B,); value_norms (B, H_q, C); page_table (B, H_kv, K)."""
+    slot_pos (B, H_kv, C); query_pos (B,); value_norms (B, H_q, C); page_table (B, H_kv, K).
+    Arguments that fit pass one comparison of shapes (this runs every layer of every step);
+    the others get the check that names what is wrong."""
+    if _fits(q, k, v, lengths, slot_pos, query_pos, value_norms, page_table):
+        return
     expect_shape("q", q, (None, None, None))
     batch, q_heads, head_dim = q.shape
     expect_shape("k", k, (batch, None, None, head_dim))
@@ -586,6 +590,39 @@ def check_layout(
         expect_shape("value_norms", value_norms, (batch, q_heads, capacity))
     if page_table is not None:
         expect_shape("page_table", page_table, (batch, kv_heads, None))
+
+
+def _fits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    slot_pos: torch.Tensor | None,
+    query_pos: torch.Tensor | None,
+    value_norms: torch.Tensor | None,
+    page_table: torch.Tensor | None,
+) -> bool:
+    """`check_layout`'s contract in one pass of comparisons."""
+    if q.dim() != 3 or k.dim() != 4:
+        return False
+    batch, q_heads, head_dim = q.shape
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    return (
+        k.shape[0] == batch
+        and k.shape[3] == head_dim
+        and v.shape == k.shape
+        and kv_heads > 0
+        and q_heads % kv_heads == 0
+        and k.dtype == v.dtype
+        and lengths.shape == (batch, kv_heads)
+        and (slot_pos is None or slot_pos.shape == (batch, kv_heads, capacity))
+        and (query_pos is None or query_pos.shape == (batch,))
+        and (value_norms is None or value_norms.shape == (batch, q_heads, capacity))
+        and (
+            page_table is None
+            or (page_table.dim() == 3 and page_table.shape[:2] == (batch, kv_heads))
+        )
+    )
 
 
 def decode_attention_triton(

@@ -1,17 +1,20 @@
 """C kernels for the CPU, built on this machine on first use and loaded with ctypes.
 
 Why: a decode step's attention is one query row per head, where torch's CPU SDPA (a flash
-kernel made for many rows) reads the cache at a few GB/s. A few hundred lines of C with vector
+kernel made for many rows) reads the cache at a few GB/s, and its projections are GEMVs of one
+row, which oneDNN reads below the bandwidth one core has. A few hundred lines of C with vector
 extensions, compiled for the machine at hand (`-march=native`), do better (cpu_attention.py
-says by how much), and need no build step at install time: a C compiler is all it takes.
+and cpu_linear.py say by how much), and need no build step at install time: a C compiler is
+all it takes.
 
 The library is compiled from its source next to this file into a cache directory
-(`$NANOKV_NATIVE_CACHE`, default `~/.cache/nanokv/native`), named by a hash of the source, the
-compiler, its flags and this CPU's feature flags, so that a changed source or a home directory
-shared by different machines never loads a stale or foreign build. It is written to a temporary
-file and renamed, so a crash mid-build leaves nothing half-written. Where there is no compiler,
-the build fails, or `NANOKV_NATIVE=0` is set, `library` returns None (with one warning line on
-stderr for a failed build) and callers take their torch path.
+(`$NANOKV_NATIVE_CACHE`, default `~/.cache/nanokv/native`), named by a hash of the source (and
+the headers beside it), the compiler, its flags and this CPU's feature flags, so that a changed
+source or a home directory shared by different machines never loads a stale or foreign build.
+It is written to a temporary file and renamed, so a crash mid-build leaves nothing
+half-written. Where there is no compiler, the build fails, or `NANOKV_NATIVE=0` is set,
+`library` returns None (with one warning line on stderr for a failed build) and callers take
+their torch path.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=c11", "-pthread", "-shared", "-fPIC")
 
 
 class NativeBuildError(RuntimeError):
@@ -67,7 +70,8 @@ def cpu_flags() -> str:
 def build(name: str, cc: str, out_dir: Path) -> Path:
     """Compiles `<name>.c` of this directory into out_dir (kept where one already matches)."""
     source = SOURCE_DIR / f"{name}.c"
-    key = "\n".join([source.read_text(), cc, " ".join(FLAGS), cpu_flags()])
+    headers = [path.read_text() for path in sorted(SOURCE_DIR.glob("*.h"))]
+    key = "\n".join([source.read_text(), *headers, cc, " ".join(FLAGS), cpu_flags()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     target = out_dir / f"{name}-{digest}.so"
     if target.exists():

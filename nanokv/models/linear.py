@@ -1,4 +1,4 @@
-"""The projections of a decode step: fused weights, read once each, on torch's fastest path.
+"""The projections of a decode step: fused weights, read once each, on the fastest path at hand.
 
 Batch-1 decode is a chain of matrix-vector products, so its cost is the bytes of the weights.
 Three things keep those reads few, large and exact where it matters:
@@ -6,17 +6,21 @@ Three things keep those reads few, large and exact where it matters:
 - `fuse_rows` concatenates the weights that read the same input (q/k/v, gate/up) into one tensor
   at load time; the per-projection parameters become views of it, so checkpoint names, memory
   and `module.weight` stay as loaded.
-- `linear` sends one row in bf16/fp16 on CPU through `torch.mv`: oneDNN's `F.linear` for a
-  single row repacks the weight on every call and reads it at about half the speed (measured in
-  `bench/e2e.py`'s development, AMX Xeon, 1 thread). Both accumulate in fp32; fp32 keeps
-  `F.linear`, so fp32 results in the output-major layout (below) are bit-for-bit those of the
-  unfused model.
-- bf16 on a CPU where oneDNN does bf16 natively (AVX512-BF16 / AMX; `packs_weights`) reads every
-  projection and the LM head's GEMV from a copy packed once into oneDNN's blocked layout
-  (`packed`), through the kernel inductor's CPU freezing uses: on a 2-core AMD EPYC (Zen 5,
-  AVX512-BF16, one thread) the weights of a SmolLM2-135M step read in 10.2 ms against 18.2 with
-  `F.linear` and 37.9 with `torch.mv` on the dense weights (`/tmp` microbenchmark of the step's
-  shapes), and a decode step at 512 tokens took 20.5 against 52.9 ms (`bench/e2e.py`). Its
+- `linear` sends one row in bf16/fp16 on CPU through `torch.mv` where the weights are not
+  packed: oneDNN's `F.linear` for a single row repacks the weight on every call and reads it at
+  about half the speed (measured in `bench/e2e.py`'s development, AMX Xeon, 1 thread). Both
+  accumulate in fp32; fp32 keeps `F.linear`, so fp32 results in the output-major layout
+  (below) are bit-for-bit those of the unfused model.
+- bf16 on a CPU with native bf16 instructions (AVX512-BF16 / AMX; `packing_for`) reads every
+  projection and the LM head's GEMV from a copy packed once. Where a C compiler is at hand
+  that is the blocks of kernels/cpu_linear.py (`packing="blocked"`), whose kernel also does
+  what a decoder layer does next to a projection (the input's RMSNorm, RoPE, SiLU-GLU, the
+  residual add) on the rows it holds, rounding once: on a 2-core AMD EPYC (Zen 5, one thread)
+  the weights of a SmolLM2-135M step read in ~7.3 ms against 9.5 for oneDNN's packed GEMV
+  (`/tmp` microbenchmark of the step's shapes), and a decode step at 512 tokens took 11.8
+  against 16.2 ms (`/tmp` loop of 32 greedy steps). Elsewhere it is oneDNN's blocked layout
+  (`packing="onednn"`), through the kernel inductor's CPU freezing uses (10.2 ms against
+  18.2 with `F.linear` and 37.9 with `torch.mv` on the dense weights, same host), whose
   products are bit for bit `F.linear`'s on the dense weights (tests/test_packed_weights.py).
   A weight that something else reads stays a dense parameter too (the output projection: value
   norms; the LM head: embedding rows and the refined logits); those only `linear` reads (q/k/v,
@@ -58,45 +62,95 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokv.dtypes import half_is_native
+from nanokv.kernels import cpu_linear
+from nanokv.kernels.cpu_linear import BlockedWeight, RowRope
+from nanokv.models.norm import RMSNorm
 
 HALF = (torch.bfloat16, torch.float16)
+ReadWeight = torch.Tensor | BlockedWeight  # what `linear` reads: a tensor or a packed copy
+
+
+PACKINGS = ("onednn", "blocked")  # oneDNN's blocked layout; cpu_linear.c's (kernels/cpu_linear.py)
 
 
 @dataclass(frozen=True)
 class WeightLayout:
     """How `prepare_weights` holds the weights a step reads (see the module docstring):
-    input-major where that pays, and/or read from oneDNN-packed copies; the default is the
-    checkpoint's layout, read as it is."""
+    input-major where that pays, and/or read from packed copies (`packing`: oneDNN's, or the
+    C kernel's blocks); the default is the checkpoint's layout, read as it is."""
 
     input_major: bool = False
-    pack: bool = False
+    packing: str | None = None  # one of PACKINGS, or None
+
+    def __post_init__(self) -> None:
+        if self.packing not in (None, *PACKINGS):
+            raise ValueError(f"unknown packing {self.packing!r}; choose one of {PACKINGS}")
 
     @classmethod
     def for_machine(cls, dtype: torch.dtype, device: torch.device) -> WeightLayout:
         """The loader's choice: input-major for fp32 on an AMD CPU, packed for bf16 on a CPU
-        with bf16 instructions (`input_major_default`, `packs_weights`)."""
-        return cls(input_major_default(dtype, device), packs_weights(dtype, device))
+        with bf16 instructions (`input_major_default`, `packing_for`)."""
+        return cls(input_major_default(dtype, device), packing_for(dtype, device))
+
+    @property
+    def pack(self) -> bool:
+        """Whether the projections are read from packed copies (of either kind)."""
+        return self.packing is not None
 
     @property
     def unpacked(self) -> WeightLayout:
         """The same layout with the weights read as they are: what a weight that is not only a
         GEMV's (an embedding, the LM head's rows) or a reader of dense weights (inductor) gets."""
-        return replace(self, pack=False)
+        return replace(self, packing=None)
 
     @property
     def name(self) -> str:
-        """How results name it: 'onednn-packed', 'input-major' or 'output-major'."""
-        if self.pack:
-            return "onednn-packed"
+        """How results name it: 'c-blocked', 'onednn-packed', 'input-major' or 'output-major'."""
+        if self.packing is not None:
+            return {"onednn": "onednn-packed", "blocked": "c-blocked"}[self.packing]
         return "input-major" if self.input_major else "output-major"
 
 
 AS_LOADED = WeightLayout()  # the checkpoint's layout, read as it is
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (T, in) @ weight (out, in)^T + bias -> (T, out), in x's dtype; `weight` may be a
-    oneDNN-packed copy (`packed`)."""
+def linear(
+    x: torch.Tensor,
+    weight: ReadWeight,
+    bias: torch.Tensor | None,
+    *,
+    norm: RMSNorm | None = None,
+    rope: RowRope | None = None,
+    glu: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (T, in) -> residual + glu(rope(norm(x) @ weight (out, in)^T + bias)), (T, out) in
+    x's dtype, or (T, out / 2) with `glu(y) = act(y[:, :out/2]) * y[:, out/2:]` (a fused
+    gate/up weight); `rope` rotates the first heads of the output (fused q/k/v); `norm`,
+    `rope`, `glu` and `residual` are optional. `weight` may be a packed copy (`packed`, a
+    oneDNN tensor or the C kernel's blocks): blocked, the C kernel does the norm (RMSNorm),
+    RoPE, SiLU-GLU and the residual add on the row it holds (kernels/cpu_linear.py);
+    otherwise they are the same torch ops as unfused."""
+    if isinstance(weight, BlockedWeight) and glu in (None, F.silu):
+        row_norm = None if norm is None else norm.row_norm
+        if norm is None or row_norm is not None:
+            fused = {"norm": row_norm, "rope": rope, "glu": glu is not None}
+            return cpu_linear.blocked_linear(x, weight, bias, residual=residual, **fused)
+    if norm is not None:
+        x = norm(x)
+    y = _product(x, weight, bias)
+    if rope is not None:
+        y = rope(y)
+    if glu is not None:
+        gate, up = y.chunk(2, dim=-1)
+        y = glu(gate) * up
+    return y if residual is None else residual + y
+
+
+def _product(x: torch.Tensor, weight: ReadWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (T, in) @ weight (out, in)^T + bias -> (T, out), on the fastest path for its kind."""
+    if isinstance(weight, BlockedWeight):
+        return cpu_linear.blocked_linear(x, weight, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if x.shape[0] == 1 and x.dtype in HALF and x.device.type == "cpu":
@@ -111,15 +165,15 @@ def input_major_default(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and cpu_vendor() == "AuthenticAMD"
 
 
-def packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `prepare_weights` reads the projections from oneDNN-packed copies (see the module
-    docstring): bf16 on a CPU with native bf16 instructions, where oneDNN is built in."""
-    return (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
-        and half_is_native("cpu")
-        and onednn_does_bf16()
-    )
+def packing_for(dtype: torch.dtype, device: torch.device) -> str | None:
+    """The packed copies `prepare_weights` reads the projections from (see the module
+    docstring): for bf16 on a CPU with native bf16 instructions, the C kernel's blocks where it
+    builds, else oneDNN's where oneDNN does bf16; None (the weights as they are) elsewhere."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not half_is_native("cpu"):
+        return None
+    if cpu_linear.available():
+        return "blocked"
+    return "onednn" if onednn_does_bf16() else None
 
 
 def onednn_does_bf16() -> bool:
@@ -128,16 +182,25 @@ def onednn_does_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def packed(weight: torch.Tensor) -> torch.Tensor:
-    """A copy of `weight` (out, in) in oneDNN's blocked layout, which only `linear` reads (an
-    opaque tensor: same values, no views, no indexing)."""
+def packed(weight: torch.Tensor, packing: str = "onednn") -> ReadWeight:
+    """A copy of `weight` (out, in) that only `linear` reads: in oneDNN's blocked layout (an
+    opaque tensor: same values, no views, no indexing) or in the C kernel's blocks."""
+    if packing == "blocked":
+        return cpu_linear.block(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
-def read_copy(weight: torch.Tensor, pack: bool) -> torch.Tensor:
+def is_packed(weight: object) -> bool:
+    """Whether `weight` is a copy `packed` made (its values come back with `to_dense`)."""
+    return isinstance(weight, BlockedWeight) or (
+        isinstance(weight, torch.Tensor) and weight.is_mkldnn
+    )
+
+
+def read_copy(weight: torch.Tensor, layout: WeightLayout) -> ReadWeight:
     """The tensor `linear` reads for `weight`: its packed copy, or the weight itself (as a plain
     tensor, so that a module holding it registers no second parameter)."""
-    return packed(weight) if pack else weight.detach()
+    return packed(weight, layout.packing) if layout.pack else weight.detach()
 
 
 def cpu_vendor() -> str:
@@ -174,8 +237,8 @@ def is_input_major(weight: torch.Tensor) -> bool:
 def fuse_rows(
     *layers: nn.Linear,
     layout: WeightLayout = AS_LOADED,
-    packed_before: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    packed_before: ReadWeight | None = None,
+) -> tuple[ReadWeight, torch.Tensor | None]:
     """One (sum of out, in) weight (and bias) for `layers` that share an input, held
     input-major (where that pays) or not (`laid_out`); each layer's parameters are rebound as
     views of the fused tensors, so nothing is held twice. Packed (`layout.pack`), what is
@@ -194,15 +257,15 @@ def fuse_rows(
         if bias is not None:
             layer.bias = nn.Parameter(bias[rows], requires_grad=False)
         start = rows.stop
-    return read_copy(weight, layout.pack), bias
+    return read_copy(weight, layout), bias
 
 
 def lay_out(
     module: nn.Module,
     layout: WeightLayout = AS_LOADED,
     keep_dense: bool = True,
-    packed_before: torch.Tensor | None = None,
-) -> torch.Tensor:
+    packed_before: ReadWeight | None = None,
+) -> ReadWeight:
     """Re-lays the weight of a Linear or Embedding module out (`laid_out`; input-major only
     where that pays), in place; returns what `linear` reads for it (`read_copy`). Packed and
     not `keep_dense` (a weight nothing but `linear` reads), the module's dense weight is
@@ -212,19 +275,19 @@ def lay_out(
     weight = laid_out(weight, layout.input_major and pays_input_major(weight))
     dense = nn.Parameter(weight, requires_grad=False)
     module.weight = None if layout.pack and not keep_dense else dense
-    return read_copy(dense, layout.pack)
+    return read_copy(dense, layout)
 
 
 def _dense(
     join: Callable[[list[torch.Tensor]], torch.Tensor],
     weights: list[torch.Tensor | None],
-    packed_before: torch.Tensor | None,
+    packed_before: ReadWeight | None,
 ) -> torch.Tensor:
     """The dense values of `weights` joined, or, where they were released, of their packed copy
-    (oneDNN's `to_dense` gives back the values it packed, bit for bit)."""
+    (`to_dense` gives back the values that were packed, bit for bit)."""
     if all(weight is not None for weight in weights):
         return join(weights)
-    if packed_before is None or not packed_before.is_mkldnn:
+    if not is_packed(packed_before):
         raise ValueError("a released weight needs the packed copy it was released for")
     return packed_before.to_dense()
 
@@ -239,7 +302,7 @@ def head_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def head_logits(
-    h: torch.Tensor, head: torch.Tensor, head_read: torch.Tensor | None = None
+    h: torch.Tensor, head: torch.Tensor, head_read: ReadWeight | None = None
 ) -> torch.Tensor:
     """h (T, hidden) in any dtype, head (vocab, hidden) -> (T, vocab) fp32 logits: exact for an
     fp32 head; for a half-precision one, the GEMV in the head's dtype (from `head_read`, its

@@ -25,32 +25,10 @@ from nanokv.models.linear import (
     linear,
     packed,
 )
-from nanokv.models.rope import Rotary
+from nanokv.models.norm import RMSNorm
+from nanokv.models.rope import Rotary, RotatedHeads
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, "tanh")}
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-        self.weight_fp32: torch.Tensor | None = None  # set by `prepare` for half precision
-
-    def prepare(self) -> None:
-        """Keeps an fp32 copy of a half-precision weight (hidden floats) for `forward`."""
-        half = self.weight.dtype != torch.float32
-        self.weight_fp32 = self.weight.detach().float() if half else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised in fp32 whatever x's dtype, rounded once (one call; fp32 results are
-        bit-for-bit those of `weight * (x * rsqrt(mean(x^2) + eps))`). A half-precision x goes
-        through the fp32 kernel and is rounded at the end, with the same bits: on CPU the fused
-        kernel's bf16 path cost ~85 us a call inside a decode step against ~14 us this way
-        (30 layers x 2 norms a step)."""
-        if self.weight_fp32 is None or x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return F.rms_norm(x.float(), self.weight.shape, self.weight_fp32, self.eps).to(x.dtype)
 
 
 class LlamaAttentionWeights(nn.Module):
@@ -73,11 +51,15 @@ class LlamaAttentionWeights(nn.Module):
         self.qkv_weight, self.qkv_bias = fused
         self.o_weight = lay_out(self.o_proj, layout)  # dense kept: value norms
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (T, hidden) -> qk (T, (H_q + H_kv) D), v (T, H_kv D): views of one GEMV's output,
-        q and k side by side so that RoPE rotates both in one pass."""
+    def project(
+        self, x: torch.Tensor, norm: RMSNorm, rotary: Rotary, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, hidden) -> qk (T, (H_q + H_kv) D) of norm(x) after RoPE, v (T, H_kv D): views
+        of one GEMV's output, q and k side by side so that RoPE rotates both in one pass."""
         q_size, kv_size, _ = self.sizes
-        return linear(x, self.qkv_weight, self.qkv_bias).split((q_size + kv_size, kv_size), -1)
+        rope = RotatedHeads(rotary, positions, q_size + kv_size, rotary.head_dim)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias, norm=norm, rope=rope)
+        return qkv.split((q_size + kv_size, kv_size), -1)
 
 
 class LlamaMLP(nn.Module):
@@ -99,10 +81,10 @@ class LlamaMLP(nn.Module):
             self.down_proj, layout, keep_dense=False, packed_before=self.down_weight
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, hidden) -> (T, hidden)."""
-        gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        return linear(self.act(gate) * up, self.down_weight, self.down_proj.bias)
+    def forward(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor) -> torch.Tensor:
+        """x (T, hidden) -> residual + MLP(norm(x)), (T, hidden)."""
+        hidden = linear(x, self.gate_up_weight, self.gate_up_bias, norm=norm, glu=self.act)
+        return linear(hidden, self.down_weight, self.down_proj.bias, residual=residual)
 
 
 class LlamaBlock(nn.Module):
@@ -125,17 +107,16 @@ class LlamaBlock(nn.Module):
     def qkv(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """h: (T, hidden) -> q (T, H_q, D), k (T, H_kv, D) after RoPE, v (T, H_kv, D)."""
         cfg = self.cfg
-        qk, v = self.self_attn.project(self.input_layernorm(h))
+        qk, v = self.self_attn.project(h, self.input_layernorm, self.rotary[0], positions)
         qk = qk.view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
-        cos, signed_sin = self.rotary[0].cos_sin(positions, qk.dtype)
-        q, k = Rotary.apply(qk, cos, signed_sin).split((cfg.num_heads, cfg.num_kv_heads), dim=1)
+        q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)
         return to_kv_dtype(self.kv_dtype, q, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim))
 
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: (T, hidden), attn_out: (T, H_q * D) -> the layer's output (T, hidden)."""
         attn = self.self_attn
-        h = h + linear(attn_out.to(h.dtype), attn.o_weight, attn.o_proj.bias)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = linear(attn_out.to(h.dtype), attn.o_weight, attn.o_proj.bias, residual=h)
+        return self.mlp(h, self.post_attention_layernorm, residual=h)
 
 
 class LlamaBackbone(nn.Module):
@@ -177,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         tied = self.cfg.tie_word_embeddings
         head = self.model.embed_tokens if tied else self.lm_head
         self.head = head_weight(lay_out(head, layout.unpacked))
-        self.head_read = packed(self.head) if layout.pack else None
+        self.head_read = packed(self.head, layout.packing) if layout.pack else None
         self.layout = layout
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,7 @@ class OPTForCausalLM(nn.Module):
             )
         head = decoder.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
         self.head = head_weight(lay_out(head, layout.unpacked))
-        self.head_read = packed(self.head) if layout.pack else None
+        self.head_read = packed(self.head, layout.packing) if layout.pack else None
         self.layout = layout
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -80,3 +81,25 @@ class Rotary(torch.nn.Module):
         the head times the signed sin: the same products (a negation is exact), in four ops
         instead of seven, which counts in a decode step's thirty layers."""
         return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+@dataclass(frozen=True)
+class RotatedHeads:
+    """RoPE of a fused q/k/v projection's first `width` outputs (the query and key heads of
+    `head_dim`) at each row's position, as `models.linear.linear` takes it (`RowRope`)."""
+
+    rotary: Rotary
+    positions: torch.Tensor  # (T,)
+    width: int
+    head_dim: int
+
+    def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, 1, head_dim) cos and signed sin (`Rotary.cos_sin`)."""
+        return self.rotary.cos_sin(self.positions, dtype)
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        """y (T, out) with its first `width` columns rotated in place, in y's dtype."""
+        rows = y.shape[0]
+        heads = y[:, : self.width].view(rows, -1, self.head_dim)
+        y[:, : self.width] = Rotary.apply(heads, *self.tables(y.dtype)).view(rows, self.width)
+        return y

@@ -1,0 +1,212 @@
+"""A decode step's projections on the CPU: a bf16 weight held in blocks, read by cpu_linear.c.
+
+Why: batch-1 decode reads every weight once a token, and its projections are most of a step
+(models/linear.py). oneDNN's packed bf16 GEMV read SmolLM2-135M's step weights at ~28 GB/s
+on a 2-core AMD EPYC (Zen 5, AVX512-BF16, one thread) where a single stream of 64-byte lines,
+each one AVX512-BF16 instruction, reads them at ~37 (`/tmp` microbenchmark of the step's
+shapes, 9.5 against 7.3 ms). A decoder layer's small ops next to its projections (RMSNorm of
+the input, SiLU(gate) * up, the residual add) each cost a few microseconds of dispatch a call,
+thirty layers a step, so the kernel does them on the row it already holds.
+
+Contract of `blocked_linear(x, weight, bias, norm=, rope=, glu=, residual=)`, x (T, in):
+`residual + glu(rope(W @ rms_norm(x) + bias))`, (T, out) or (T, out / 2) with `glu`, where
+`rms_norm(x) = x / sqrt(mean(x^2) + eps) * norm_weight` in fp32, rounded to bf16 (the kernel
+multiplies bf16 pairs), `rope` rotates the first `rope.width` outputs, heads of
+`rope.head_dim`, by each row's position (`y * cos + rotate_half(y) * sin`), and
+`glu(y) = silu(y[:, :out/2]) * y[:, out/2:]`; everything after the products in fp32, the output
+rounded once to the residual's (x's) dtype. Each row's sums are added in the same order
+whatever the rows beside it, so a token gets the same bits decoded alone or prefilled in a
+chunk (the context and conversation paths rely on that). The torch path (`reference_linear`,
+where the library is not built) computes the same thing op by op with torch's rounding between
+them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from nanokv.kernels import native
+
+BLOCK = 16  # outputs a block, as in cpu_linear.c
+KINDS = {torch.float32: 0, torch.bfloat16: 1}
+THREADED_ROWS = 32  # from this many rows (a prefill chunk) the product runs on torch's threads
+_I64, _INT, _PTR, _F32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+SIGNATURE = [_PTR, _I64, _I64, _PTR, _INT, _I64, _I64, _PTR, _F32, _PTR, _PTR, _PTR, _I64, _I64,
+             _INT, _PTR, _I64, _PTR, _INT, _I64, _INT]  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class BlockedWeight:
+    """A bf16 weight (out, in) as cpu_linear.c reads it: blocks (ceil(out / 16), ceil(in / 2),
+    16, 2), 16 outputs' weights for one pair of inputs in each 64-byte line, zero padded."""
+
+    blocks: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight (out, in) with the values it was blocked from, bit for bit."""
+        out_blocks, in_pairs = self.blocks.shape[:2]
+        dense = self.blocks.permute(0, 2, 1, 3).reshape(out_blocks * BLOCK, in_pairs * 2)
+        return dense[: self.out_features, : self.in_features].contiguous()
+
+
+def block(weight: torch.Tensor) -> BlockedWeight:
+    """`weight` (out, in), bf16 on the CPU, copied into blocks (see `BlockedWeight`)."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+        kind = f"{weight.dtype} {tuple(weight.shape)} on {weight.device}"
+        raise ValueError(f"only a 2-D bf16 CPU weight can be blocked, not {kind}")
+    out, in_ = weight.shape
+    padded = F.pad(weight.detach(), (0, in_ % 2, 0, -out % BLOCK))
+    blocks = padded.view(padded.shape[0] // BLOCK, BLOCK, padded.shape[1] // 2, 2)
+    return BlockedWeight(blocks.permute(0, 2, 1, 3).contiguous(), out, in_)
+
+
+def available() -> bool:
+    """Whether cpu_linear.c is built (False where `NANOKV_NATIVE=0` or no compiler)."""
+    return native.library("cpu_linear") is not None
+
+
+def _kernel() -> ctypes._CFuncPtr | None:
+    lib = native.library("cpu_linear")
+    if lib is None:
+        return None
+    fn = lib.blocked_linear
+    if fn.argtypes is None:
+        fn.restype, fn.argtypes = _INT, SIGNATURE
+    return fn
+
+
+class RowRope(Protocol):
+    """RoPE of a projection's first `width` outputs, heads of `head_dim`, at each row's
+    position (models/rope.py's `RotatedHeads`)."""
+
+    width: int
+    head_dim: int
+
+    def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, 1, head_dim) cos and sin with its first half negated, in `dtype`."""
+        ...
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        """The torch path: y (T, out) with its first `width` columns rotated, in y's dtype."""
+        ...
+
+
+@dataclass(frozen=True)
+class RowNorm:
+    """RMSNorm of the input rows before the product: fp32 weight (in,) and epsilon."""
+
+    weight: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch path's norm: in fp32, rounded once to x's dtype."""
+        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
+
+
+def blocked_linear(
+    x: torch.Tensor,
+    weight: BlockedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    norm: RowNorm | None = None,
+    rope: RowRope | None = None,
+    glu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (T, in) -> residual + glu(rope(W @ norm(x) + bias)) (see the module docstring), in
+    residual's dtype if given, else x's; the C kernel where it is built (torch ops elsewhere)."""
+    width = check_operands(x, weight, bias, glu, residual)
+    kernel = _kernel()
+    out_dtype = x.dtype if residual is None else residual.dtype
+    if kernel is None or x.dtype not in KINDS or out_dtype not in KINDS:
+        return reference_linear(x, weight, bias, norm=norm, rope=rope, glu=glu, residual=residual)
+    x, rows = x.contiguous(), x.shape[0]
+    y = torch.empty(rows, width, dtype=out_dtype)
+    residual, bias = (t if t is None else t.contiguous() for t in (residual, bias))
+    cos, sin = (None, None) if rope is None else rope.tables(torch.float32)
+    status = kernel(
+        weight.blocks.data_ptr(), weight.out_features, weight.in_features,
+        x.data_ptr(), KINDS[x.dtype], rows, x.shape[1],
+        None if norm is None else norm.weight.data_ptr(), 0.0 if norm is None else norm.eps,
+        None if bias is None else bias.data_ptr(),
+        None if cos is None else cos.contiguous().data_ptr(),
+        None if sin is None else sin.contiguous().data_ptr(),
+        0 if rope is None else rope.width, 0 if rope is None else rope.head_dim,
+        int(glu), None if residual is None else residual.data_ptr(), width,
+        y.data_ptr(), KINDS[out_dtype], width,
+        torch.get_num_threads() if rows >= THREADED_ROWS else 1,
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"cpu_linear.c: blocked_linear returned {status}")
+    return y
+
+
+def reference_linear(
+    x: torch.Tensor,
+    weight: BlockedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    norm: RowNorm | None = None,
+    rope: RowRope | None = None,
+    glu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same contract in torch ops over the dense weight (a temporary copy)."""
+    check_operands(x, weight, bias, glu, residual)
+    out_dtype = x.dtype if residual is None else residual.dtype
+    if norm is not None:
+        x = norm(x)
+    y = F.linear(x.to(weight.dtype), weight.to_dense(), bias)
+    if rope is not None:
+        y = rope(y)
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y.to(out_dtype) if residual is None else residual + y.to(out_dtype)
+
+
+def check_operands(
+    x: torch.Tensor,
+    weight: BlockedWeight,
+    bias: torch.Tensor | None,
+    glu: bool,
+    residual: torch.Tensor | None,
+) -> int:
+    """The output's width; ValueError for operands that do not fit the weight (the kernel
+    would read or write past them)."""
+    out, in_ = weight.shape
+    if x.dim() != 2 or x.shape[1] != in_:
+        raise ValueError(f"x must be 2-D with {in_} columns, got {tuple(x.shape)}")
+    if bias is not None and (bias.dtype != weight.dtype or bias.shape != (out,)):
+        raise ValueError(
+            f"bias must be bf16 of shape ({out},), got {bias.dtype} {tuple(bias.shape)}"
+        )
+    if glu and out % 2:
+        raise ValueError(
+            f"SiLU-GLU needs an even number of outputs, not an odd number of outputs ({out})"
+        )
+    width = out // 2 if glu else out
+    if residual is not None and residual.shape != (x.shape[0], width):
+        raise ValueError(
+            f"residual must have shape ({x.shape[0]}, {width}), got {tuple(residual.shape)}"
+        )
+    return width
