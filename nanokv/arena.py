@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nanokv.head_pages import HeadPages, PackedBuffer
+from nanokv.kernels.cpu_arena import append_rows
 from nanokv.pool import PAGE_SIZE
 
 
@@ -326,9 +327,23 @@ class KVArena:
         if self._room[layer] <= 0:  # a flat index past a row would write the next
             raise ArenaFullError(f"a head of layer {layer} is full: evict first")
         rows = self._flat_rows(layer)
+        slots = append_rows(rows, k, v, positions)  # one C call on a CPU, else None
+        if slots is None:
+            slots = self._append_with_torch(rows, k, v, positions)
+        if value_norms is not None and rows.value_norms is not None:
+            flat = (rows.starts + slots).view(-1)  # (B H_kv,)
+            self._append_value_norms(layer, rows.value_norms, slots, flat, value_norms)
+        self._room[layer] -= 1
+        return slots
+
+    @staticmethod
+    def _append_with_torch(
+        rows: _FlatRows, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """`append`'s writes as indexed copies (what kernels/cpu_arena.c does in one call)."""
         lengths = rows.lengths
         slots = lengths.long()  # (B, H_kv)
-        batch, kv_heads = slots.shape
+        kv_heads = slots.shape[1]
         flat = (rows.starts + slots).view(-1)  # (B H_kv,)
         head_dim = k.shape[-1]
         rows.k.index_copy_(0, flat, k.reshape(-1, head_dim))
@@ -336,10 +351,7 @@ class KVArena:
         rows.pos.index_copy_(0, flat, positions.to(torch.int32).repeat_interleave(kv_heads))
         for buffer in rows.slot_state:
             buffer.index_fill_(0, flat, 0)
-        if value_norms is not None and rows.value_norms is not None:
-            self._append_value_norms(layer, rows.value_norms, slots, flat, value_norms)
         lengths.add_(1)
-        self._room[layer] -= 1
         return slots
 
     def _append_value_norms(

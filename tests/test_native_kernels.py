@@ -106,6 +106,31 @@ def test_views_narrowed_along_slots_and_strided_masks():
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lengths_give_the_bits_of_the_masked_rectangle(dtype):
+    """The arena's lengths (each head its own, one of them 0, one past the capacity) read each
+    head's slots below its length: the bits of the mask over the longest head's rectangle, and
+    the brute force; what lies past a length (here NaN) is never read."""
+    q, k, v = make(2, 3, 3, 40, 32, dtype, seed=6)
+    lengths = torch.tensor([[40, 7, 0], [23, 99, 1]], dtype=torch.int32)
+    clipped = lengths.clamp(max=40)
+    mask = torch.arange(40).view(1, 1, -1) < clipped.unsqueeze(-1)
+    k_poisoned, v_poisoned = k.masked_fill(~mask[..., None], float("nan")), v.clone()
+    v_poisoned[~mask] = float("nan")
+    out = cpu_decode_attention(q, k_poisoned, v_poisoned, None, 0.2, lengths=lengths)
+    assert torch.equal(out, cpu_decode_attention(q, k, v, mask, 0.2))
+    torch.testing.assert_close(out.double(), brute_force(q, k, v, mask, 0.2), **TOL[dtype])
+
+
+def test_wrong_lengths_are_refused():
+    q, k, v = make(1, 2, 1, 10, 16, torch.float32)
+    if native.library("cpu_attention") is None:
+        pytest.skip("no C kernel here")
+    with pytest.raises(ValueError, match="lengths must be int32"):
+        cpu_decode_attention(q, k, v, None, 0.1, lengths=torch.ones(1, 2, dtype=torch.int64))
+
+
+@needs_compiler
 def test_a_head_with_nothing_allowed_gets_zeros_and_others_are_unaffected():
     q, k, v = make(1, 2, 3, 20, 32, torch.float32)
     mask = torch.ones(1, 2, 20, dtype=torch.bool)

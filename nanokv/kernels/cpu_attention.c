@@ -150,19 +150,23 @@ static int bad_shape(int group, int head_dim) {
 /* A rectangular layer. q, out: (batch, kv_heads * group, head_dim), contiguous.
    k, v: slot j of (b, h) at b * kv_sb + h * kv_sh + j * head_dim, rows contiguous.
    mask: NULL (every slot below n_slots) or bytes, slot j of (b, h) at b * m_sb + h * m_sh + j.
+   lengths: NULL, or (b, h)'s slots are those below lengths[b * kv_heads + h] (at most n_slots).
    All strides in elements. A (b, h) with no allowed slot gets zeros. */
 int decode_attention(const void *q, void *out, const void *k, const void *v, int64_t kv_sb,
-                     int64_t kv_sh, const uint8_t *mask, int64_t m_sb, int64_t m_sh, int batch,
-                     int kv_heads, int group, int head_dim, int64_t n_slots, int kind,
-                     float scale) {
+                     int64_t kv_sh, const uint8_t *mask, int64_t m_sb, int64_t m_sh,
+                     const int32_t *lengths, int batch, int kv_heads, int group, int head_dim,
+                     int64_t n_slots, int kind, float scale) {
   if (bad_shape(group, head_dim) || n_slots < 0) return BAD_SHAPE;
   float *probs = malloc(sizeof(float) * (size_t)group * (size_t)(n_slots > 0 ? n_slots : 1));
   if (!probs) return NO_MEMORY;
   for (int b = 0; b < batch; b++)
-    for (int h = 0; h < kv_heads; h++)
+    for (int h = 0; h < kv_heads; h++) {
+      const int64_t length = lengths ? lengths[b * kv_heads + h] : n_slots;
       attend_group(q, out, ((int64_t)b * kv_heads + h) * group * head_dim, k, v,
-                   b * kv_sb + h * kv_sh, mask ? mask + b * m_sb + h * m_sh : NULL, n_slots,
-                   group, head_dim, kind, scale, probs);
+                   b * kv_sb + h * kv_sh, mask ? mask + b * m_sb + h * m_sh : NULL,
+                   length < 0 ? 0 : length > n_slots ? n_slots : length, group, head_dim, kind,
+                   scale, probs);
+    }
   free(probs);
   return OK;
 }

@@ -37,7 +37,7 @@ _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
 SIGNATURES = {
-    "decode_attention": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64,
+    "decode_attention": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR,
                          _INT, _INT, _INT, _INT, _I64, _INT, ctypes.c_float],
     "packed_decode_attention": [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                                 _INT, _INT, _INT, _INT, ctypes.c_float],
@@ -97,9 +97,16 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) ->
 
 
 def cpu_decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """q (B, H_q, D); k, v (B, H_kv, n, D) in q's dtype; mask None or bool (B, H_kv, n).
+    """q (B, H_q, D); k, v (B, H_kv, n, D) in q's dtype; mask None or bool (B, H_kv, n);
+    lengths None or int32 (B, H_kv): each head attends its slots below its length only (the
+    arena's lengths: no mask to build, and nothing past a head's length is read).
     Returns the output (B, H_q, D) in q's dtype, or None where the C kernel does not apply."""
     if not supports(q, k, v, k.shape[1]):
         return None
@@ -113,12 +120,18 @@ def cpu_decode_attention(
             raise ValueError(f"mask must be bool {(batch, kv_heads, n_slots)}, got {mask.dtype} "
                              f"{tuple(mask.shape)}")  # fmt: skip
         mask = mask if mask.stride(2) == 1 else mask.contiguous()
+    if lengths is not None:
+        if lengths.dtype != torch.int32 or lengths.shape != (batch, kv_heads):
+            raise ValueError(f"lengths must be int32 {(batch, kv_heads)}, got {lengths.dtype} "
+                             f"{tuple(lengths.shape)}")  # fmt: skip
+        lengths = lengths.contiguous()
     q = q.contiguous()  # a no-op for the step's rows; `out` shares its strides
     out = torch.empty_like(q)
     status = kernel(
         q.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
         None if mask is None else mask.data_ptr(),
         0 if mask is None else mask.stride(0), 0 if mask is None else mask.stride(1),
+        None if lengths is None else lengths.data_ptr(),
         batch, kv_heads, q_heads // kv_heads, head_dim, n_slots, KINDS[q.dtype], scale,
     )  # fmt: skip
     _checked("decode_attention", status)

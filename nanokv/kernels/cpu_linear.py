@@ -193,7 +193,7 @@ def check_operands(
 ) -> int:
     """The output's width; ValueError for operands that do not fit the weight (the kernel
     would read or write past them)."""
-    out, in_ = weight.shape
+    out, in_ = weight.out_features, weight.in_features
     if x.dim() != 2 or x.shape[1] != in_:
         raise ValueError(f"x must be 2-D with {in_} columns, got {tuple(x.shape)}")
     if bias is not None and (bias.dtype != weight.dtype or bias.shape != (out,)):

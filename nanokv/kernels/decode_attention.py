@@ -174,7 +174,9 @@ def decode_attention_torch(
 ) -> tuple[torch.Tensor, Emitted | None]:
     """The contract in torch ops that read the arena in its own dtype (see the module docstring).
 
-    Same arguments and outputs as ``decode_attention_reference``. Without a sliding window,
+    Same arguments and outputs as ``decode_attention_reference``. Without emission or a sliding
+    window, on a CPU where the C kernel applies, each head attends its own length in one call
+    (no mask, nothing past a head's length read). Otherwise, without a sliding window,
     and with lengths in host memory (the decode loop never waits for a GPU), it reads only the
     slots below the longest head's length, with no mask when every head has that length (a
     full cache: the mask's ops are a fixed cost a layer on top of a few hundred slots'
@@ -182,6 +184,10 @@ def decode_attention_torch(
     emission.
     """
     check_layout(q, k, v, lengths, slot_pos, query_pos, value_norms)
+    if not emit and sliding_window is None and lengths.dtype == torch.int32 and not q.is_cuda:
+        out = cpu_decode_attention(_as_kv(q, k), k, v, None, scale, lengths=lengths)
+        if out is not None:  # each head over its own length, in one call
+            return out if out.dtype == q.dtype else out.to(q.dtype), None
     if sliding_window is not None or lengths.device.type != "cpu":  # reading it would wait
         mask = valid_slot_mask(lengths, k.shape[2], slot_pos, query_pos, sliding_window)
         return masked_attention_torch(
@@ -225,7 +231,7 @@ def masked_attention_torch(
     batch, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # a group's heads: G queries
-    q_kv = q if q.dtype == k.dtype else q.to(k.dtype)  # a no-op `to` still dispatches
+    q_kv = _as_kv(q, k)
     out = cpu_decode_attention(q_kv, k, v, mask, scale) if q.device.type == "cpu" else None
     if out is None:
         sdpa_mask = None if mask is None else mask.unsqueeze(2)  # (B, H_kv, 1, C)
@@ -240,6 +246,11 @@ def masked_attention_torch(
         logits = logits.masked_fill_(~mask.unsqueeze(2), float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (B, H_kv, G, C) float32
     return out, _emitted(probs, value_norms)
+
+
+def _as_kv(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q in the cache's dtype (a no-op `to` still dispatches, so none is called then)."""
+    return q if q.dtype == k.dtype else q.to(k.dtype)
 
 
 def emitted_over_steps(
