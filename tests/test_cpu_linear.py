@@ -139,3 +139,34 @@ def test_operands_that_do_not_fit_are_refused(x_shape, bias_dtype, glu, residual
     for run in (cpu_linear.blocked_linear, cpu_linear.reference_linear):
         with pytest.raises(ValueError, match=message):
             run(torch.zeros(x_shape).bfloat16(), weight, bias, glu=glu, residual=residual)
+
+
+def _layer_finish(hidden: int = 48, width: int = 40, attn: int = 32) -> cpu_linear.LayerFinish:
+    generator = torch.Generator().manual_seed(3)
+    out_proj, gate_up, down = (
+        cpu_linear.block(_weight(*shape, seed=seed))
+        for seed, shape in enumerate([(hidden, attn), (2 * width, hidden), (hidden, width)])
+    )
+    biases = [torch.randn(n, generator=generator).bfloat16() for n in (hidden, 2 * width, hidden)]
+    norm = RowNorm(torch.rand(hidden, generator=generator) + 0.5, 1e-5)
+    return cpu_linear.LayerFinish(out_proj, biases[0], norm, gate_up, biases[1], down, biases[2])
+
+
+@pytest.mark.parametrize("attn_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_the_layer_finish_in_one_call_is_its_three_calls_bit_for_bit(attn_dtype, rows):
+    w = _layer_finish()
+    h = torch.randn(rows, 48).bfloat16()
+    attn_out = torch.randn(rows, 32).to(attn_dtype)
+    mid = cpu_linear.blocked_linear(attn_out.bfloat16(), w.out_proj, w.out_bias, residual=h)
+    glu = cpu_linear.blocked_linear(mid, w.gate_up, w.gate_up_bias, norm=w.norm, glu=True)
+    expected = cpu_linear.blocked_linear(glu, w.down, w.down_bias, residual=mid)
+    assert torch.equal(cpu_linear.finish_layer(h, attn_out, w), expected)
+
+
+def test_weights_that_do_not_chain_are_refused():
+    w = _layer_finish()
+    with pytest.raises(ValueError, match="do not chain"):
+        cpu_linear.LayerFinish(
+            w.out_proj, None, w.norm, w.gate_up, None, cpu_linear.block(_weight(48, 41)), None
+        )

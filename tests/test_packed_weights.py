@@ -108,6 +108,8 @@ def test_a_packed_model_decodes_as_the_dense_one(kind, packing, tmp_path):
         model.prepare_weights(linear.WeightLayout(packing=packing if pack else None))
         assert (model.head_read is not None) is pack
         assert all(linear.is_packed(read) is pack for read in _reads(model))
+        fused = [getattr(block, "fused_finish", None) is not None for block in model.blocks]
+        assert all(fused) is (pack and packing == "blocked" and kind.startswith("llama"))
         assert model.layout.name == (NAMES[packing] if pack else "output-major")
         held = dict(model.named_parameters())
         assert set(held) < set(original) if pack else set(held) == set(original)

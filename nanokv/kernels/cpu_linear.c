@@ -62,10 +62,10 @@ static inline void store_some(void *base, int kind, int64_t offset, vf x, int n)
   }
 }
 
-/* Row `x` (in elements of `kind`) into bf16 pairs `xs` (in_pairs), RMS-normalised with weight
-   `norm` first where it is not NULL; an odd last pair is padded with 0. */
-static void prepare_row(const void *x, int kind, int64_t in, int64_t in_pairs, const float *norm,
-                        float eps, uint16_t *xs) {
+/* Row `x` (in elements of `kind`) into bf16 pairs `xs` (ceil(in / 2)), RMS-normalised with
+   weight `norm` first where it is not NULL; an odd last pair is padded with 0. */
+static void prepare_row(const void *x, int kind, int64_t in, const float *norm, float eps,
+                        uint16_t *xs) {
   float scale = 1.0f;
   if (norm) {
     vf squares = {0};
@@ -82,7 +82,6 @@ static void prepare_row(const void *x, int kind, int64_t in, int64_t in_pairs, c
     store_some(xs, KIND_BF16, i, v, n);
   }
   if (in % 2) xs[in] = 0;
-  (void)in_pairs;
 }
 
 /* 16 outputs' fp32 sums of `R` rows at once: one block (in_pairs lines of 16 pairs) times
@@ -211,7 +210,8 @@ static void add_bias_and_rotate(float *sums, int64_t out, const uint16_t *bias, 
   if (bias)
     for (int64_t j = 0; j < out; j += LANES) {
       const int n = out - j < LANES ? (int)(out - j) : LANES;
-      store_some(sums, KIND_F32, j, load_some(sums, KIND_F32, j, n) + load_some(bias, KIND_BF16, j, n), n);
+      const vf sum = load_some(sums, KIND_F32, j, n) + load_some(bias, KIND_BF16, j, n);
+      store_some(sums, KIND_F32, j, sum, n);
     }
   if (!cos) return;
   float head[MAX_HEAD_DIM];
@@ -260,17 +260,52 @@ int blocked_linear(const uint16_t *blocks, int64_t out, int64_t in, const void *
     return NO_MEMORY;
   }
   for (int64_t r = 0; r < rows; r++)
-    prepare_row((const char *)x + r * x_stride * x_size, x_kind, in, in_pairs, norm, eps,
+    prepare_row((const char *)x + r * x_stride * x_size, x_kind, in, norm, eps,
                 (uint16_t *)(pairs + r * in_pairs));
   product((const uint32_t *)blocks, out_blocks, in_pairs, pairs, rows, sums, threads);
   for (int64_t r = 0; r < rows; r++) {
     float *row = sums + r * out_blocks * BLOCK;
     add_bias_and_rotate(row, out, bias, cos ? cos + r * head_dim : NULL,
                         sin ? sin + r * head_dim : NULL, rope_width, head_dim);
-    finish_row(row, out, glu, residual ? (const char *)residual + r * residual_stride * y_size : NULL,
-               (char *)y + r * y_stride * y_size, y_kind);
+    const void *row_residual =
+        residual ? (const char *)residual + r * residual_stride * y_size : NULL;
+    finish_row(row, out, glu, row_residual, (char *)y + r * y_stride * y_size, y_kind);
   }
   free(pairs);
   free(sums);
   return OK;
+}
+
+/* The half of a pre-norm decoder layer after its attention (Llama, Mistral), `rows` rows:
+     mid = h + O . a + o_bias
+     out = mid + D . (silu(gate) * up) + down_bias,  (gate, up) = GU . rms_norm(mid) + gu_bias
+   as three blocked_linear calls, `mid` and the GLU rounded to `kind` between them: the bits of
+   the three calls made one by one, without two returns to Python and their allocations. a:
+   (rows, attn_width) of attn_kind; h, out: (rows, hidden) of kind; gate_up_out = 2 * the MLP's
+   width. */
+int decoder_finish(const uint16_t *o_blocks, const uint16_t *o_bias, int64_t attn_width,
+                   const uint16_t *gate_up_blocks, const uint16_t *gate_up_bias,
+                   int64_t gate_up_out, const float *norm, float eps, const uint16_t *down_blocks,
+                   const uint16_t *down_bias, const void *a, int attn_kind, const void *h,
+                   void *out, int kind, int64_t rows, int64_t hidden, int threads) {
+  if (gate_up_out % 2 || rows < 0 || hidden < 1) return BAD_SHAPE;
+  const int64_t width = gate_up_out / 2, size = kind == KIND_BF16 ? 2 : 4;
+  void *mid = malloc((size_t)(rows * hidden * size + 1));
+  void *glu = malloc((size_t)(rows * width * size + 1));
+  int status = mid && glu ? OK : NO_MEMORY;
+  if (status == OK)
+    status = blocked_linear(o_blocks, hidden, attn_width, a, attn_kind, rows, attn_width, NULL,
+                            0.0f, o_bias, NULL, NULL, 0, 0, 0, h, hidden, mid, kind, hidden,
+                            threads);
+  if (status == OK)
+    status = blocked_linear(gate_up_blocks, gate_up_out, hidden, mid, kind, rows, hidden, norm,
+                            eps, gate_up_bias, NULL, NULL, 0, 0, GLU_SILU, NULL, 0, glu, kind,
+                            width, threads);
+  if (status == OK)
+    status = blocked_linear(down_blocks, hidden, width, glu, kind, rows, width, NULL, 0.0f,
+                            down_bias, NULL, NULL, 0, 0, 0, mid, hidden, out, kind, hidden,
+                            threads);
+  free(mid);
+  free(glu);
+  return status;
 }

@@ -36,8 +36,12 @@ BLOCK = 16  # outputs a block, as in cpu_linear.c
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 THREADED_ROWS = 32  # from this many rows (a prefill chunk) the product runs on torch's threads
 _I64, _INT, _PTR, _F32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
-SIGNATURE = [_PTR, _I64, _I64, _PTR, _INT, _I64, _I64, _PTR, _F32, _PTR, _PTR, _PTR, _I64, _I64,
-             _INT, _PTR, _I64, _PTR, _INT, _I64, _INT]  # fmt: skip
+SIGNATURES = {
+    "blocked_linear": [_PTR, _I64, _I64, _PTR, _INT, _I64, _I64, _PTR, _F32, _PTR, _PTR, _PTR,
+                       _I64, _I64, _INT, _PTR, _I64, _PTR, _INT, _I64, _INT],
+    "decoder_finish": [_PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _F32, _PTR, _PTR, _PTR, _INT,
+                       _PTR, _PTR, _INT, _I64, _I64, _INT],
+}  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,13 +88,14 @@ def available() -> bool:
     return native.library("cpu_linear") is not None
 
 
-def _kernel() -> ctypes._CFuncPtr | None:
+def _kernel(name: str = "blocked_linear") -> ctypes._CFuncPtr | None:
+    """The C function `name` of cpu_linear.c, typed; None where the library is not built."""
     lib = native.library("cpu_linear")
     if lib is None:
         return None
-    fn = lib.blocked_linear
+    fn = getattr(lib, name)
     if fn.argtypes is None:
-        fn.restype, fn.argtypes = _INT, SIGNATURE
+        fn.restype, fn.argtypes = _INT, SIGNATURES[name]
     return fn
 
 
@@ -147,11 +152,10 @@ def blocked_linear(
         weight.blocks.data_ptr(), weight.out_features, weight.in_features,
         x.data_ptr(), KINDS[x.dtype], rows, x.shape[1],
         None if norm is None else norm.weight.data_ptr(), 0.0 if norm is None else norm.eps,
-        None if bias is None else bias.data_ptr(),
-        None if cos is None else cos.contiguous().data_ptr(),
+        _pointer(bias), None if cos is None else cos.contiguous().data_ptr(),
         None if sin is None else sin.contiguous().data_ptr(),
         0 if rope is None else rope.width, 0 if rope is None else rope.head_dim,
-        int(glu), None if residual is None else residual.data_ptr(), width,
+        int(glu), _pointer(residual), width,
         y.data_ptr(), KINDS[out_dtype], width,
         torch.get_num_threads() if rows >= THREADED_ROWS else 1,
     )  # fmt: skip
@@ -210,3 +214,63 @@ def check_operands(
             f"residual must have shape ({x.shape[0]}, {width}), got {tuple(residual.shape)}"
         )
     return width
+
+
+@dataclass(frozen=True, eq=False)
+class LayerFinish:
+    """The weights of a pre-norm decoder layer's half after its attention (Llama, Mistral), as
+    `finish_layer` reads them: the output projection, the MLP's norm, fused gate/up (SiLU) and
+    down projection; biases bf16 or None."""
+
+    out_proj: BlockedWeight
+    out_bias: torch.Tensor | None
+    norm: RowNorm
+    gate_up: BlockedWeight
+    gate_up_bias: torch.Tensor | None
+    down: BlockedWeight
+    down_bias: torch.Tensor | None
+
+    def __post_init__(self) -> None:
+        hidden = self.out_proj.out_features
+        fits = (
+            self.gate_up.in_features == hidden == self.down.out_features
+            and self.gate_up.out_features == 2 * self.down.in_features
+            and self.norm.weight.shape == (hidden,)
+        )
+        if not fits:
+            raise ValueError("the output projection, gate/up and down weights do not chain")
+
+
+def finish_layer(h: torch.Tensor, attn_out: torch.Tensor, weights: LayerFinish) -> torch.Tensor:
+    """h (T, hidden), attn_out (T, H_q * D) -> mid + down(silu(gate) * up) with
+    mid = h + out_proj(attn_out) and (gate, up) = gate_up(rms_norm(mid)), in h's dtype: the three
+    `blocked_linear` calls it stands for, bit for bit, in one call to cpu_linear.c."""
+    w = weights
+    kernel = _kernel("decoder_finish")
+    hidden = w.out_proj.out_features
+    fits = (
+        h.dim() == 2
+        and h.shape[1] == hidden
+        and attn_out.shape == (h.shape[0], w.out_proj.in_features)
+    )
+    if kernel is None or not fits or h.dtype not in KINDS or attn_out.dtype not in KINDS:
+        mid = blocked_linear(attn_out.to(h.dtype), w.out_proj, w.out_bias, residual=h)
+        glu = blocked_linear(mid, w.gate_up, w.gate_up_bias, norm=w.norm, glu=True)
+        return blocked_linear(glu, w.down, w.down_bias, residual=mid)
+    h, attn_out = h.contiguous(), attn_out.contiguous()
+    out = torch.empty_like(h)
+    rows = h.shape[0]
+    status = kernel(
+        w.out_proj.blocks.data_ptr(), _pointer(w.out_bias), w.out_proj.in_features,
+        w.gate_up.blocks.data_ptr(), _pointer(w.gate_up_bias), w.gate_up.out_features,
+        w.norm.weight.data_ptr(), w.norm.eps, w.down.blocks.data_ptr(), _pointer(w.down_bias),
+        attn_out.data_ptr(), KINDS[attn_out.dtype], h.data_ptr(), out.data_ptr(), KINDS[h.dtype],
+        rows, hidden, torch.get_num_threads() if rows >= THREADED_ROWS else 1,
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"cpu_linear.c: decoder_finish returned {status}")
+    return out
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()

@@ -147,6 +147,35 @@ def linear(
     return y if residual is None else residual + y
 
 
+@dataclass(frozen=True)
+class Projection:
+    """A weight as `linear` reads it and its bias."""
+
+    weight: ReadWeight
+    bias: torch.Tensor | None
+
+
+def layer_finish(
+    out_proj: Projection,
+    norm: RMSNorm,
+    gate_up: Projection,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    down: Projection,
+) -> cpu_linear.LayerFinish | None:
+    """What the C kernel needs to do a pre-norm decoder layer's half after attention in one call
+    (`cpu_linear.finish_layer`): where every weight is held in its blocks, the norm is RMSNorm and
+    the activation SiLU; None elsewhere (the layer then calls `linear` three times)."""
+    weights = (out_proj.weight, gate_up.weight, down.weight)
+    if not all(isinstance(w, BlockedWeight) for w in weights) or act is not F.silu:
+        return None
+    if norm.row_norm is None:
+        return None
+    return cpu_linear.LayerFinish(
+        out_proj.weight, out_proj.bias, norm.row_norm, gate_up.weight, gate_up.bias,
+        down.weight, down.bias,
+    )  # fmt: skip
+
+
 def _product(x: torch.Tensor, weight: ReadWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x (T, in) @ weight (out, in)^T + bias -> (T, out), on the fastest path for its kind."""
     if isinstance(weight, BlockedWeight):

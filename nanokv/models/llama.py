@@ -14,14 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokv.config import ModelConfig
+from nanokv.kernels.cpu_linear import LayerFinish, finish_layer
 from nanokv.models.kv_dtype import to_kv_dtype
 from nanokv.models.linear import (
     AS_LOADED,
+    Projection,
     WeightLayout,
     fuse_rows,
     head_logits,
     head_weight,
     lay_out,
+    layer_finish,
     linear,
     packed,
 )
@@ -99,6 +102,7 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
         self.kv_dtype: torch.dtype | None = None  # None: the weights' (models/__init__.py)
+        self.fused_finish: LayerFinish | None = None  # `finish` in one C call, where it can be
 
     @property
     def o_proj(self) -> nn.Linear:
@@ -112,8 +116,22 @@ class LlamaBlock(nn.Module):
         q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)
         return to_kv_dtype(self.kv_dtype, q, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim))
 
+    def prepare_finish(self) -> None:
+        """After the weights were laid out: `finish` as one call of the C kernel where every
+        weight it reads is held in the kernel's blocks (models/linear.py, `layer_finish`)."""
+        attn, mlp = self.self_attn, self.mlp
+        self.fused_finish = layer_finish(
+            Projection(attn.o_weight, attn.o_proj.bias),
+            self.post_attention_layernorm,
+            Projection(mlp.gate_up_weight, mlp.gate_up_bias),
+            mlp.act,
+            Projection(mlp.down_weight, mlp.down_proj.bias),
+        )
+
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """h: (T, hidden), attn_out: (T, H_q * D) -> the layer's output (T, hidden)."""
+        if self.fused_finish is not None:
+            return finish_layer(h, attn_out, self.fused_finish)
         attn = self.self_attn
         h = linear(attn_out.to(h.dtype), attn.o_weight, attn.o_proj.bias, residual=h)
         return self.mlp(h, self.post_attention_layernorm, residual=h)
@@ -155,6 +173,8 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.prepare()
+        for block in self.blocks:
+            block.prepare_finish()
         tied = self.cfg.tie_word_embeddings
         head = self.model.embed_tokens if tied else self.lm_head
         self.head = head_weight(lay_out(head, layout.unpacked))
