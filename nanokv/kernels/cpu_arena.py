@@ -35,18 +35,13 @@ def _kernel() -> ctypes._CFuncPtr | None:
 
 
 def _applies(rows: object, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> bool:
-    """CPU buffers of k's dtype in contiguous rows, the index tensors as the C reads them."""
+    """CPU operands in the buffers' dtype, positions as the C reads them. The rest is the
+    arena's layout by construction (`KVArena`: int32 positions and lengths, int64 row starts,
+    float32 statistics, contiguous buffers), which the torch path relies on too."""
     return (
         k.device.type == "cpu"
-        and k.dtype == v.dtype == rows.k.dtype == rows.v.dtype
-        and rows.k.is_contiguous()
-        and rows.v.is_contiguous()
-        and rows.pos.dtype == torch.int32
-        and rows.lengths.dtype == torch.int32
-        and rows.lengths.is_contiguous()
-        and rows.starts.dtype == torch.int64
+        and k.dtype == v.dtype == rows.k.dtype
         and positions.dtype == torch.int64
-        and all(state.dtype == torch.float32 for state in rows.slot_state)
     )
 
 

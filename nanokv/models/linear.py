@@ -336,12 +336,16 @@ def head_logits(
     """h (T, hidden) in any dtype, head (vocab, hidden) -> (T, vocab) fp32 logits: exact for an
     fp32 head; for a half-precision one, the GEMV in the head's dtype (from `head_read`, its
     packed copy, where there is one) with each row's `REFINED_LOGITS` largest logits recomputed
-    in fp32 from `head` (see the module docstring)."""
+    in fp32 from `head` (see the module docstring). The C kernel's blocks give the GEMV's fp32
+    sums as they are; other kernels round them to the head's dtype."""
     if head.dtype not in HALF:
         return F.linear(h.float(), head)
     gemv_weight = head if head_read is None else head_read
-    logits = linear(h.to(head.dtype), gemv_weight, None).float()  # (T, vocab), fp32 sums rounded
+    if isinstance(gemv_weight, BlockedWeight):  # an fp32 row in, fp32 sums of its bf16 out
+        logits = cpu_linear.blocked_linear(h.float(), gemv_weight)  # (T, vocab)
+    else:
+        logits = linear(h.to(head.dtype), gemv_weight, None).float()  # fp32 sums rounded
     top = logits.topk(min(REFINED_LOGITS, head.shape[0]), dim=-1).indices  # (T, k)
-    rows = head[top].float()  # (T, k, hidden)
+    rows = head.index_select(0, top.view(-1)).view(*top.shape, -1).float()  # (T, k, hidden)
     exact = torch.matmul(rows, h.float().unsqueeze(-1)).squeeze(-1)  # (T, k)
     return logits.scatter_(-1, top, exact)
