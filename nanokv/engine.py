@@ -799,9 +799,11 @@ class Engine:
         if self.policy.decode_statistics == "last":
             queries, back, lengths = queries[-1:], back[-1:], lengths[:, -1:]
         view, stepwise = arena.layer(layer), self.policy.decode_statistics == "stepwise"
+        window = self.cfg.sliding_window
         emitted = emitted_over_steps(
-            torch.stack(queries, dim=1), view.k, lengths, scale=self.scale, slot_pos=view.pos,
-            query_pos=state.positions.unsqueeze(1) - back, sliding_window=self.cfg.sliding_window,
+            torch.stack(queries, dim=1), view.k, lengths, scale=self.scale,
+            slot_pos=None if window is None else view.pos,  # a packed layer gathers it on read
+            query_pos=state.positions.unsqueeze(1) - back, sliding_window=window,
             value_norms=view.value_norms, summed=not stepwise,
         )  # fmt: skip
         if stepwise:

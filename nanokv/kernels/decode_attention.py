@@ -280,6 +280,8 @@ def emitted_over_steps(
     group = q_heads // kv_heads
     qg = q.view(batch, steps, kv_heads, group, head_dim).transpose(1, 2)  # (B, H_kv, n, G, D)
     logits = _blocked_logits(qg.reshape(batch, kv_heads, steps * group, head_dim), k, scale)
+    if sliding_window is None:  # the positions matter only to a window
+        slot_pos = None
     if slot_pos is not None:  # one row of slot positions for each (sequence, step)
         slot_pos = slot_pos.unsqueeze(1).expand(-1, steps, -1, -1).reshape(-1, kv_heads, capacity)
     flat_query_pos = None if query_pos is None else query_pos.reshape(-1)
