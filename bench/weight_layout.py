@@ -1,4 +1,4 @@
-"""Weight-layout benchmark: fp32 decode with output-major vs input-major weights, in one process.
+"""Weight-layout benchmark: decode with the weights held in each layout, in one process.
 
 What: the default model (or --model) in fp32 on the CPU; the full cache at `--reference` tokens
 (default 512) and `--policy` (laprox) at `--budget` (5%) of `--length` (8128) tokens of real
@@ -13,13 +13,18 @@ projection) input-major too, the loader's rule before it was measured slower. Al
 micro-benchmark (one row times every weight a step reads, fused as it reads them, in each
 layout) and the machine's copy bandwidth. JSON lines: one a cell and layout (medians, ms a
 step), the GEMVs, and a summary with the step ratios to the input-major layout and whether the
-greedy tokens agree.
+greedy tokens agree. With `--dtype bfloat16` the layouts are the packed copies the loader picks
+from on a CPU with bf16 instructions: `c-blocked` (kernels/cpu_linear.c's blocks, the norm, RoPE,
+GLU and residuals done by the kernel), `onednn-packed` (oneDNN's blocked layout) and
+`output-major` (the dense weights through `torch.mv`), ratios to `c-blocked`.
 
-Why: batch-1 decode is a chain of GEMVs, and MKL's fp32 GEMV of one row reads the two layouts at
-different speeds on some CPUs (models/linear.py); the loader lays weights out by the CPU's
-vendor, and this measures the choice on the machine at hand (STYLE.md #10: ratios from one run).
+Why: batch-1 decode is a chain of GEMVs, and how fast a CPU reads them depends on the layout:
+MKL's fp32 GEMV of one row reads the two layouts at different speeds on some CPUs, and in bf16
+oneDNN's packed GEMV reads below what a core can (models/linear.py); the loader picks by the
+machine, and this measures the choice on the machine at hand (STYLE.md #10: ratios from one run).
 
     python bench/weight_layout.py --threads 1
+    python bench/weight_layout.py --threads 1 --dtype bfloat16
     python bench/weight_layout.py --length 1024 --new-tokens 8 --repeats 1      # quick
 """
 
@@ -40,9 +45,9 @@ import nanokv
 from nanokv.models.linear import (
     WeightLayout,
     cpu_vendor,
-    input_major_default,
     is_input_major,
     laid_out,
+    linear,
 )
 
 
@@ -60,6 +65,12 @@ LAYOUTS = {
     "input-major": lambda model: model.prepare_weights(WeightLayout(input_major=True)),
     "input-major-all": every_weight_input_major,
 }
+HALF_LAYOUTS = {
+    "c-blocked": lambda model: model.prepare_weights(WeightLayout(packing="blocked")),
+    "onednn-packed": lambda model: model.prepare_weights(WeightLayout(packing="onednn")),
+    "output-major": lambda model: model.prepare_weights(WeightLayout()),
+}
+REFERENCE = {"float32": "input-major", "bfloat16": "c-blocked"}  # the summary's denominator
 
 
 def add_cell_options(p: argparse.ArgumentParser, repeats: int) -> None:
@@ -91,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_cell_options(p, repeats=6)
+    p.add_argument("--dtype", default="float32", choices=list(REFERENCE))
     args = p.parse_args(argv)
     check_cell_options(p, args)
     return args
@@ -139,34 +151,34 @@ def decode(cell: Cell, steps: int) -> tuple[float, list[int]]:
     return (time.perf_counter() - start) * 1e3 / steps, out
 
 
-def step_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The weights a decode step reads, fused as it reads them (Llama's or OPT's blocks)."""
+def step_weights(model: torch.nn.Module) -> list[object]:
+    """What `linear` reads in a decode step, fused as it reads them (Llama's or OPT's blocks): the
+    dense weights, or their packed copies."""
     weights = []
     for block in model.blocks:
-        weights += [block.self_attn.qkv_weight, block.o_proj.weight]
+        attn = block.self_attn
+        weights += [attn.qkv_weight, getattr(attn, "o_weight", getattr(attn, "out_weight", None))]
         mlp = getattr(block, "mlp", None)
-        if mlp is not None:
-            weights += [mlp.gate_up_weight, mlp.down_proj.weight]
-        else:
-            weights += [block.fc1.weight, block.fc2.weight]
-    return weights + [model.head]
+        weights += [mlp.gate_up_weight, mlp.down_weight] if mlp is not None else block.fc_weights
+    return weights + [model.head if model.head_read is None else model.head_read]
 
 
-def gemv_lines(model: torch.nn.Module, repeats: int = 5) -> list[dict]:
+def gemv_lines(model: torch.nn.Module, layouts: dict, repeats: int = 5) -> list[dict]:
     """One row times every weight a decode step reads (`step_weights`), in each layout: the
     weights' bytes over the best of `repeats` passes."""
     lines = []
-    for layout, lay_out_model in LAYOUTS.items():
+    for layout, lay_out_model in layouts.items():
         lay_out_model(model)
         weights = step_weights(model)
-        rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+        dtype = model.head.dtype
+        rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             for weight in weights:
-                torch.nn.functional.linear(rows[weight.shape[1]], weight)
+                linear(rows[weight.shape[1]], weight, None)
             best = min(best, time.perf_counter() - start)
-        size = sum(w.numel() * w.element_size() for w in weights)
+        size = sum(w.shape[0] * w.shape[1] * dtype.itemsize for w in weights)
         lines.append({
             "bench": "weight_layout-gemv", "layout": layout, "weights": len(weights),
             "bytes": size, "ms": round(best * 1e3, 2), "gb_s": round(size / best / 1e9, 2),
@@ -178,30 +190,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    llm = nanokv.LLM(args.model, dtype="float32", device="cpu")
+    llm = nanokv.LLM(args.model, dtype=args.dtype, device="cpu")
     model, steps, sink = llm.model, args.new_tokens - 1, []
-    default = input_major_default(torch.float32, torch.device("cpu"))
+    layouts, reference = (
+        (LAYOUTS if args.dtype == "float32" else HALF_LAYOUTS),
+        REFERENCE[args.dtype],
+    )
+    loaded = model.layout
     emit({
-        "machine": machine_info(llm.device), "cpu_vendor": cpu_vendor(),
-        "loader_layout": "input-major" if default else "output-major",
+        "machine": machine_info(llm.device), "cpu_vendor": cpu_vendor(), "dtype": args.dtype,
+        "loader_layout": loaded.name,
     }, sink)  # fmt: skip
     cells = prefilled_cells(llm, args)
     bandwidths = [copy_bandwidth_gb_s(llm.device)]
     with torch.inference_mode():
         for round_ in range(args.repeats):
-            order = list(LAYOUTS) if round_ % 2 == 0 else list(reversed(LAYOUTS))
+            order = list(layouts) if round_ % 2 == 0 else list(reversed(layouts))
             for layout in order:
-                LAYOUTS[layout](model)
+                layouts[layout](model)
                 for cell in cells:
                     ms, tokens = decode(cell, steps)
                     cell.step_ms.setdefault(layout, []).append(ms)
                     cell.tokens[layout] = tokens
             bandwidths.append(copy_bandwidth_gb_s(llm.device))
             print(f"# round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-        for line in gemv_lines(model):
+        for line in gemv_lines(model, layouts):
             emit(line, sink)
-    model.prepare_weights(WeightLayout(input_major=default))
-    assert is_input_major(model.head) is default
+    model.prepare_weights(loaded)
     summary = {"bench": "weight_layout-summary", "copy_gb_s": round(max(bandwidths), 2)}
     for cell in cells:
         medians = {k: statistics.median(v) for k, v in cell.step_ms.items()}
@@ -211,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": args.repeats, "step_ms": round(ms, 2),
                 "step_ms_rounds": [round(x, 2) for x in cell.step_ms[layout]],
             }, sink)  # fmt: skip
-        for layout in ("output-major", "input-major-all"):
-            summary[f"{cell.name} {layout} / input-major step"] = round(
-                medians[layout] / medians["input-major"], 3
-            )
+        for layout in layouts:
+            if layout != reference:
+                summary[f"{cell.name} {layout} / {reference} step"] = round(
+                    medians[layout] / medians[reference], 3
+                )
         summary[f"{cell.name} same greedy tokens"] = all(
-            tokens == cell.tokens["input-major"] for tokens in cell.tokens.values()
+            tokens == cell.tokens[reference] for tokens in cell.tokens.values()
         )
     emit(summary, sink)
     if args.out is not None:

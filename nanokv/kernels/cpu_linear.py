@@ -3,10 +3,12 @@
 Why: batch-1 decode reads every weight once a token, and its projections are most of a step
 (models/linear.py). oneDNN's packed bf16 GEMV read SmolLM2-135M's step weights at ~28 GB/s
 on a 2-core AMD EPYC (Zen 5, AVX512-BF16, one thread) where a single stream of 64-byte lines,
-each one AVX512-BF16 instruction, reads them at ~37 (`/tmp` microbenchmark of the step's
-shapes, 9.5 against 7.3 ms). A decoder layer's small ops next to its projections (RMSNorm of
-the input, SiLU(gate) * up, the residual add) each cost a few microseconds of dispatch a call,
-thirty layers a step, so the kernel does them on the row it already holds.
+each one AVX512-BF16 instruction, reads them at ~33-37 (`bench/weight_layout.py --dtype
+bfloat16`: 8.1 against 9.8 ms for the step's 121 GEMVs). A decoder layer's small ops next to
+its projections (RMSNorm of the input, RoPE, SiLU(gate) * up, the residual add) each cost a few
+microseconds of dispatch a call, thirty layers a step, so the kernel does them on the rows it
+already holds: a decode step at 512 tokens took 10.4 against 15.8 ms with oneDNN's GEMVs and
+torch's ops (same bench, docs/bench/weight_layout_bf16.jsonl).
 
 Contract of `blocked_linear(x, weight, bias, norm=, rope=, glu=, residual=)`, x (T, in):
 `residual + glu(rope(W @ rms_norm(x) + bias))`, (T, out) or (T, out / 2) with `glu`, where

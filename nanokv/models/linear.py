@@ -16,9 +16,10 @@ Three things keep those reads few, large and exact where it matters:
   that is the blocks of kernels/cpu_linear.py (`packing="blocked"`), whose kernel also does
   what a decoder layer does next to a projection (the input's RMSNorm, RoPE, SiLU-GLU, the
   residual add) on the rows it holds, rounding once: on a 2-core AMD EPYC (Zen 5, one thread)
-  the weights of a SmolLM2-135M step read in ~7.3 ms against 9.5 for oneDNN's packed GEMV
-  (`/tmp` microbenchmark of the step's shapes), and a decode step at 512 tokens took 11.8
-  against 16.2 ms (`/tmp` loop of 32 greedy steps). Elsewhere it is oneDNN's blocked layout
+  the weights of a SmolLM2-135M step read in 8.1 ms against 9.8 for oneDNN's packed GEMV (33
+  against 28 GB/s), and a decode step took 10.4 against 15.8 ms at 512 tokens (full cache) and
+  12.3 against 17.9 at 5% of 8128 (laprox) (`python bench/weight_layout.py --threads 1 --dtype
+  bfloat16`, docs/bench/weight_layout_bf16.jsonl). Elsewhere it is oneDNN's blocked layout
   (`packing="onednn"`), through the kernel inductor's CPU freezing uses (10.2 ms against
   18.2 with `F.linear` and 37.9 with `torch.mv` on the dense weights, same host), whose
   products are bit for bit `F.linear`'s on the dense weights (tests/test_packed_weights.py).
