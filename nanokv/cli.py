@@ -205,6 +205,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(f"dtype: {dtype} ({llm.dtype_reason}); KV cache: {kv_dtype}", file=sys.stderr)
         if llm.device.type == "cpu":
             print(f"decode attention: {cpu_attention.backend()}", file=sys.stderr)
+            print(f"weights: {llm.model.layout.name}", file=sys.stderr)  # c-blocked: C GEMVs
     return 0
 
 

@@ -277,6 +277,29 @@ def test_verbose_generate_names_the_attention_kernel(tiny_llama_dir, fresh_libra
     assert off.out == on.out
 
 
+def test_verbose_generate_names_the_weights_the_projections_read(
+    tiny_llama_dir, fresh_library, capsys
+):
+    """In bf16 on a CPU with bf16 instructions the projections read the C kernel's blocks, and
+    oneDNN's packing with the kernels off."""
+    from nanokv.cli import main
+    from nanokv.models.linear import onednn_does_bf16, packing_for
+
+    if packing_for(torch.bfloat16, torch.device("cpu")) is None:
+        pytest.skip("no packed bf16 weights on this CPU")
+    argv = ["generate", "--model", str(tiny_llama_dir), "--max-new-tokens", "2", "--verbose"]
+    argv += ["--dtype", "bfloat16", "--raw", "hello"]
+    assert main(argv) == 0
+    if native.compiler() is not None:
+        assert "weights: c-blocked" in capsys.readouterr().err.splitlines()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NANOKV_NATIVE", "0")
+        native.library.cache_clear()
+        assert main(argv) == 0
+    off = "onednn-packed" if onednn_does_bf16() else "output-major"
+    assert f"weights: {off}" in capsys.readouterr().err.splitlines()
+
+
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("group", [1, 3])
