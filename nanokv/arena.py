@@ -70,6 +70,21 @@ class _FlatRows:
     lengths: torch.Tensor  # (B, H_kv) int32: a view of the arena's lengths of this layer
 
 
+@dataclass(frozen=True)
+class RowOffsets:
+    """Where one layer's rows lie in its buffers, for a kernel that reads them in place (a
+    rectangle's or a packed layer's alike): row r = b * H_kv + h's slot j has its key at
+    keys[key_base[r] + j * D] (elements) and query head (b, q)'s value norm of it at
+    norms[norm_base[b, q] + j * norm_stride]; `width` is the C of the layer's rectangle."""
+
+    keys: torch.Tensor
+    key_base: torch.Tensor  # (B, H_kv) int64
+    width: int
+    norms: torch.Tensor | None  # None where the arena keeps no value norms
+    norm_base: torch.Tensor | None  # (B, H_q) int64
+    norm_stride: int
+
+
 class KVArena:
     """Preallocated K/V plus per-slot metadata; allocated once per generate call."""
 
@@ -196,6 +211,24 @@ class KVArena:
     def pages(self, index: int) -> HeadPages | None:
         """Where each head's pages lie when layer `index` is packed, else None."""
         return self._pages[index]
+
+    def row_offsets(self, index: int) -> RowOffsets:
+        """Layer `index`'s keys and value norms where they lie (see `RowOffsets`)."""
+        pages = self._pages[index]
+        if pages is not None:
+            keys = _part(self.k, index).flat  # (S, D)
+            norms = None if self.value_norms is None else _part(self.value_norms, index).flat
+            group = torch.arange(self.group, device=pages.starts.device)  # norms: (S, G)
+            norm_base = (pages.starts.unsqueeze(-1) * self.group + group).flatten(1)
+            return RowOffsets(
+                keys, pages.starts * keys.shape[1], pages.width, norms, norm_base, self.group
+            )
+        view = self.layer(index)
+        return RowOffsets(
+            view.k, _row_offsets(view.k), view.k.shape[2], view.value_norms,
+            None if view.value_norms is None else _row_offsets(view.value_norms),
+            0 if view.value_norms is None else view.value_norms.stride(2),
+        )  # fmt: skip
 
     def room(self, index: int) -> int:
         """The fewest slots any head of layer `index` can still take before an eviction."""
@@ -767,6 +800,13 @@ def same_buffer(a: Buffer, b: Buffer) -> bool:
     if isinstance(a, LayerStack) or isinstance(b, LayerStack):
         return isinstance(a, LayerStack) and isinstance(b, LayerStack) and a.equal(b)
     return torch.equal(a, b)
+
+
+def _row_offsets(rect: torch.Tensor) -> torch.Tensor:
+    """(B, H) int64: the element offset of each row's first slot in a (B, H, C, ...) view."""
+    batch, heads = rect.shape[:2]
+    rows = torch.arange(batch, device=rect.device).unsqueeze(1) * rect.stride(0)
+    return rows + torch.arange(heads, device=rect.device) * rect.stride(1)
 
 
 def _parts(buffer: Buffer) -> tuple[torch.Tensor | PackedBuffer, ...]:

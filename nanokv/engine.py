@@ -28,7 +28,8 @@ from nanokv.budget import Budget
 from nanokv.config import ModelConfig
 from nanokv.eviction import EvictionStage, SequencePlan
 from nanokv.information import InformationTrail, token_information, weigh
-from nanokv.kernels.decode_attention import decode_attention, emitted_over_steps
+from nanokv.kernels.cpu_attention import cpu_emit_over_steps
+from nanokv.kernels.decode_attention import Emitted, decode_attention, emitted_over_steps
 from nanokv.kernels.packed_attention import packed_decode_attention
 from nanokv.kernels.value_norms import output_gram, value_output_norms
 from nanokv.models import kv_dtype
@@ -799,19 +800,35 @@ class Engine:
         if self.policy.decode_statistics == "last":
             queries, back, lengths = queries[-1:], back[-1:], lengths[:, -1:]
         view, stepwise = arena.layer(layer), self.policy.decode_statistics == "stepwise"
-        window = self.cfg.sliding_window
-        emitted = emitted_over_steps(
-            torch.stack(queries, dim=1), view.k, lengths, scale=self.scale,
-            slot_pos=None if window is None else view.pos,  # a packed layer gathers it on read
-            query_pos=state.positions.unsqueeze(1) - back, sliding_window=window,
-            value_norms=view.value_norms, summed=not stepwise,
-        )  # fmt: skip
+        window, queries = self.cfg.sliding_window, torch.stack(queries, dim=1)
+        emitted = None
+        if not stepwise and window is None and self.device.type == "cpu":
+            emitted = self._emitted_in_c(arena, layer, queries, lengths)
+        if emitted is None:
+            emitted = emitted_over_steps(
+                queries, view.k, lengths, scale=self.scale,
+                slot_pos=None if window is None else view.pos,  # a packed layer gathers it
+                query_pos=state.positions.unsqueeze(1) - back, sliding_window=window,
+                value_norms=view.value_norms, summed=not stepwise,
+            )  # fmt: skip
         if stepwise:
             rows = self.policy.observe_steps(layer, view, emitted, lengths)
         else:
             rows = self.policy.observe_decode(layer, view, emitted)
         self.eviction.write_rows(arena, layer, rows)
         self.clock.mark("deferred statistics")
+
+    def _emitted_in_c(
+        self, arena: KVArena, layer: int, queries: torch.Tensor, lengths: torch.Tensor
+    ) -> Emitted | None:
+        """`emitted_over_steps` summed, from the C kernel reading the layer where it lies (a
+        packed layer is not gathered); None where the kernel does not apply."""
+        rows = arena.row_offsets(layer)
+        norms = None if rows.norms is None else (rows.norms, rows.norm_base, rows.norm_stride)
+        summed = cpu_emit_over_steps(
+            queries, rows.keys, rows.key_base, lengths, rows.width, self.scale, norms
+        )
+        return None if summed is None else Emitted(*summed)
 
     def _write_value_norms(self, arena: KVArena, layer: int, slots: torch.Tensor) -> None:
         """||v_j W_O^h|| of the values at `slots` (B, H_kv, n), into the arena's value norms."""

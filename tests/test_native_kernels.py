@@ -357,3 +357,43 @@ def test_merging_an_appended_key_into_its_page_equals_merge_page_bounds(dtype):
     assert torch.equal(kmin, want_min) and torch.equal(kmax, want_max)
     fresh_min, fresh_max = page_bounds(k, lengths)
     assert torch.equal(kmin, fresh_min.float()) and torch.equal(kmax, fresh_max.float())
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("packed", [False, True], ids=["rectangle", "packed"])
+def test_deferred_emission_in_c_equals_emitted_over_steps(dtype, group, packed):
+    """The summed statistics of 5 steps (each head and step its own length), read where the
+    layer lies, against the torch ops over the rectangle; nothing past a row's last length."""
+    from nanokv.arena import KVArena
+    from nanokv.kernels.cpu_attention import cpu_emit_over_steps
+    from nanokv.kernels.decode_attention import emitted_over_steps
+
+    batch, kv_heads, head_dim, steps = 2, 3, 32, 5
+    arena = KVArena(1, batch, kv_heads, 24, head_dim, dtype=dtype, q_heads=kv_heads * group)
+    gen = torch.Generator().manual_seed(7)
+    counts = torch.tensor([[9, 14, 5], [6, 17, 7]])
+    for seq in range(batch):
+        k, v = (torch.randn(kv_heads, 17, head_dim, generator=gen).to(dtype) for _ in range(2))
+        norms = torch.rand(kv_heads * group, 17, generator=gen)
+        arena.fill(0, seq, k, v, torch.arange(17), kept=torch.arange(17).expand(kv_heads, 17),
+                   counts=counts[seq], value_norms=norms)  # fmt: skip
+    if packed:
+        arena.pack_heads(counts.unsqueeze(0) + 2)
+    lengths = counts.unsqueeze(1) - torch.arange(steps - 1, -1, -1).view(1, -1, 1)  # (B, n, H)
+    q = torch.randn(batch, steps, kv_heads * group, head_dim, generator=gen).to(dtype)
+    view, rows = arena.layer(0), arena.row_offsets(0)
+    expected = emitted_over_steps(q, view.k, lengths, scale=0.3, value_norms=view.value_norms)
+    norms = (rows.norms, rows.norm_base, rows.norm_stride)
+    mass, contribution = cpu_emit_over_steps(
+        q, rows.keys, rows.key_base, lengths, rows.width, 0.3, norms
+    )
+    seen = lengths.amax(1).unsqueeze(-1) > torch.arange(rows.width)  # (B, H, C)
+    torch.testing.assert_close(mass[seen], expected.mass[seen], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        contribution[seen], expected.contribution[seen], atol=1e-5, rtol=1e-5
+    )
+    assert (mass[~seen] == 0).all() and (contribution[~seen] == 0).all()
+    no_norms = cpu_emit_over_steps(q, rows.keys, rows.key_base, lengths, rows.width, 0.3)
+    assert torch.equal(no_norms[0], mass) and no_norms[1] is None

@@ -311,3 +311,49 @@ int quest_merge_bounds(const void *k, int64_t kv_sb, int64_t kv_sh, const int64_
   }
   return OK;
 }
+
+/* The statistics a policy gets from `steps` decode steps of one layer, summed over the steps
+   and each kv head's group (`emitted_over_steps` with summed=True and no sliding window).
+   q: (batch, steps, kv_heads * group, head_dim) of q_kind, contiguous. Row r = b * kv_heads + h
+   holds its slot j's key at k + k_base[r] + j * head_dim (elements of k_kind); step t saw the
+   slots below lengths[(b * steps + t) * kv_heads + h]. For each step and query head g of the
+   row, with p its probability of slot j: mass[r * capacity + j] += p, and where norms is not
+   NULL contribution[r * capacity + j] += p * norms[norm_base[r * group + g] + j * norm_stride]
+   (mass and contribution zeroed by the caller). */
+int emit_over_steps(const void *q, int q_kind, const void *k, int k_kind, const int64_t *k_base,
+                    const int64_t *lengths, const float *norms, const int64_t *norm_base,
+                    int64_t norm_stride, float *mass, float *contribution, int64_t capacity,
+                    int batch, int steps, int kv_heads, int group, int head_dim, float scale) {
+  if (bad_shape(group, head_dim) || capacity < 0) return BAD_SHAPE;
+  float *probs = malloc(sizeof(float) * (size_t)group * (size_t)(capacity > 0 ? capacity : 1));
+  if (!probs) return NO_MEMORY;
+  const int vectors = head_dim / LANES;
+  vf qv[MAX_GROUP][MAX_VECTORS];
+  float best[MAX_GROUP], total[MAX_GROUP];
+  for (int64_t r = 0; r < (int64_t)batch * kv_heads; r++) {
+    const int64_t b = r / kv_heads, h = r % kv_heads;
+    for (int t = 0; t < steps; t++) {
+      int64_t n = lengths[(b * steps + t) * kv_heads + h];
+      n = n < 0 ? 0 : n > capacity ? capacity : n;
+      if (n == 0) continue;
+      const int64_t q_row = ((b * steps + t) * kv_heads + h) * group * head_dim;
+      for (int g = 0; g < group; g++)
+        for (int c = 0; c < vectors; c++)
+          qv[g][c] = load_lanes(q, q_kind, q_row + (int64_t)g * head_dim + c * LANES) * scale;
+      score_slots(qv, k, k_kind, k_base[r], NULL, n, group, head_dim, probs, best);
+      exponentiate(probs, best, n, group, total);
+      for (int g = 0; g < group; g++) {
+        const float inv = 1.0f / total[g];
+        const float *p = probs + g * n;
+        float *row_mass = mass + r * capacity;
+        for (int64_t j = 0; j < n; j++) row_mass[j] += p[j] * inv;
+        if (!norms) continue;
+        const float *norm = norms + norm_base[r * group + g];
+        float *row_contribution = contribution + r * capacity;
+        for (int64_t j = 0; j < n; j++) row_contribution[j] += p[j] * inv * norm[j * norm_stride];
+      }
+    }
+  }
+  free(probs);
+  return OK;
+}

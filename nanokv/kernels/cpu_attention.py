@@ -44,6 +44,8 @@ SIGNATURES = {
     "quest_decode_attention": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT,
                                _INT, _INT, _INT, _INT, _INT, _INT, ctypes.c_float, _PTR],
     "quest_merge_bounds": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT, _INT, _INT, _INT, _INT],
+    "emit_over_steps": [_PTR, _INT, _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64,
+                        _INT, _INT, _INT, _INT, _INT, ctypes.c_float],
 }  # fmt: skip
 
 
@@ -242,3 +244,48 @@ def cpu_merge_page_bounds(
     )  # fmt: skip
     _checked("quest_merge_bounds", status)
     return True
+
+
+def cpu_emit_over_steps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_base: torch.Tensor,
+    lengths: torch.Tensor,
+    capacity: int,
+    scale: float,
+    norms: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The deferred statistics of n decode steps, summed over the steps and each kv head's
+    group (`emitted_over_steps(..., summed=True)` without a sliding window), reading the keys
+    where they lie. q (B, n, H_q, D); k any tensor of the cache's dtype holding row r = b * H_kv
+    + h's slot j at element k_base[r] + j * D (k_base int64 (B, H_kv): a rectangle's row
+    offsets or a packed layer's `starts * D`); lengths (B, n, H_kv) the slots step t saw; norms
+    None or (values fp32, base int64 (B, H_q), stride): query head (b, h * G + g)'s value norm
+    of slot j at values[base[b, h * G + g] + j * stride]. Returns (mass, contribution or None),
+    fp32 (B, H_kv, capacity), or None where the C kernel does not apply."""
+    batch, steps, q_heads, head_dim = q.shape
+    kv_heads = k_base.shape[1]
+    kernel = _kernel("emit_over_steps")
+    fits = (
+        q.dtype in KINDS and k.dtype in KINDS and k.device.type == "cpu"
+        and head_dim % LANES == 0 and head_dim // LANES <= MAX_VECTORS
+        and q_heads % kv_heads == 0 and q_heads // kv_heads <= MAX_GROUP
+        and k.stride(-1) == 1 and k.shape[-1] == head_dim
+        and (k.dim() == 2 or k.stride(-2) == head_dim)
+    )  # fmt: skip
+    if kernel is None or not fits:
+        return None
+    q, k_base = q.contiguous(), k_base.contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    mass = torch.zeros(batch, kv_heads, capacity)
+    contribution = None if norms is None else torch.zeros(batch, kv_heads, capacity)
+    values, base, stride = (None, None, 0) if norms is None else norms
+    status = kernel(
+        q.data_ptr(), KINDS[q.dtype], k.data_ptr(), KINDS[k.dtype], k_base.data_ptr(),
+        lengths.data_ptr(), None if values is None else values.data_ptr(),
+        None if base is None else base.contiguous().data_ptr(), stride,
+        mass.data_ptr(), None if contribution is None else contribution.data_ptr(), capacity,
+        batch, steps, kv_heads, q_heads // kv_heads, head_dim, scale,
+    )  # fmt: skip
+    _checked("emit_over_steps", status)
+    return mass, contribution
