@@ -25,13 +25,7 @@ SIGNATURE = [_PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _
 
 
 def _kernel() -> ctypes._CFuncPtr | None:
-    lib = native.library("cpu_arena")
-    if lib is None:
-        return None
-    fn = lib.append_rows
-    if fn.argtypes is None:
-        fn.restype, fn.argtypes = _INT, SIGNATURE
-    return fn
+    return native.function("cpu_arena", "append_rows", SIGNATURE)
 
 
 def _applies(rows: object, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> bool:

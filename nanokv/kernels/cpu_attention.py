@@ -31,7 +31,7 @@ import torch
 
 from nanokv.kernels import native
 
-KINDS = {torch.float32: 0, torch.bfloat16: 1}
+KINDS = native.KINDS
 LANES, MAX_VECTORS, MAX_GROUP = 16, 16, 32  # as in cpu_attention.c
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
@@ -51,13 +51,7 @@ SIGNATURES = {
 
 def _kernel(name: str) -> ctypes._CFuncPtr | None:
     """The C function `name` of cpu_attention.c, typed; None where the library is not built."""
-    lib = native.library("cpu_attention")
-    if lib is None:
-        return None
-    fn = getattr(lib, name)
-    if fn.argtypes is None:
-        fn.restype, fn.argtypes = _INT, SIGNATURES[name]
-    return fn
+    return native.function("cpu_attention", name, SIGNATURES[name])
 
 
 def _checked(name: str, status: int) -> None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from nanokv.kernels import native
 
 BLOCK = 16  # outputs a block, as in cpu_linear.c
-KINDS = {torch.float32: 0, torch.bfloat16: 1}
+KINDS = native.KINDS
 THREADED_ROWS = 32  # from this many rows (a prefill chunk) the product runs on torch's threads
 _I64, _INT, _PTR, _F32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 SIGNATURES = {
@@ -63,10 +63,6 @@ class BlockedWeight:
     def dtype(self) -> torch.dtype:
         return self.blocks.dtype
 
-    @property
-    def device(self) -> torch.device:
-        return self.blocks.device
-
     def to_dense(self) -> torch.Tensor:
         """The weight (out, in) with the values it was blocked from, bit for bit."""
         out_blocks, in_pairs = self.blocks.shape[:2]
@@ -92,13 +88,7 @@ def available() -> bool:
 
 def _kernel(name: str = "blocked_linear") -> ctypes._CFuncPtr | None:
     """The C function `name` of cpu_linear.c, typed; None where the library is not built."""
-    lib = native.library("cpu_linear")
-    if lib is None:
-        return None
-    fn = getattr(lib, name)
-    if fn.argtypes is None:
-        fn.restype, fn.argtypes = _INT, SIGNATURES[name]
-    return fn
+    return native.function("cpu_linear", name, SIGNATURES[name])
 
 
 class RowRope(Protocol):

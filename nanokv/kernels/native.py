@@ -30,7 +30,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 SOURCE_DIR = Path(__file__).resolve().parent
+KINDS = {torch.float32: 0, torch.bfloat16: 1}  # element kinds, KIND_F32 / KIND_BF16 in cpu_vector.h
 FLAGS = ("-O3", "-march=native", "-std=c11", "-pthread", "-shared", "-fPIC")
 
 
@@ -109,3 +112,15 @@ def library(name: str) -> ctypes.CDLL | None:
     except (NativeBuildError, OSError) as exc:
         print(f"nanokv: warning: {exc}; using the torch path instead", file=sys.stderr)
         return None
+
+
+def function(name: str, symbol: str, argtypes: list) -> ctypes._CFuncPtr | None:
+    """The C function `symbol` of `<name>.c`, typed (an int status it returns, `argtypes` it
+    takes); None where the library is not built."""
+    lib = library(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    if fn.argtypes is None:
+        fn.restype, fn.argtypes = ctypes.c_int, argtypes
+    return fn

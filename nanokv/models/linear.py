@@ -167,9 +167,8 @@ def layer_finish(
     (`cpu_linear.finish_layer`): where every weight is held in its blocks, the norm is RMSNorm and
     the activation SiLU; None elsewhere (the layer then calls `linear` three times)."""
     weights = (out_proj.weight, gate_up.weight, down.weight)
-    if not all(isinstance(w, BlockedWeight) for w in weights) or act is not F.silu:
-        return None
-    if norm.row_norm is None:
+    blocked = all(isinstance(w, BlockedWeight) for w in weights)
+    if not blocked or act is not F.silu or norm.row_norm is None:
         return None
     return cpu_linear.LayerFinish(
         out_proj.weight, out_proj.bias, norm.row_norm, gate_up.weight, gate_up.bias,
